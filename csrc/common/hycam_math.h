@@ -1,0 +1,105 @@
+// The per-element and per-row maths of HyCAM, shared verbatim by the CPU kernels (tested on
+// every machine) and the CUDA kernels (which differ only in how rows and channels map to
+// threads). Formulas: ../shared/KERNELS.md. acc_t is float for half/bfloat16/float, double
+// for double.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define HYCAM_HD __host__ __device__ __forceinline__
+#else
+#define HYCAM_HD inline
+#endif
+
+namespace hycam {
+
+enum Placement : int64_t { kResidual = 0, kAttention = 1 };
+
+template <typename acc_t>
+HYCAM_HD acc_t exp_(acc_t v) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(v);  // float and double overloads of the CUDA math library
+#else
+  return std::exp(v);
+#endif
+}
+
+template <typename acc_t>
+HYCAM_HD acc_t sigmoid(acc_t v) {
+  return acc_t(1) / (acc_t(1) + exp_(-v));
+}
+
+// silu(v) = v * sigma(v), written as v / (1 + exp(-v)) like ATen's kernel
+template <typename acc_t>
+HYCAM_HD acc_t silu(acc_t v) {
+  return v / (acc_t(1) + exp_(-v));
+}
+
+// silu'(v) = sigma(v) * (1 + v * (1 - sigma(v)))
+template <typename acc_t>
+HYCAM_HD acc_t silu_grad(acc_t v) {
+  const acc_t s = sigmoid(v);
+  return s * (acc_t(1) + v * (acc_t(1) - s));
+}
+
+// One specialist channel: u = b + sum_i Bkj[i] * wk[i]   (Bkj: r contiguous values of B[k, j, :])
+template <typename scalar_t, typename acc_t>
+HYCAM_HD acc_t expand_channel(const scalar_t* Bkj, const acc_t* wk, acc_t bias, int64_t r) {
+  acc_t u = bias;
+  for (int64_t i = 0; i < r; ++i) u += static_cast<acc_t>(Bkj[i]) * wk[i];
+  return u;
+}
+
+// Output of one element given the gated specialist sum spec = sum_k g_k e_k.
+//   residual:  (h_in + a) * c     attention: h_in + a * c,   c = 1 + silu(z) + spec
+template <typename acc_t>
+HYCAM_HD acc_t cam_value(acc_t z, acc_t spec) {
+  return acc_t(1) + silu(z) + spec;
+}
+
+template <typename acc_t>
+HYCAM_HD acc_t modulate(int64_t placement, acc_t h_in, acc_t a, acc_t c) {
+  return placement == kResidual ? (h_in + a) * c : h_in + a * c;
+}
+
+// gc = dL/dc for one element: go * h (residual, h = h_in + a) or go * a (attention).
+template <typename acc_t>
+HYCAM_HD acc_t gate_grad(int64_t placement, acc_t go, acc_t h_in, acc_t a) {
+  return placement == kResidual ? go * (h_in + a) : go * a;
+}
+
+// du = gc * g_k * s * silu'(s * u)
+template <typename acc_t>
+HYCAM_HD acc_t specialist_grad(acc_t gc, acc_t gk, acc_t s, acc_t u) {
+  return gc * gk * s * silu_grad(s * u);
+}
+
+// w_k = N_k p_k + n_k for one specialist (r x r), p and w r-vectors.
+template <typename scalar_t, typename acc_t>
+HYCAM_HD void mix_rank(const scalar_t* Nk, const scalar_t* nk, const acc_t* p, acc_t* w, int64_t r) {
+  for (int64_t i = 0; i < r; ++i) {
+    acc_t v = nk ? static_cast<acc_t>(nk[i]) : acc_t(0);
+    for (int64_t m = 0; m < r; ++m) v += static_cast<acc_t>(Nk[i * r + m]) * p[m];
+    w[i] = v;
+  }
+}
+
+// dp_k = N_k^T dw_k (r x r).
+template <typename scalar_t, typename acc_t>
+HYCAM_HD void mix_rank_backward(const scalar_t* Nk, const acc_t* dw, acc_t* dp, int64_t r) {
+  for (int64_t m = 0; m < r; ++m) dp[m] = acc_t(0);
+  for (int64_t i = 0; i < r; ++i) {
+    const acc_t gi = dw[i];
+    for (int64_t m = 0; m < r; ++m) dp[m] += static_cast<acc_t>(Nk[i * r + m]) * gi;
+  }
+}
+
+// Layout helpers (int64 throughout): row-major [T, d], [T, K, r], [K, d, r], [K, r, d], [K, r, r].
+HYCAM_HD int64_t idx_td(int64_t t, int64_t j, int64_t d) { return t * d + j; }
+HYCAM_HD int64_t idx_tkr(int64_t t, int64_t k, int64_t i, int64_t K, int64_t r) { return (t * K + k) * r + i; }
+HYCAM_HD int64_t idx_kdr(int64_t k, int64_t j, int64_t i, int64_t d, int64_t r) { return (k * d + j) * r + i; }
+HYCAM_HD int64_t idx_krd(int64_t k, int64_t i, int64_t j, int64_t r, int64_t d) { return (k * r + i) * d + j; }
+
+}  // namespace hycam

@@ -1,0 +1,39 @@
+// Declarations of the device implementations behind the ops of csrc/api.cpp. Every argument
+// has been checked there (shapes, dtypes, devices, contiguity); implementations may assume it.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <tuple>
+
+namespace hycam {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+// p, w [T, K, r]
+std::tuple<at::Tensor, at::Tensor> shrink_cpu(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
+                                              const at::Tensor& N, const OptTensor& N_bias);
+// dx [T, d], dA [K, r, d], dA_bias [K, r], dN [K, r, r], dN_bias [K, r]
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward_cpu(
+    const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N);
+at::Tensor cam_forward_cpu(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
+                           const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
+                           int64_t placement);
+// d_main [T, d], dz [T, d], dg [T, K], dw [T, K, r], dB [K, d, r], db [K, d]
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cam_backward_cpu(
+    const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
+    const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement);
+
+#ifdef HYCAM_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
+                                               const at::Tensor& N, const OptTensor& N_bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward_cuda(
+    const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N);
+at::Tensor cam_forward_cuda(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
+                            const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
+                            int64_t placement);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cam_backward_cuda(
+    const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
+    const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement);
+#endif
+
+}  // namespace hycam

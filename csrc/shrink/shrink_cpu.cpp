@@ -1,0 +1,154 @@
+// Grouped specialist GEMMs on CPU: the shrink x -> p = A x + a -> w = N p + n for all K
+// specialists reading each x row once, and its backward (dx, dA, da, dN, dn) with per-chunk
+// partial reductions over tokens. Specialists whose dw row is all zero (not routed under hard
+// routing) are skipped.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "../common/cpu_utils.h"
+#include "../common/hycam_math.h"
+#include "../kernels.h"
+
+namespace hycam {
+namespace {
+
+constexpr int64_t kTokenBlock = 4;  // tokens sharing one pass over each row of A
+
+template <typename scalar_t>
+void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias, const at::Tensor& N,
+                 const OptTensor& N_bias, at::Tensor& p, at::Tensor& w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = x.size(0), d = x.size(1), K = A.size(0), r = A.size(1), KR = K * r;
+  const cpu::Widened<scalar_t, acc_t> Aw(A);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* abp = (A_bias.has_value() && A_bias->defined()) ? A_bias->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* Np = N.data_ptr<scalar_t>();
+  const scalar_t* nbp = (N_bias.has_value() && N_bias->defined()) ? N_bias->data_ptr<scalar_t>() : nullptr;
+  scalar_t* pp = p.data_ptr<scalar_t>();
+  scalar_t* wp = w.data_ptr<scalar_t>();
+  const int64_t nblocks = (T + kTokenBlock - 1) / kTokenBlock;
+  at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> xb(kTokenBlock * d), pk(r), wk(r);
+    std::vector<acc_t> pacc(kTokenBlock * KR);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * kTokenBlock, nt = std::min(kTokenBlock, T - t0);
+      for (int64_t q = 0; q < nt; ++q) cpu::widen_row(xp + (t0 + q) * d, xb.data() + q * d, d);
+      for (int64_t o = 0; o < KR; ++o) {
+        const acc_t* Arow = Aw.ptr + o * d;
+        const acc_t bias = abp ? static_cast<acc_t>(abp[o]) : acc_t(0);
+        for (int64_t q = 0; q < nt; ++q) pacc[q * KR + o] = bias + cpu::dot(Arow, xb.data() + q * d, d);
+      }
+      for (int64_t q = 0; q < nt; ++q) {
+        const int64_t t = t0 + q;
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t i = 0; i < r; ++i) {
+            const acc_t v = pacc[q * KR + k * r + i];
+            pp[idx_tkr(t, k, i, K, r)] = static_cast<scalar_t>(v);
+            // N acts on p as stored (rounded to scalar_t), as a chain of layers would
+            pk[i] = static_cast<acc_t>(static_cast<scalar_t>(v));
+          }
+          mix_rank<scalar_t, acc_t>(Np + k * r * r, nbp ? nbp + k * r : nullptr, pk.data(), wk.data(), r);
+          for (int64_t i = 0; i < r; ++i) wp[idx_tkr(t, k, i, K, r)] = static_cast<scalar_t>(wk[i]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A,
+                          const at::Tensor& N, at::Tensor& dx, at::Tensor& dA, at::Tensor& dAb, at::Tensor& dN,
+                          at::Tensor& dNb) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = x.size(0), d = x.size(1), K = A.size(0), r = A.size(1), KR = K * r;
+  const cpu::Widened<scalar_t, acc_t> Aw(A);
+  const scalar_t* dwp = dw.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* pp = p.data_ptr<scalar_t>();
+  const scalar_t* Np = N.data_ptr<scalar_t>();
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+
+  const cpu::Chunks chunks(T);
+  const int64_t nA = KR * d, nN = K * r * r;
+  std::vector<acc_t> dA_part(chunks.n * nA, 0), da_part(chunks.n * KR, 0), dN_part(chunks.n * nN, 0),
+      dn_part(chunks.n * KR, 0);
+
+  at::parallel_for(0, chunks.n, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> xrow(d), dxrow(d), dwk(r), dp(r);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* dAc = dA_part.data() + c * nA;
+      acc_t* dac = da_part.data() + c * KR;
+      acc_t* dNc = dN_part.data() + c * nN;
+      acc_t* dnc = dn_part.data() + c * KR;
+      for (int64_t t = chunks.begin(c); t < chunks.end(c); ++t) {
+        cpu::widen_row(xp + t * d, xrow.data(), d);
+        std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
+        for (int64_t k = 0; k < K; ++k) {
+          bool any = false;
+          for (int64_t i = 0; i < r; ++i) {
+            dwk[i] = static_cast<acc_t>(dwp[idx_tkr(t, k, i, K, r)]);
+            any = any || dwk[i] != acc_t(0);
+          }
+          if (!any) continue;  // specialist k not routed for token t
+          const scalar_t* ptk = pp + idx_tkr(t, k, 0, K, r);
+          for (int64_t i = 0; i < r; ++i) {
+            dnc[k * r + i] += dwk[i];
+            for (int64_t m = 0; m < r; ++m) dNc[(k * r + i) * r + m] += dwk[i] * static_cast<acc_t>(ptk[m]);
+          }
+          mix_rank_backward<scalar_t, acc_t>(Np + k * r * r, dwk.data(), dp.data(), r);
+          for (int64_t i = 0; i < r; ++i) {
+            const int64_t o = k * r + i;
+            dac[o] += dp[i];
+            cpu::axpy(dp[i], Aw.ptr + o * d, dxrow.data(), d);
+            cpu::axpy(dp[i], xrow.data(), dAc + o * d, d);
+          }
+        }
+        for (int64_t j = 0; j < d; ++j) dxp[t * d + j] = static_cast<scalar_t>(dxrow[j]);
+      }
+    }
+  });
+
+  auto finish = [](const std::vector<acc_t>& part, int64_t n, at::Tensor& out) {
+    std::vector<acc_t> tmp(out.numel());
+    cpu::reduce_partials(part, n, out.numel(), tmp.data());
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t q = 0; q < out.numel(); ++q) o[q] = static_cast<scalar_t>(tmp[q]);
+  };
+  finish(dA_part, chunks.n, dA);
+  finish(da_part, chunks.n, dAb);
+  finish(dN_part, chunks.n, dN);
+  finish(dn_part, chunks.n, dNb);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> shrink_cpu(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
+                                              const at::Tensor& N, const OptTensor& N_bias) {
+  const int64_t T = x.size(0), K = A.size(0), r = A.size(1);
+  auto p = at::empty({T, K, r}, x.options());
+  auto w = at::empty({T, K, r}, x.options());
+  if (T == 0) return {p, w};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_cpu", [&] {
+    shrink_impl<scalar_t>(x, A, A_bias, N, N_bias, p, w);
+  });
+  return {p, w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward_cpu(
+    const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N) {
+  const int64_t K = A.size(0), r = A.size(1);
+  auto dx = at::zeros_like(x);
+  auto dA = at::zeros_like(A);
+  auto dAb = at::zeros({K, r}, A.options());
+  auto dN = at::zeros_like(N);
+  auto dNb = at::zeros({K, r}, N.options());
+  if (x.size(0) == 0) return {dx, dA, dAb, dN, dNb};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_backward_cpu", [&] {
+    shrink_backward_impl<scalar_t>(dw, x, p, A, N, dx, dA, dAb, dN, dNb);
+  });
+  return {dx, dA, dAb, dN, dNb};
+}
+
+}  // namespace hycam

@@ -1,0 +1,128 @@
+"""What ReferenceHyCAM and HyCAM share: parameters, initialisation, input checks, routing
+statistics. The forward maths lives in reference.py (the oracle) and modules.py (the kernels)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import HyCAMConfig
+
+
+def sample_gumbel(like: torch.Tensor) -> torch.Tensor:
+    """G ~ Gumbel(0, 1) from torch's RNG (so checkpoint recomputation reproduces it)."""
+    return -torch.empty_like(like).exponential_().log()
+
+
+class HyCAMParameters(nn.Module):
+    """Parameters of SPEC.md section 2 with the SPEC's initialisation (a fresh layer is identity)."""
+
+    def __init__(self, cfg: HyCAMConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(cfg, HyCAMConfig):
+            raise TypeError(f"cfg must be a hycam_ext.HyCAMConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        d, K, r = cfg.hidden_size, cfg.num_specialists, cfg.rank
+        fk = {"device": device, "dtype": dtype}
+        self.shared_weight = nn.Parameter(torch.empty(d, d, **fk))
+        self.router_weight = nn.Parameter(torch.empty(K, d, **fk))
+        self.router_bias = nn.Parameter(torch.empty(K, **fk))
+        self.A = nn.Parameter(torch.empty(K, r, d, **fk))
+        self.N = nn.Parameter(torch.empty(K, r, r, **fk))
+        self.B = nn.Parameter(torch.empty(K, d, r, **fk))
+        if cfg.bias:
+            self.shared_bias = nn.Parameter(torch.empty(d, **fk))
+            self.A_bias = nn.Parameter(torch.empty(K, r, **fk))
+            self.N_bias = nn.Parameter(torch.empty(K, r, **fk))
+            self.B_bias = nn.Parameter(torch.empty(K, d, **fk))
+        else:
+            self.register_parameter("shared_bias", None)
+            self.register_parameter("A_bias", None)
+            self.register_parameter("N_bias", None)
+            self.register_parameter("B_bias", None)
+        self.reset_parameters()
+        # Statistics of the last training forward, read by load_balancing_loss().
+        self.last_router_logits: Optional[torch.Tensor] = None
+        self.last_routes: Optional[torch.Tensor] = None
+        self.last_token_mask: Optional[torch.Tensor] = None
+        self.token_mask: Optional[torch.Tensor] = None  # set by integrations: [...] 1 = real token
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.shared_weight)
+        # router: nn.Linear's default
+        nn.init.kaiming_uniform_(self.router_weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(self.cfg.hidden_size)
+        nn.init.uniform_(self.router_bias, -bound, bound)
+        for k in range(self.cfg.num_specialists):
+            nn.init.kaiming_uniform_(self.A[k], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.N[k], a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+        for b in (self.shared_bias, self.A_bias, self.N_bias, self.B_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"d={c.hidden_size}, K={c.num_specialists}, r={c.rank}, alpha={c.alpha}, "
+                f"tau={c.tau}, hard={c.hard}, bias={c.bias}, placement={c.placement!r}")
+
+    # ---- input checks shared by every forward -------------------------------------------
+    def _check_inputs(self, x: torch.Tensor, h: torch.Tensor, gumbel_noise: Optional[torch.Tensor],
+                      h_name: str = "h") -> None:
+        d, K = self.cfg.hidden_size, self.cfg.num_specialists
+        for name, t in (("x", x), (h_name, h)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"HyCAM: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() < 1 or t.shape[-1] != d:
+                raise ValueError(f"HyCAM: {name} must have shape [..., {d}] (hidden_size), "
+                                 f"got {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"HyCAM: {name} must be a floating-point tensor, got {t.dtype}")
+        if x.shape != h.shape:
+            raise ValueError(f"HyCAM: x and {h_name} must have the same shape, "
+                             f"got {tuple(x.shape)} and {tuple(h.shape)}")
+        if x.dtype != h.dtype:
+            raise TypeError(f"HyCAM: x and {h_name} must have the same dtype, got {x.dtype} and {h.dtype}")
+        pdev = self.shared_weight.device
+        for name, t in (("x", x), (h_name, h)):
+            if t.device != pdev:
+                raise ValueError(f"HyCAM: {name} is on {t.device} but the HyCAM parameters are on {pdev}")
+        if gumbel_noise is not None:
+            if not isinstance(gumbel_noise, torch.Tensor):
+                raise TypeError("HyCAM: gumbel_noise must be a tensor or None")
+            want = tuple(x.shape[:-1]) + (K,)
+            if tuple(gumbel_noise.shape) != want:
+                raise ValueError(f"HyCAM: gumbel_noise must have shape {want} ([..., num_specialists]), "
+                                 f"got {tuple(gumbel_noise.shape)}")
+            if gumbel_noise.device != x.device:
+                raise ValueError(f"HyCAM: gumbel_noise is on {gumbel_noise.device}, x on {x.device}")
+            if not gumbel_noise.is_floating_point():
+                raise TypeError(f"HyCAM: gumbel_noise must be floating point, got {gumbel_noise.dtype}")
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the layer computes in: autocast's if active, else the input's; parameters
+        of another dtype are only accepted under autocast (as nn.Linear would be)."""
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) if hasattr(torch, "is_autocast_enabled") else False:
+            return torch.get_autocast_dtype(dev)
+        if self.shared_weight.dtype != x.dtype:
+            raise TypeError(f"HyCAM: x has dtype {x.dtype} but the HyCAM parameters are "
+                            f"{self.shared_weight.dtype}; cast the module (.to(dtype)) or use autocast")
+        return x.dtype
+
+    def _record(self, logits: torch.Tensor, g: torch.Tensor, lead: Tuple[int, ...]) -> None:
+        """Keep the router statistics of a training forward for the load-balancing loss."""
+        if not self.training:
+            return
+        self.last_router_logits = logits
+        self.last_routes = g
+        m = self.token_mask
+        if m is not None:
+            if tuple(m.shape) != tuple(lead):
+                raise ValueError(f"HyCAM.token_mask must have shape {tuple(lead)} (the leading dims "
+                                 f"of x), got {tuple(m.shape)}")
+            m = m.reshape(-1).to(device=logits.device)
+        self.last_token_mask = m

@@ -1,0 +1,73 @@
+"""HyCAMConfig: the hyper-parameters of one HyCAM layer (SPEC.md section 2)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Dict
+
+PLACEMENTS = ("residual", "attention")
+
+
+@dataclasses.dataclass
+class HyCAMConfig:
+    hidden_size: int = 4096
+    num_specialists: int = 4
+    rank: int = 16
+    alpha: float = 32.0
+    tau: float = 0.5
+    hard: bool = True
+    bias: bool = True
+    placement: str = "residual"
+    aux_loss_coef: float = 0.01
+    train_layernorms: bool = False
+    use_kernels: bool = True
+    deterministic: bool = False
+    aux_loss_scope: str = "rank"
+
+    def __post_init__(self) -> None:
+        def _int(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"HyCAMConfig.{name} must be an int >= {lo}, got {v!r}")
+
+        _int("hidden_size", 1)
+        _int("num_specialists", 1)
+        _int("rank", 1)
+        for name in ("alpha", "tau", "aux_loss_coef"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"HyCAMConfig.{name} must be a finite number, got {v!r}")
+            setattr(self, name, float(v))
+        if self.tau <= 0:
+            raise ValueError(f"HyCAMConfig.tau must be > 0, got {self.tau!r}")
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"HyCAMConfig.aux_loss_coef must be >= 0, got {self.aux_loss_coef!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(
+                f"HyCAMConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.aux_loss_scope not in ("rank", "global"):
+            raise ValueError(
+                f"HyCAMConfig.aux_loss_scope must be 'rank' or 'global', got {self.aux_loss_scope!r}")
+        for name in ("hard", "bias", "train_layernorms", "use_kernels", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HyCAMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r."""
+        return self.alpha / self.rank
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "HyCAMConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"HyCAMConfig.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,157 @@
+"""HyCAM (kernel-backed), HyCAMAttention and the load-balancing loss."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from ._base import HyCAMParameters, sample_gumbel
+from .config import HyCAMConfig
+from .reference import ReferenceHyCAM
+
+_PLACEMENT_CODE = {"residual": 0, "attention": 1}
+
+
+def route(logits: torch.Tensor, tau: float, hard: bool, training: bool,
+          gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Routing weights g [T, K]: softmax((l + G) / tau), straight-through one-hot when hard.
+
+    [T, K] is tiny next to the [T, d] work, so this stays in PyTorch (it fuses under
+    torch.compile); the noise comes from torch's RNG, so checkpoint recomputation repeats it."""
+    if training:
+        noise = sample_gumbel(logits) if gumbel_noise is None else gumbel_noise.to(logits.dtype)
+        y = torch.softmax((logits + noise) / tau, dim=-1)
+    else:
+        y = torch.softmax(logits / tau, dim=-1)
+    if not hard:
+        return y
+    one_hot = F.one_hot(y.argmax(dim=-1), y.shape[-1]).to(y.dtype)
+    return one_hot - y.detach() + y
+
+
+class HyCAM(HyCAMParameters):
+    """out = h * CAM(x) (SPEC.md), computed by the hycam_ext kernels (CPU and CUDA).
+
+    Set ``cfg.use_kernels=False`` (or build without the extension) to compute through the
+    reference formulation instead."""
+
+    def __init__(self, cfg: HyCAMConfig, device=None, dtype=None):
+        super().__init__(cfg, device=device, dtype=dtype)
+
+    def _use_kernels(self) -> bool:
+        return self.cfg.use_kernels and ops.kernels_available()
+
+    def _modulate(self, x: torch.Tensor, h_in: torch.Tensor, a: Optional[torch.Tensor],
+                  placement: str, gumbel_noise: Optional[torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        out_dtype = (a if a is not None else h_in).dtype
+        if not self._use_kernels():
+            cam = ReferenceHyCAM.cam(self, x, gumbel_noise)
+            if a is None:
+                return h_in * cam
+            return (h_in + a) * cam if placement == "residual" else h_in + a * cam
+        dt = self._compute_dtype(x)
+        lead = tuple(x.shape[:-1])
+        d, K = cfg.hidden_size, cfg.num_specialists
+        x2 = x.reshape(-1, d).to(dt)
+        h2 = h_in.reshape(-1, d).to(dt)
+        a2 = None if a is None else a.reshape(-1, d).to(dt)
+
+        def p(t):
+            return None if t is None else t.to(dt)
+
+        z = F.linear(x2, p(self.shared_weight), p(self.shared_bias))
+        logits = F.linear(x2, p(self.router_weight), p(self.router_bias))
+        noise = None if gumbel_noise is None else gumbel_noise.reshape(-1, K)
+        g = route(logits, cfg.tau, cfg.hard, self.training, noise)
+        self._record(logits, g, lead)
+        w = ops.shrink(x2, p(self.A), p(self.A_bias), p(self.N), p(self.N_bias))
+        out = ops.cam(h2, a2, z, w, p(self.B), p(self.B_bias), g, cfg.scaling,
+                      _PLACEMENT_CODE[placement])
+        return out.reshape(h_in.shape).to(out_dtype)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor,
+                gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_inputs(x, h, gumbel_noise)
+        return self._modulate(x, h, None, "residual", gumbel_noise)
+
+    def placement_forward(self, x: torch.Tensor, residual: torch.Tensor, attn_out: torch.Tensor,
+                          gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(residual + attn_out) * CAM(x) or residual + attn_out * CAM(x), per cfg.placement."""
+        self._check_inputs(x, attn_out, gumbel_noise, h_name="attention output")
+        self._check_inputs(x, residual, None, h_name="residual")
+        return self._modulate(x, residual, attn_out, self.cfg.placement, gumbel_noise)
+
+
+class HyCAMAttention(nn.Module):
+    """Wraps an attention module: forward(x, *args, residual=None, gumbel_noise=None, **kw)
+    returns what the attention returns with its first item replaced by the placement formula."""
+
+    def __init__(self, attention: nn.Module, cfg: HyCAMConfig, hycam_cls=HyCAM):
+        super().__init__()
+        if not callable(attention):
+            raise TypeError("HyCAMAttention: attention must be a callable module")
+        self.attention = attention
+        self.hycam = hycam_cls(cfg)
+        self.cfg = cfg
+        self.adapter_enabled = True
+
+    def forward(self, x: torch.Tensor, *args, residual: Optional[torch.Tensor] = None,
+                gumbel_noise: Optional[torch.Tensor] = None, **kwargs):
+        result = self.attention(x, *args, **kwargs)
+        is_tuple = isinstance(result, tuple)
+        if is_tuple:
+            if len(result) == 0 or not isinstance(result[0], torch.Tensor):
+                raise TypeError("HyCAMAttention: the attention returned a tuple whose first item "
+                                "is not a tensor")
+            a = result[0]
+        elif isinstance(result, torch.Tensor):
+            a = result
+        else:
+            raise TypeError(f"HyCAMAttention: the attention must return a tensor or a tuple, got "
+                            f"{type(result).__name__}")
+        if residual is None:
+            if self.cfg.placement == "residual":
+                raise ValueError("HyCAMAttention: residual (h_in, the layer input before the "
+                                 "input layer norm) is required for placement='residual'")
+            residual = torch.zeros_like(a)
+        if not self.adapter_enabled:
+            new = residual + a if self.cfg.placement == "residual" else residual + a
+        else:
+            new = self.hycam.placement_forward(x, residual, a, gumbel_noise)
+        return (new,) + tuple(result[1:]) if is_tuple else new
+
+
+def _hycam_modules(modules_or_model) -> list:
+    if isinstance(modules_or_model, nn.Module):
+        return [m for m in modules_or_model.modules() if isinstance(m, HyCAMParameters)]
+    return [m for item in modules_or_model
+            for m in (item.modules() if isinstance(item, nn.Module) else [item])
+            if isinstance(m, HyCAMParameters)]
+
+
+def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]]) -> torch.Tensor:
+    """Global L_aux = sum_k mean_t(g[t, k]) * mean_t(softmax(l[t])_k) over every routed token of
+    every HyCAM module that ran a training forward (tokens with token_mask == 0 left out).
+    Returns 0 (a scalar) when no module has statistics. Not multiplied by aux_loss_coef."""
+    gs, qs = [], []
+    for m in _hycam_modules(modules_or_model):
+        if m.last_routes is None or m.last_router_logits is None:
+            continue
+        g = m.last_routes.float()
+        q = torch.softmax(m.last_router_logits.float(), dim=-1)
+        if m.last_token_mask is not None:
+            keep = m.last_token_mask.to(torch.bool)
+            g, q = g[keep], q[keep]
+        gs.append(g)
+        qs.append(q)
+    if not gs:
+        return torch.zeros(())
+    g = torch.cat(gs)
+    q = torch.cat(qs)
+    if g.shape[0] == 0:
+        return torch.zeros((), device=g.device)
+    return (g.mean(0) * q.mean(0)).sum()
