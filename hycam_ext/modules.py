@@ -1,6 +1,7 @@
 """HyCAM (kernel-backed), HyCAMAttention and the load-balancing loss."""
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional, Union
 
 import torch
@@ -141,8 +142,9 @@ def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]])
     for m in _hycam_modules(modules_or_model):
         if m.last_routes is None or m.last_router_logits is None:
             continue
-        g = m.last_routes.float()
-        q = torch.softmax(m.last_router_logits.float(), dim=-1)
+        dt = torch.promote_types(m.last_routes.dtype, torch.float32)  # at least fp32
+        g = m.last_routes.to(dt)
+        q = torch.softmax(m.last_router_logits.to(dt), dim=-1)
         if m.last_token_mask is not None:
             keep = m.last_token_mask.to(torch.bool)
             g, q = g[keep], q[keep]
@@ -150,8 +152,9 @@ def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]])
         qs.append(q)
     if not gs:
         return torch.zeros(())
-    g = torch.cat(gs)
-    q = torch.cat(qs)
+    dt = functools.reduce(torch.promote_types, [t.dtype for t in gs])
+    g = torch.cat([t.to(dt) for t in gs])
+    q = torch.cat([t.to(dt) for t in qs])
     if g.shape[0] == 0:
         return torch.zeros((), device=g.device)
     return (g.mean(0) * q.mean(0)).sum()

@@ -29,3 +29,42 @@ def oracle(params, x, h, cfg, g):
     e = F.silu(cfg.scaling * u)
     cam = 1 + F.silu(z) + (g.unsqueeze(-1) * e).sum(1)
     return h * cam.reshape(h.shape)
+
+
+import pytest  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def gumbel(shape, dtype=torch.float64, device="cpu"):
+    return -torch.empty(shape, dtype=dtype, device=device).exponential_().log()
+
+
+def op_inputs(T=7, d=17, K=3, r=4, dtype=torch.float64, device="cpu", hard=False, requires_grad=True,
+              placement=0, with_a=True, bias=True):
+    """Random inputs of the CAM ops: (h_in, a, z, w, B, b, g)."""
+    def rnd(*s):
+        return (torch.randn(*s, dtype=dtype, device=device) * 0.5).requires_grad_(requires_grad)
+    h_in, z, w, B = rnd(T, d), rnd(T, d), rnd(T, K, r), rnd(K, d, r)
+    a = rnd(T, d) if (with_a or placement == 1) else None
+    b = rnd(K, d) if bias else None
+    y = torch.softmax(torch.randn(T, K, dtype=dtype, device=device), -1)
+    if hard:
+        g = F.one_hot(y.argmax(-1), K).to(dtype)
+    else:
+        g = y
+    g = g.detach().requires_grad_(requires_grad)
+    return h_in, a, z, w, B, b, g
+
+
+def cam_oracle(h_in, a, z, w, B, b, g, scale, placement):
+    u = torch.einsum("kdr,tkr->tkd", B, w) + (b if b is not None else 0)
+    c = 1 + F.silu(z) + (g.unsqueeze(-1) * F.silu(scale * u)).sum(1)
+    if placement == 0:
+        return (h_in + (a if a is not None else 0)) * c
+    return h_in + a * c
+
+
+def shrink_oracle(x, A, A_bias, N, N_bias):
+    p = torch.einsum("krd,td->tkr", A, x) + (A_bias if A_bias is not None else 0)
+    return torch.einsum("kir,tkr->tki", N, p) + (N_bias if N_bias is not None else 0)

@@ -1,0 +1,72 @@
+// Helpers of the CUDA kernels: launch checks, deterministic partial-sum reduction, warp sums.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+namespace hycam {
+namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
+  return v;  // lane 0 holds the sum
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// out[q] = sum_{s < S} part[s * n + q], summed in order of s: deterministic, no atomics.
+template <typename acc_t>
+__global__ void sum_partials_kernel(const acc_t* __restrict__ part, int64_t S, int64_t n, acc_t* __restrict__ out) {
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < n; q += (int64_t)gridDim.x * blockDim.x) {
+    acc_t s = 0;
+    for (int64_t c = 0; c < S; ++c) s += part[c * n + q];
+    out[q] = s;
+  }
+}
+
+// Sum a partial buffer [S, n...] over its first dimension (deterministically) on the current stream.
+inline at::Tensor sum_partials(const at::Tensor& part) {
+  const int64_t S = part.size(0), n = part.numel() / std::max<int64_t>(S, 1);
+  auto out = at::empty(part.sizes().slice(1), part.options());
+  if (n == 0) return out;
+  if (S == 0) return out.zero_();
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>(ceil_div(n, threads), 65535);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(part.scalar_type(), "hycam_sum_partials", [&] {
+    sum_partials_kernel<scalar_t><<<blocks, threads, 0, stream>>>(part.data_ptr<scalar_t>(), S, n,
+                                                                  out.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Dynamic shared memory above 48 KiB needs an opt-in per kernel; fail clearly past the device limit.
+template <typename Kernel>
+inline void set_smem(Kernel kernel, size_t bytes, const char* what) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK_VALUE(bytes <= static_cast<size_t>(optin), "hycam.", what, ": needs ", bytes,
+                    " bytes of shared memory per block, more than this GPU offers (", optin,
+                    "); reduce num_specialists * rank");
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+inline int num_sms() {
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+}  // namespace cuda
+}  // namespace hycam

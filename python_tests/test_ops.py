@@ -1,0 +1,224 @@
+"""Each custom op against an independent float64 computation: values, gradcheck, opcheck,
+dtypes, odd shapes, layouts, determinism, bad input. CPU here; the same tests run on CUDA."""
+import pytest
+import torch
+
+import hycam_ext
+from hycam_ext import ops
+from helpers import DEVICES, cam_oracle, op_inputs, shrink_oracle
+
+pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="hycam_ext._C not built")
+SCALE = 1.7
+
+
+def shrink_inputs(T=7, d=17, K=3, r=4, dtype=torch.float64, device="cpu", bias=True, rg=True):
+    def rnd(*s):
+        return (torch.randn(*s, dtype=dtype, device=device) * 0.5).requires_grad_(rg)
+    return rnd(T, d), rnd(K, r, d), (rnd(K, r) if bias else None), rnd(K, r, r), (rnd(K, r) if bias else None)
+
+
+# ------------------------------------------------------------------------------ values
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("placement,with_a", [(0, True), (0, False), (1, True)])
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cam_forward_backward_match_oracle(device, placement, with_a, hard, bias):
+    args = op_inputs(T=133, d=17, K=3, r=4, device=device, hard=hard, placement=placement, with_a=with_a, bias=bias)
+    out = ops.cam(*args, SCALE, placement)
+    expect = cam_oracle(*args, SCALE, placement)
+    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+    go = torch.randn_like(out)
+    live = [t for t in args if t is not None]
+    got = torch.autograd.grad(out, live, go)
+    want = torch.autograd.grad(expect, live, go)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_shrink_matches_oracle(device, bias):
+    args = shrink_inputs(T=133, device=device, bias=bias)
+    w = ops.shrink(*args)
+    expect = shrink_oracle(*args)
+    torch.testing.assert_close(w, expect, rtol=1e-12, atol=1e-12)
+    go = torch.randn_like(w)
+    live = [t for t in args if t is not None]
+    for gg, ww in zip(torch.autograd.grad(w, live, go), torch.autograd.grad(expect, live, go)):
+        torch.testing.assert_close(gg, ww, rtol=1e-11, atol=1e-11)
+
+
+def test_shrink_skips_unrouted_specialists_exactly():
+    """Under hard routing dw is zero outside the routed specialist: the result is the same."""
+    x, A, Ab, N, Nb = shrink_inputs(T=9)
+    dw = torch.randn(9, 3, 4, dtype=torch.float64)
+    dw[:, 1] = 0
+    dw[3] = 0
+    p, _ = torch.ops.hycam.shrink(x, A, Ab, N, Nb)
+    got = torch.ops.hycam.shrink_backward(dw, x.detach(), p, A.detach(), N.detach())
+    w = shrink_oracle(x, A, Ab, N, Nb)
+    want = torch.autograd.grad(w, [x, A, Ab, N, Nb], dw)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ gradcheck
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [1, 3, 7, 133])
+@pytest.mark.parametrize("K,r", [(1, 1), (3, 8), (4, 16)])
+@pytest.mark.parametrize("placement", [0, 1])
+def test_cam_gradcheck(device, T, K, r, placement):
+    if T == 133 and r == 16:
+        T = 33  # keep the numerical Jacobian affordable
+    h_in, a, z, w, B, b, g = op_inputs(T=T, d=17, K=K, r=r, device=device, placement=placement)
+    assert torch.autograd.gradcheck(lambda *t: ops.cam(*t, SCALE, placement), (h_in, a, z, w, B, b, g),
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [1, 3, 7, 133])
+@pytest.mark.parametrize("K,r", [(1, 1), (3, 8), (4, 16)])
+def test_shrink_gradcheck(device, T, K, r):
+    args = shrink_inputs(T=T, d=17, K=K, r=r, device=device)
+    assert torch.autograd.gradcheck(ops.shrink, args, fast_mode=True)
+
+
+# ------------------------------------------------------------------------------ opcheck
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(device, bias):
+    h_in, a, z, w, B, b, g = op_inputs(T=5, d=9, K=2, r=3, device=device, bias=bias)
+    torch.library.opcheck(torch.ops.hycam.cam_forward, (h_in, a, z, w, B, b, g, SCALE, 0))
+    torch.library.opcheck(torch.ops.hycam.cam_forward, (h_in, None, z, w, B, b, g, SCALE, 0))
+    torch.library.opcheck(torch.ops.hycam.cam_forward, (h_in, a, z, w, B, b, g, SCALE, 1))
+    dt = lambda *t: tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in t)  # noqa: E731
+    torch.library.opcheck(torch.ops.hycam.cam_backward,
+                          dt(torch.randn_like(h_in), h_in, a, z, w, B, b, g) + (SCALE, 0))
+    x, A, Ab, N, Nb = shrink_inputs(T=5, d=9, K=2, r=3, device=device, bias=bias)
+    torch.library.opcheck(torch.ops.hycam.shrink, (x, A, Ab, N, Nb))
+    p, w2 = torch.ops.hycam.shrink(x, A, Ab, N, Nb)
+    torch.library.opcheck(torch.ops.hycam.shrink_backward, dt(torch.randn_like(w2), x, p, A, N))
+
+
+# ------------------------------------------------------------------------------ dtypes
+def _err(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cam_dtype_tolerance(device, dtype):
+    """float32: rel. error < 1e-5; half types: within 2x the error of the same maths done by
+    PyTorch ops in that dtype (both against float64)."""
+    args64 = op_inputs(T=64, d=40, K=4, r=16, device=device, requires_grad=False, hard=False)
+    exact = cam_oracle(*args64, 2.0, 0)
+    low = [None if t is None else t.to(dtype) for t in args64]
+    ours = ops.cam(*low, 2.0, 0)
+    assert ours.dtype == dtype
+    if dtype == torch.float32:
+        assert _err(ours, exact) < 1e-5
+    else:
+        baseline = cam_oracle(*low, 2.0, 0)
+        assert _err(ours, exact) <= 2 * _err(baseline, exact) + 1e-7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shrink_dtype_tolerance(device, dtype):
+    args64 = shrink_inputs(T=64, d=40, K=4, r=16, device=device, rg=False)
+    exact = shrink_oracle(*args64)
+    low = [t.to(dtype) for t in args64]
+    ours = ops.shrink(*low)
+    if dtype == torch.float32:
+        assert _err(ours, exact) < 1e-5
+    else:
+        assert _err(ours, exact) <= 2 * _err(shrink_oracle(*low), exact) + 1e-7
+
+
+# ------------------------------------------------------------------------------ shapes, layouts
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_tokens(device):
+    h_in, a, z, w, B, b, g = op_inputs(T=0, d=17, K=3, r=4, device=device)
+    out = ops.cam(h_in, a, z, w, B, b, g, SCALE, 0)
+    assert out.shape == (0, 17)
+    out.sum().backward()
+    assert B.grad is not None and torch.equal(B.grad, torch.zeros_like(B))
+    x, A, Ab, N, Nb = shrink_inputs(T=0, device=device)
+    ww = ops.shrink(x, A, Ab, N, Nb)
+    assert ww.shape == (0, 3, 4)
+    ww.sum().backward()
+    assert torch.equal(A.grad, torch.zeros_like(A))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    args = op_inputs(T=11, d=17, K=3, r=4, device=device, requires_grad=False)
+    nc = [None if t is None else t.transpose(0, -1).contiguous().transpose(0, -1) for t in args]
+    assert not nc[0].is_contiguous()
+    torch.testing.assert_close(ops.cam(*nc, SCALE, 0), ops.cam(*args, SCALE, 0), rtol=0, atol=0)
+    x, A, Ab, N, Nb = shrink_inputs(T=11, device=device, rg=False)
+    big = torch.randn(11, 40, dtype=torch.float64, device=device)
+    big[:, 3:20] = x
+    torch.testing.assert_close(ops.shrink(big[:, 3:20], A, Ab, N, Nb), ops.shrink(x, A, Ab, N, Nb), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_bitwise(device):
+    args = op_inputs(T=300, d=70, K=4, r=8, device=device, dtype=torch.float32)
+    outs = []
+    for _ in range(2):
+        for t in args:
+            if t is not None:
+                t.grad = None
+        out = ops.cam(*args, SCALE, 0)
+        out.backward(torch.ones_like(out))
+        outs.append([out.detach().clone()] + [t.grad.clone() for t in args if t is not None])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_inf_propagate_like_reference(device):
+    args = list(op_inputs(T=4, d=17, K=3, r=4, device=device, requires_grad=False))
+    args[0][1, 3] = float("nan")
+    args[2][2, 5] = float("inf")
+    out = ops.cam(*args, SCALE, 0)
+    expect = cam_oracle(*args, SCALE, 0)
+    assert torch.equal(out.isnan(), expect.isnan()) and torch.equal(out.isinf(), expect.isinf())
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_input_errors_name_the_argument():
+    h_in, a, z, w, B, b, g = op_inputs(requires_grad=False)
+    with pytest.raises(ValueError, match="z"):
+        ops.cam(h_in, a, z[:, :5], w, B, b, g, SCALE, 0)
+    with pytest.raises(ValueError, match="w"):
+        ops.cam(h_in, a, z, w[:, :2], B, b, g, SCALE, 0)
+    with pytest.raises(ValueError, match="g"):
+        ops.cam(h_in, a, z, w, B, b, g[:, :1], SCALE, 0)
+    with pytest.raises(TypeError, match="z"):
+        ops.cam(h_in, a, z.float(), w, B, b, g, SCALE, 0)
+    with pytest.raises(TypeError, match="float16, bfloat16"):
+        ops.cam(h_in.int(), a, z, w, B, b, g, SCALE, 0)
+    with pytest.raises(ValueError, match="placement"):
+        ops.cam(h_in, a, z, w, B, b, g, SCALE, 3)
+    with pytest.raises(ValueError, match="attention output"):
+        ops.cam(h_in, None, z, w, B, b, g, SCALE, 1)
+    with pytest.raises(ValueError, match="h_in must be a 2-D"):
+        ops.cam(h_in[0], a, z, w, B, b, g, SCALE, 0)
+    x, A, Ab, N, Nb = shrink_inputs(rg=False)
+    with pytest.raises(ValueError, match="N has shape"):
+        ops.shrink(x, A, Ab, N[:, :2], Nb)
+    with pytest.raises(ValueError, match="A has shape"):
+        ops.shrink(x[:, :5], A, Ab, N, Nb)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to make CUDA tensors")
+def test_mixed_devices_error():
+    h_in, a, z, w, B, b, g = op_inputs(requires_grad=False)
+    with pytest.raises((ValueError, RuntimeError), match="device|CUDA"):
+        ops.cam(h_in, a, z.cuda(), w, B, b, g, SCALE, 0)
+
+
+def test_cuda_flag_is_consistent():
+    assert isinstance(ops.cuda_kernels_available(), bool)
