@@ -26,6 +26,25 @@ def reference_route(logits: torch.Tensor, tau: float, hard: bool, training: bool
     return one_hot - y.detach() + y
 
 
+def reference_shrink(x, A, A_bias, N, N_bias) -> torch.Tensor:
+    """w [T, K, r]: the authors' per-specialist chain of Linear layers, stacked."""
+    outs = []
+    for k in range(A.shape[0]):
+        p = F.linear(x, A[k], None if A_bias is None else A_bias[k])
+        outs.append(F.linear(p, N[k], None if N_bias is None else N_bias[k]))
+    return torch.stack(outs, dim=1)
+
+
+def reference_cam(h_in, a, z, w, B, b, g, scale: float, placement: int = 0) -> torch.Tensor:
+    """The modulation given z and w: expand each specialist, silu, stack [T, K, d], weighted sum."""
+    experts = torch.stack([F.silu(scale * F.linear(w[:, k], B[k], None if b is None else b[k]))
+                           for k in range(B.shape[0])], dim=1)
+    cam = 1 + F.silu(z) + (g.unsqueeze(-1) * experts).sum(dim=1)
+    if placement == 0:
+        return (h_in if a is None else h_in + a) * cam
+    return h_in + a * cam
+
+
 class ReferenceHyCAM(HyCAMParameters):
     """Pure-PyTorch HyCAM. forward(x, h, gumbel_noise=None) -> h * CAM(x)."""
 
@@ -52,6 +71,7 @@ class ReferenceHyCAM(HyCAMParameters):
         experts = torch.stack(outs, dim=1)                      # [T, K, d]
         specialised = (g.unsqueeze(-1) * experts).sum(dim=1)    # [T, d]
         return (1 + shared + specialised).reshape(x.shape)
+
 
     def forward(self, x: torch.Tensor, h: torch.Tensor,
                 gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:

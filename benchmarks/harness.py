@@ -1,0 +1,97 @@
+"""Timing, memory and ceiling measurements shared by the benchmarks.
+
+GPU: CUDA events, warm-up, median of many repetitions, L2 flushed before every repetition.
+CPU: the same loop with perf_counter. Peak memory: torch.cuda.max_memory_allocated on GPU,
+the profiler's allocation trace on CPU."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+
+
+class Timer:
+    def __init__(self, device: torch.device, warmup: int = 3, reps: int = 20, min_time_s: float = 0.0):
+        self.device = torch.device(device)
+        self.warmup, self.reps, self.min_time_s = warmup, reps, min_time_s
+        self._flush = None
+        if self.device.type == "cuda":
+            l2 = torch.cuda.get_device_properties(self.device).L2_cache_size
+            self._flush = torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device=self.device)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], object]) -> Dict[str, float]:
+        """Median / min / p80 milliseconds of fn()."""
+        for _ in range(self.warmup):
+            fn()
+        self._sync()
+        times = []
+        if self.device.type == "cuda":
+            for _ in range(self.reps):
+                self._flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            t_end = time.perf_counter() + self.min_time_s
+            while len(times) < self.reps or time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return {"ms": statistics.median(times), "ms_min": times[0], "ms_p80": times[int(0.8 * (len(times) - 1))]}
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while fn() runs, above what was allocated before."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += e.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int = 1 << 28) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    n = nbytes // 4
+    if torch.device(device).type == "cpu":
+        n = min(n, 1 << 24)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    return 2 * n * 4 / (t["ms"] * 1e-3)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, timer: Timer, m: int, k: int) -> float:
+    """Measured dense GEMM rate (FLOP/s) for [m, k] x [k, k] in dtype."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, k, device=device, dtype=dtype)
+    t = timer(lambda: a @ b)
+    return 2 * m * k * k / (t["ms"] * 1e-3)
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
