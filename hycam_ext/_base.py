@@ -106,7 +106,7 @@ class HyCAMParameters(nn.Module):
         """The dtype the layer computes in: autocast's if active, else the input's; parameters
         of another dtype are only accepted under autocast (as nn.Linear would be)."""
         dev = x.device.type
-        if torch.is_autocast_enabled(dev) if hasattr(torch, "is_autocast_enabled") else False:
+        if torch.is_autocast_enabled(dev):
             return torch.get_autocast_dtype(dev)
         if self.shared_weight.dtype != x.dtype:
             raise TypeError(f"HyCAM: x has dtype {x.dtype} but the HyCAM parameters are "

@@ -11,6 +11,12 @@ PLACEMENTS = ("residual", "attention")
 
 @dataclasses.dataclass
 class HyCAMConfig:
+    """hidden_size d, num_specialists K, rank r, alpha (s = alpha / r), Gumbel temperature tau,
+    hard (straight-through one-hot) or soft routing, bias of the CAM projections, placement
+    "residual" ((h_in + a) * CAM) or "attention" (h_in + a * CAM), aux_loss_coef of the
+    load-balancing loss, train_layernorms (integrations also train the two layer norms),
+    use_kernels (False: compute through the reference formulation), aux_loss_scope "rank" or
+    "global" (see load_balancing_loss). All kernels are deterministic: there is no switch."""
     hidden_size: int = 4096
     num_specialists: int = 4
     rank: int = 16
@@ -22,7 +28,6 @@ class HyCAMConfig:
     aux_loss_coef: float = 0.01
     train_layernorms: bool = False
     use_kernels: bool = True
-    deterministic: bool = False
     aux_loss_scope: str = "rank"
 
     def __post_init__(self) -> None:
@@ -49,7 +54,7 @@ class HyCAMConfig:
         if self.aux_loss_scope not in ("rank", "global"):
             raise ValueError(
                 f"HyCAMConfig.aux_loss_scope must be 'rank' or 'global', got {self.aux_loss_scope!r}")
-        for name in ("hard", "bias", "train_layernorms", "use_kernels", "deterministic"):
+        for name in ("hard", "bias", "train_layernorms", "use_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HyCAMConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -134,12 +134,22 @@ def _hycam_modules(modules_or_model) -> list:
             if isinstance(m, HyCAMParameters)]
 
 
-def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]]) -> torch.Tensor:
+def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]],
+                        scope: Optional[str] = None) -> torch.Tensor:
     """Global L_aux = sum_k mean_t(g[t, k]) * mean_t(softmax(l[t])_k) over every routed token of
     every HyCAM module that ran a training forward (tokens with token_mask == 0 left out).
-    Returns 0 (a scalar) when no module has statistics. Not multiplied by aux_loss_coef."""
+    Not multiplied by aux_loss_coef; 0 (a scalar) when no module has statistics.
+
+    scope: "rank" (default from the modules' config, as the authors train: means over this
+    process's tokens) or "global" (means over the tokens of every rank of the default process
+    group, all-reduced with autograd-aware collectives; every rank must call it)."""
+    mods = _hycam_modules(modules_or_model)
+    if scope is None:
+        scope = mods[0].cfg.aux_loss_scope if mods else "rank"
+    if scope not in ("rank", "global"):
+        raise ValueError(f"load_balancing_loss: scope must be 'rank' or 'global', got {scope!r}")
     gs, qs = [], []
-    for m in _hycam_modules(modules_or_model):
+    for m in mods:
         if m.last_routes is None or m.last_router_logits is None:
             continue
         dt = torch.promote_types(m.last_routes.dtype, torch.float32)  # at least fp32
@@ -150,11 +160,23 @@ def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]])
             g, q = g[keep], q[keep]
         gs.append(g)
         qs.append(q)
+    distributed = (scope == "global" and torch.distributed.is_available()
+                   and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
     if not gs:
+        if distributed:
+            raise RuntimeError("load_balancing_loss(scope='global'): this rank has no routing "
+                               "statistics, but every rank must contribute to the collective")
         return torch.zeros(())
     dt = functools.reduce(torch.promote_types, [t.dtype for t in gs])
     g = torch.cat([t.to(dt) for t in gs])
     q = torch.cat([t.to(dt) for t in qs])
+    if distributed:
+        from torch.distributed.nn.functional import all_reduce
+        K = g.shape[-1]
+        stats = torch.cat([g.sum(0), q.sum(0), g.new_tensor([float(g.shape[0])])])
+        stats = all_reduce(stats)  # sum over ranks; its backward sums the gradients (DDP averages)
+        n = stats[-1].clamp_min(1.0)
+        return ((stats[:K] / n) * (stats[K:2 * K] / n)).sum()
     if g.shape[0] == 0:
-        return torch.zeros((), device=g.device)
+        return torch.zeros((), device=g.device, dtype=dt)
     return (g.mean(0) * q.mean(0)).sum()
