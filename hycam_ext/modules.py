@@ -48,21 +48,24 @@ class HyCAM(HyCAMParameters):
     def _modulate(self, x: torch.Tensor, h_in: torch.Tensor, a: Optional[torch.Tensor],
                   placement: str, gumbel_noise: Optional[torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg
-        out_dtype = (a if a is not None else h_in).dtype
         if not self._use_kernels():
             cam = ReferenceHyCAM.cam(self, x, gumbel_noise)
             if a is None:
                 return h_in * cam
             return (h_in + a) * cam if placement == "residual" else h_in + a * cam
+        # GEMMs and the shrink run in the compute dtype (autocast's when active); the modulation
+        # runs in the dtype of the residual stream h_in, so an fp32 stream under bf16 autocast
+        # is not rounded to bf16 at every layer.
         dt = self._compute_dtype(x)
+        ct = h_in.dtype
         lead = tuple(x.shape[:-1])
         d, K = cfg.hidden_size, cfg.num_specialists
         x2 = x.reshape(-1, d).to(dt)
-        h2 = h_in.reshape(-1, d).to(dt)
-        a2 = None if a is None else a.reshape(-1, d).to(dt)
+        h2 = h_in.reshape(-1, d)
+        a2 = None if a is None else a.reshape(-1, d).to(ct)
 
-        def p(t):
-            return None if t is None else t.to(dt)
+        def p(t, to=dt):
+            return None if t is None else t.to(to)
 
         z = F.linear(x2, p(self.shared_weight), p(self.shared_bias))
         logits = F.linear(x2, p(self.router_weight), p(self.router_bias))
@@ -70,9 +73,9 @@ class HyCAM(HyCAMParameters):
         g = route(logits, cfg.tau, cfg.hard, self.training, noise)
         self._record(logits, g, lead)
         w = ops.shrink(x2, p(self.A), p(self.A_bias), p(self.N), p(self.N_bias))
-        out = ops.cam(h2, a2, z, w, p(self.B), p(self.B_bias), g, cfg.scaling,
+        out = ops.cam(h2, a2, z.to(ct), w.to(ct), p(self.B, ct), p(self.B_bias, ct), g.to(ct), cfg.scaling,
                       _PLACEMENT_CODE[placement])
-        return out.reshape(h_in.shape).to(out_dtype)
+        return out.reshape(h_in.shape)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor,
                 gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -119,8 +122,8 @@ class HyCAMAttention(nn.Module):
                 raise ValueError("HyCAMAttention: residual (h_in, the layer input before the "
                                  "input layer norm) is required for placement='residual'")
             residual = torch.zeros_like(a)
-        if not self.adapter_enabled:
-            new = residual + a if self.cfg.placement == "residual" else residual + a
+        if not self.adapter_enabled:  # CAM = 1: both placements give h_in + a
+            new = residual + a
         else:
             new = self.hycam.placement_forward(x, residual, a, gumbel_noise)
         return (new,) + tuple(result[1:]) if is_tuple else new

@@ -1,0 +1,65 @@
+"""Tiny random Hugging Face models and a byte-level tokenizer for the integration tests."""
+from __future__ import annotations
+
+import torch
+
+ARCHS = ("llama", "qwen2", "mistral")
+
+
+def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
+    import transformers as tf
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common)
+    if arch == "mistral":
+        return tf.MistralConfig(sliding_window=None, **common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0, **kw):
+    import transformers as tf
+    cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+           "mistral": tf.MistralForCausalLM}[arch]
+    torch.manual_seed(seed)
+    model = cls(tiny_config(arch, **kw))
+    model.config.use_cache = True
+    return model.eval()
+
+
+def byte_tokenizer():
+    """A 256-byte BPE (no merges) fast tokenizer with <pad>, <s>, </s>; built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def save_tiny_checkpoint(path, arch: str = "llama", seed: int = 0) -> str:
+    """A tiny random model + byte tokenizer saved as a local HF checkpoint dir."""
+    tok = byte_tokenizer()
+    model = tiny_model(arch, seed=seed, vocab_size=len(tok))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def perturb_hycam(model, seed: int = 1, scale: float = 0.1) -> None:
+    """Give every HyCAM non-trivial weights (CAM != 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for cam in model.hycam_modules():
+            for name in ("shared_weight", "B", "B_bias", "shared_bias"):
+                p = getattr(cam, name)
+                if p is not None:
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
