@@ -9,10 +9,21 @@ file (task name = file stem). Without --data a small multi-task set (arithmetic,
 QA) is generated in code. Each task gets a held-out split; the per-task eval loss/perplexity is
 reported before and after training, the per-task routing distribution per layer is plotted to
 routing.png, and the adapter is saved under <output-dir>/adapter.
+
+Data-parallel (DDP) under torchrun, one or many nodes:
+
+    torchrun --nproc_per_node 4 -m hycam_ext.finetune --model DIR --batch-size 4
+
+--batch-size is per process: each optimizer step consumes batch_size x grad_accum x world_size
+examples, every rank a disjoint slice of them, and a run on N processes computes what one process
+computes with --grad-accum multiplied by N (same examples per step, same loss weighting). Only
+rank 0 prints, shows the progress bar and writes files; eval metrics and routing statistics are
+reduced over all ranks (each rank evaluates a disjoint slice of every held-out set).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -247,8 +258,9 @@ def hycam_param_count(hidden: int, layers: int, K: int, r: int, bias: bool) -> i
 # evaluation
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, examples: List[dict], batch_size: int, pad_id: int, device, autocast_dtype):
-    """Token-level mean NLL over response tokens and its perplexity (eval mode, no aux loss)."""
+def _eval_sums(model, examples: List[dict], batch_size: int, pad_id: int, device,
+               autocast_dtype) -> Tuple[float, int]:
+    """Summed NLL over response tokens and their number (eval mode, no aux loss)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -264,8 +276,17 @@ def evaluate(model, examples: List[dict], batch_size: int, pad_id: int, device, 
                                                    reduction="sum").item()
         count += int((lb != IGNORE_INDEX).sum())
     model.train(was_training)
+    return total, count
+
+
+def _eval_metrics(total: float, count: int) -> dict:
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def evaluate(model, examples: List[dict], batch_size: int, pad_id: int, device, autocast_dtype):
+    """Token-level mean NLL over response tokens and its perplexity (eval mode, no aux loss)."""
+    return _eval_metrics(*_eval_sums(model, examples, batch_size, pad_id, device, autocast_dtype))
 
 
 def _autocast(device, dtype):
@@ -295,6 +316,89 @@ def plot_routing(routing: Dict[str, torch.Tensor], path: str, title: str) -> Non
     fig.colorbar(im, ax=axes[0].tolist(), label="fraction of tokens")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed (torchrun)
+# ---------------------------------------------------------------------------------------------
+class DistContext:
+    """Where this process stands: rank / world size of the default process group (1 process:
+    rank 0 of 1, no group), and whether main() created the group (then it also destroys it)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 owns_group: bool = False):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.owns_group = owns_group
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when the torchrun environment (RANK, WORLD_SIZE > 1) describes several processes."""
+    try:
+        return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def resolve_device(spec: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)   # one GPU per process
+    return device
+
+
+def init_distributed(device: torch.device, backend: str = "auto",
+                     timeout_s: float = 1800.0) -> DistContext:
+    """Join (or create, from torchrun's env:// variables) the default process group."""
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_available():
+        raise SystemExit("hycam-finetune: launched with WORLD_SIZE > 1 but torch.distributed "
+                         "is not available in this PyTorch build")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        owns = True
+    elif device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, owns)
+
+
+def _all_reduce_sum(values: Sequence[float], device) -> List[float]:
+    import torch.distributed as dist
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _reduce_routing(res: dict, device) -> torch.Tensor:
+    """Sum collect_routing()'s per-rank route distributions, weighted by token counts."""
+    import torch.distributed as dist
+    dist_ = res["dist"].double()
+    counts = torch.tensor(res["tokens"], dtype=torch.float64)
+    sums = torch.nan_to_num(dist_, nan=0.0) * counts[:, None]
+    flat = torch.cat([sums.reshape(-1), counts]).to(device)
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    L, K = dist_.shape
+    sums, counts = flat[:L * K].view(L, K), flat[L * K:]
+    out = sums / counts.clamp_min(1.0)[:, None]
+    out[counts == 0] = float("nan")
+    return out.float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast (auto: on CUDA only)")
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="process-group backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
     h = p.add_argument_group("HyCAM")
     h.add_argument("--num-specialists", type=int, default=4)
     h.add_argument("--rank", type=int, default=16)
@@ -345,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--soft", action="store_true", help="soft routing (default hard)")
     h.add_argument("--placement", choices=["residual", "attention"], default="residual")
     h.add_argument("--aux-loss-coef", type=float, default=0.01)
+    h.add_argument("--aux-loss-scope", choices=["rank", "global"], default="rank",
+                   help="load-balancing statistics over this process's tokens (rank, as the "
+                        "authors train) or over every rank's tokens of the step (global)")
     h.add_argument("--train-layernorms", action="store_true")
     h.add_argument("--no-kernels", action="store_true", help="use the reference path")
     lo = p.add_argument_group("LoRA baseline")
@@ -358,7 +467,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the CLI; returns the metrics dict (on every rank under torchrun; only rank 0 writes)."""
     args = build_parser().parse_args(argv)
+    if launched_by_torchrun():
+        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")), True)
+        ctx = init_distributed(device, args.dist_backend)
+        if not ctx.enabled:   # an existing group of one process
+            ctx = DistContext(owns_group=ctx.owns_group)
+    else:
+        device, ctx = resolve_device(args.device), DistContext()
+    try:
+        return _run(args, device, ctx)
+    finally:
+        if ctx.owns_group:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _run(args, device: torch.device, ctx: DistContext) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
     import hycam_ext
@@ -366,13 +493,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
     use_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_bf16 else None
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = print
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    world, rank = ctx.world_size, ctx.rank
+    log = print if ctx.is_main else (lambda *a, **k: None)
 
     # ---- data ------------------------------------------------------------------------------
     if args.data:
@@ -390,6 +517,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model, tok = load_model_and_tokenizer(args.model, args.gguf_file, device)
     log(f"loaded {type(model).__name__} from {args.model} in {time.time() - t0:.1f}s "
         f"(device {device}, bf16 autocast {'on' if use_bf16 else 'off'})")
+    if ctx.enabled:
+        import torch.distributed as dist
+        log(f"distributed: {world} processes ({dist.get_backend()}), global batch "
+            f"{args.batch_size} x {args.grad_accum} x {world} examples per step")
     fmt = Formatter(tok, args.prompt_format, args.max_length)
     pad_id = tok.pad_token_id
     train, evals = [], {}
@@ -409,9 +540,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.baseline == "lora":
         from peft import LoraConfig, get_peft_model
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-        rank, per_rank = lora_rank_for_budget(model, hycam_budget, targets)
+        rank_, per_rank = lora_rank_for_budget(model, hycam_budget, targets)
         if args.lora_rank:
-            rank = args.lora_rank
+            rank_ = args.lora_rank
         for p in model.parameters():
             p.requires_grad_(False)
         if args.gradient_checkpointing:
@@ -421,57 +552,90 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
             model.enable_input_require_grads()
-        lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
+        lcfg = LoraConfig(r=rank_, lora_alpha=2 * rank_, lora_dropout=0.0, target_modules=targets,
                           task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
-        log(f"LoRA baseline: rank {rank} on {targets} (HyCAM budget {hycam_budget:,d})")
+        log(f"LoRA baseline: rank {rank_} on {targets} (HyCAM budget {hycam_budget:,d})")
     else:
         hcfg = hycam_ext.HyCAMConfig(hidden_size=cfg.hidden_size, num_specialists=K, rank=r,
                                      alpha=args.alpha, tau=args.tau, hard=not args.soft,
                                      placement=args.placement, aux_loss_coef=args.aux_loss_coef,
                                      train_layernorms=args.train_layernorms,
-                                     use_kernels=not args.no_kernels)
+                                     use_kernels=not args.no_kernels,
+                                     aux_loss_scope=args.aux_loss_scope)
         model = get_hycam_model(model, hcfg)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(use_reentrant=args.reentrant)
-    model.print_trainable_parameters()
+    if ctx.is_main:
+        model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
 
+    def run_eval(ex: List[dict]) -> dict:
+        if not ctx.enabled:
+            return evaluate(model, ex, args.eval_batch_size, pad_id, device, amp_dtype)
+        # each rank a disjoint slice of the held-out set, token sums reduced over ranks
+        total, count = _eval_sums(model, ex[rank::world], args.eval_batch_size, pad_id, device,
+                                  amp_dtype)
+        total, count = _all_reduce_sum([total, count], device)
+        return _eval_metrics(total, int(round(count)))
+
     # ---- eval before -------------------------------------------------------------------------
-    before = {t: evaluate(model, ex, args.eval_batch_size, pad_id, device, amp_dtype)
-              for t, ex in evals.items() if ex}
+    before = {t: run_eval(ex) for t, ex in evals.items() if ex}
     for t, m in before.items():
         log(f"[before] {t}: eval loss {m['loss']:.4f}  ppl {m['ppl']:.2f}")
 
     # ---- train -------------------------------------------------------------------------------
-    steps_per_epoch = math.ceil(len(train) / (args.batch_size * args.grad_accum))
+    global_batch = args.batch_size * args.grad_accum * world
+    steps_per_epoch = math.ceil(len(train) / global_batch)
     total_steps = args.max_steps if args.max_steps > 0 else max(
         1, int(math.ceil(steps_per_epoch * args.epochs)))
+    train_model = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # DDP broadcasts rank 0's trainable weights; afterwards each rank draws its own routing
+        # noise (seed + rank) for its own tokens
+        # (no static_graph: it breaks no_sync() accumulation; reentrant checkpointing works
+        # without it since every trainable parameter is used once per forward)
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(args.seed + rank)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
     rng = random.Random(args.seed)
 
-    def micro_batches():
+    def index_batches():
+        # the same stream of micro-batches on every rank (same seed); a step takes
+        # grad_accum * world of them, rank r the ones at positions r, r + world, ...
         while True:
             order = list(range(len(train)))
             rng.shuffle(order)
             for i in range(0, len(order), args.batch_size):
-                yield collate([train[j] for j in order[i:i + args.batch_size]], pad_id)
+                yield order[i:i + args.batch_size]
+
+    def micro_batches():
+        stream = index_batches()
+        while True:
+            for j in range(world):
+                idx = next(stream)
+                if j == rank:
+                    yield collate([train[k] for k in idx], pad_id)
 
     stream = micro_batches()
     model.train()
     history = []
-    bar = tqdm(range(total_steps), desc="train", disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(range(total_steps), desc="train", disable=args.no_progress or not ctx.is_main,
+               dynamic_ncols=True)
     t_train = time.time()
     for step in bar:
         tot_loss, tot_aux = 0.0, 0.0
-        for _ in range(args.grad_accum):
+        for micro in range(args.grad_accum):
             b = {k: v.to(device) for k, v in next(stream).items()}
-            with _autocast(device, amp_dtype):
-                out = model(**b, use_cache=False)
-            loss = out.loss / args.grad_accum
-            loss.backward()
+            sync = not ctx.enabled or micro == args.grad_accum - 1
+            with (contextlib.nullcontext() if sync else train_model.no_sync()):
+                with _autocast(device, amp_dtype):
+                    out = train_model(**b, use_cache=False)
+                loss = out.loss / args.grad_accum
+                loss.backward()
             tot_loss += loss.item()
             aux = out.get("aux_loss") if hasattr(out, "get") else None
             tot_aux += 0.0 if aux is None else float(aux.detach()) / args.grad_accum
@@ -480,6 +644,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if ctx.enabled:   # mean over the ranks: what one process with grad_accum * world logs
+            tot_loss, tot_aux = (v / world for v in _all_reduce_sum([tot_loss, tot_aux], device))
         history.append({"step": step + 1, "loss": tot_loss, "aux_loss": tot_aux,
                         "lr": sched.get_last_lr()[0]})
         bar.set_postfix(loss=f"{tot_loss:.4f}", aux=f"{tot_aux:.3f}")
@@ -494,35 +660,44 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             continue
         if args.baseline == "none":
             with model.collect_routing() as res:
-                after[t] = evaluate(model, ex, args.eval_batch_size, pad_id, device, amp_dtype)
-            routing[t] = res["dist"]
+                after[t] = run_eval(ex)
+            routing[t] = _reduce_routing(res, device) if ctx.enabled else res["dist"]
         else:
-            after[t] = evaluate(model, ex, args.eval_batch_size, pad_id, device, amp_dtype)
+            after[t] = run_eval(ex)
     for t in after:
         log(f"[after]  {t}: eval loss {before[t]['loss']:.4f} -> {after[t]['loss']:.4f}  "
             f"ppl {before[t]['ppl']:.2f} -> {after[t]['ppl']:.2f}")
 
     adapter_dir = out_dir / "adapter"
-    model.save_pretrained(str(adapter_dir))
     plot_path = None
-    if routing:
-        with open(out_dir / "routing.json", "w") as f:
-            json.dump({t: d.tolist() for t, d in routing.items()}, f, indent=1)
-        if not args.no_plot:
-            plot_path = str(out_dir / "routing.png")
-            plot_routing(routing, plot_path, "HyCAM route distribution per layer (held-out, eval)")
+    if ctx.is_main:
+        model.save_pretrained(str(adapter_dir))
+        if routing:
+            with open(out_dir / "routing.json", "w") as f:
+                json.dump({t: d.tolist() for t, d in routing.items()}, f, indent=1)
+            if not args.no_plot:
+                plot_path = str(out_dir / "routing.png")
+                plot_routing(routing, plot_path,
+                             "HyCAM route distribution per layer (held-out, eval)")
+    elif routing and not args.no_plot:
+        plot_path = str(out_dir / "routing.png")
     metrics = {
         "method": "lora" if args.baseline == "lora" else "hycam",
         "model": args.model, "device": str(device), "bf16": use_bf16,
         "trainable_params": n_trainable, "steps": total_steps, "train_time_s": train_time,
+        "world_size": world, "global_batch_size": global_batch,
         "eval_before": before, "eval_after": after, "history": history,
         "adapter_dir": str(adapter_dir), "routing_plot": plot_path,
         "args": vars(args),
     }
-    with open(out_dir / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=1)
+    if ctx.is_main:
+        with open(out_dir / "metrics.json", "w") as f:
+            json.dump(metrics, f, indent=1)
     log(f"adapter saved to {adapter_dir}; metrics in {out_dir / 'metrics.json'}"
         + (f"; routing plot {plot_path}" if plot_path else ""))
+    if ctx.enabled:
+        import torch.distributed as dist
+        dist.barrier()   # rank 0's files are written before any rank returns
     return metrics
 
 

@@ -34,7 +34,8 @@ from ..config import HyCAMConfig
 from ..modules import HyCAM, route
 
 __all__ = ["get_hycam_model", "HyCAMModel", "UnsupportedArchitectureError", "HyCAMMergeError",
-           "SUPPORTED_ARCHITECTURES", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME"]
+           "SUPPORTED_ARCHITECTURES", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME",
+           "HyCAMSaveCallback", "HyCAMTrainer", "find_hycam_model"]
 
 ADAPTER_WEIGHTS_NAME = "hycam_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "hycam_adapter_config.json"
@@ -292,6 +293,29 @@ def _positional_names(orig: type) -> Tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
+# model output with the aux loss
+# ---------------------------------------------------------------------------------------------
+_AUX_OUTPUT_TYPES: Dict[type, type] = {}
+
+
+def _output_type_with_aux(cls: type) -> type:
+    """A dataclass subclass of the base model's output type with an ``aux_loss`` field. A real
+    field (not a key added afterwards) keeps the output a valid pytree node: DDP with
+    static_graph / find_unused_parameters flattens and rebuilds it as ``cls(**fields)``."""
+    if "aux_loss" in getattr(cls, "__dataclass_fields__", {}):
+        return cls
+    t = _AUX_OUTPUT_TYPES.get(cls)
+    if t is None:
+        name = f"HyCAM{cls.__name__}"
+        t = dataclasses.make_dataclass(
+            name, [("aux_loss", Optional[torch.Tensor], dataclasses.field(default=None))],
+            bases=(cls,), namespace={"__module__": __name__})
+        globals().setdefault(name, t)   # picklable by qualified name
+        _AUX_OUTPUT_TYPES[cls] = t
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
 # conversion
 # ---------------------------------------------------------------------------------------------
 def _architecture(model: nn.Module) -> str:
@@ -419,9 +443,29 @@ class HyCAMModel(nn.Module):
         return None
 
     # ---- forward / generate ----------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    # transformers.Trainer reads this: False makes it pass no ``num_items_in_batch`` and divide
+    # the returned (per-micro-batch mean) loss by the accumulation steps itself. With True it
+    # would expect a loss already normalised over the whole accumulated (and, across devices,
+    # gathered) batch and would scale it by neither, so the aux term, a per-micro-batch mean,
+    # would be counted grad_accum (x world size) times.
+    accepts_loss_kwargs = False
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                *args, **kwargs):
+        """The base model's forward (same arguments, named so that transformers.Trainer keeps
+        the dataset columns); in training mode ``loss`` includes ``aux_loss_coef * L_aux`` and
+        the output carries ``aux_loss``."""
         self._check_loaded()
-        out = self.base_model(*args, **kwargs)
+        named = (input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
+                 use_cache)
+        if args:   # positional arguments past use_cache: keep the base model's order
+            out = self.base_model(*named, *args, **kwargs)
+        else:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values,
+                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                  **kwargs)
         step = self._shared.step
         if not (self._shared.enabled and step is not None and step.has_stats()):   # training fwd
             return out
@@ -430,7 +474,7 @@ class HyCAMModel(nn.Module):
         if self.hycam_config.aux_loss_scope == "global":
             sg, sq, n, scale = _global_sums(sg, sq, n)
         if isinstance(out, tuple):   # return_dict=False: (loss, logits, ...) or (logits, ...)
-            has_loss = kwargs.get("labels") is not None and out[0].dim() == 0
+            has_loss = labels is not None and out[0].dim() == 0
             aux = _AuxLoss.apply(out[0], sg, sq, n, step, scale)
             if has_loss:
                 out = (out[0] + self.hycam_config.aux_loss_coef * aux.to(out[0].dtype),) + out[1:]
@@ -438,9 +482,14 @@ class HyCAMModel(nn.Module):
         loss = getattr(out, "loss", None)
         anchor = loss if loss is not None else out.logits
         aux = _AuxLoss.apply(anchor, sg, sq, n, step, scale)
+        fields = dict(out.items())
         if loss is not None:
-            out["loss"] = loss + self.hycam_config.aux_loss_coef * aux.to(loss.dtype)
-        out["aux_loss"] = aux
+            fields["loss"] = loss + self.hycam_config.aux_loss_coef * aux.to(loss.dtype)
+        fields["aux_loss"] = aux
+        if dataclasses.is_dataclass(out):
+            return _output_type_with_aux(type(out))(**fields)
+        for k, v in fields.items():
+            out[k] = v
         return out
 
     def generate(self, *args, **kwargs):
@@ -583,11 +632,32 @@ class HyCAMModel(nn.Module):
                 out[name] = p
         return out
 
-    def save_pretrained(self, save_directory: str, **_ignored) -> None:
+    def save_pretrained(self, save_directory: str, state_dict: Optional[Dict[str, Any]] = None,
+                        is_main_process: bool = True, **_ignored) -> None:
+        """Write the adapter only: ``hycam_adapter.safetensors`` + ``hycam_adapter_config.json``.
+
+        ``state_dict``: take the tensors from this (full) state dict instead of the live
+        parameters, e.g. the one gathered by ``accelerator.get_state_dict`` under FSDP / DeepSpeed
+        ZeRO-3; keys may carry this wrapper's ``base_model.`` prefix or not.
+        ``is_main_process=False`` writes nothing (the Trainer / accelerate convention)."""
+        if not is_main_process:
+            return
         from safetensors.torch import save_file
+        own = self.adapter_state_dict()
+        if state_dict is not None:
+            picked = {}
+            for k in own:
+                for cand in (k, "base_model." + k, "module.base_model." + k):
+                    if cand in state_dict:
+                        picked[k] = state_dict[cand]
+                        break
+            missing = sorted(set(own) - set(picked))
+            if missing:
+                raise ValueError(f"HyCAMModel.save_pretrained: state_dict lacks adapter tensors, "
+                                 f"e.g. {missing[:3]}")
+            own = picked
         os.makedirs(save_directory, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous().clone()
-                   for k, v in self.adapter_state_dict().items()}
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in own.items()}
         save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME),
                   metadata={"format": "pt", "hycam_format_version": str(FORMAT_VERSION)})
         cfg = self.base_model.config
@@ -607,10 +677,8 @@ class HyCAMModel(nn.Module):
         with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
 
-    @classmethod
-    def from_pretrained(cls, base_model: nn.Module, adapter_dir: str,
-                        is_trainable: bool = True) -> "HyCAMModel":
-        from safetensors.torch import load_file
+    @staticmethod
+    def _read_adapter_config(adapter_dir: str) -> Dict[str, Any]:
         cfg_path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"HyCAMModel.from_pretrained: no {ADAPTER_CONFIG_NAME} in "
@@ -619,35 +687,83 @@ class HyCAMModel(nn.Module):
             meta = json.load(f)
         if meta.get("adapter_type") != "hycam":
             raise ValueError(f"{cfg_path} is not a HyCAM adapter config")
+        return meta
+
+    def load_adapter(self, adapter_dir: str) -> None:
+        """Copy the weights of a saved adapter into this model's HyCAM parameters, in place (the
+        optimizer keeps referring to the same tensors; used to resume from a checkpoint)."""
+        from safetensors.torch import load_file
+        meta = self._read_adapter_config(adapter_dir)
+        if int(meta["num_hidden_layers"]) != len(self._layers()):
+            raise ValueError(f"HyCAM adapter has {meta['num_hidden_layers']} layers, the base "
+                             f"model {len(self._layers())}")
+        saved_cfg = HyCAMConfig.from_dict(meta["hycam_config"])
+        for f in ("num_specialists", "rank", "bias", "train_layernorms"):
+            if getattr(saved_cfg, f) != getattr(self.hycam_config, f):
+                raise ValueError(f"HyCAM adapter in {adapter_dir!r} has {f}="
+                                 f"{getattr(saved_cfg, f)!r}, this model "
+                                 f"{getattr(self.hycam_config, f)!r}")
+        sd = load_file(os.path.join(adapter_dir, meta.get("weights", ADAPTER_WEIGHTS_NAME)))
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"HyCAM adapter does not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for k, v in sd.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"HyCAM adapter tensor {k}: shape {tuple(v.shape)}, the model "
+                                 f"expects {tuple(own[k].shape)}")
+        with torch.no_grad():
+            for k, v in sd.items():
+                own[k].copy_(v)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, adapter_dir: str,
+                        is_trainable: bool = True) -> "HyCAMModel":
+        meta = cls._read_adapter_config(adapter_dir)
         hcfg = HyCAMConfig.from_dict(meta["hycam_config"])
         mcfg = base_model.config
         if int(mcfg.hidden_size) != int(meta["hidden_size"]):
             raise ValueError(f"HyCAM adapter was trained for hidden_size {meta['hidden_size']}, "
                              f"the base model has {mcfg.hidden_size}")
         model = cls(base_model, hcfg)
-        if len(model._layers()) != int(meta["num_hidden_layers"]):
+        try:
+            model.load_adapter(adapter_dir)
+        except Exception:
             model.unload()
-            raise ValueError(f"HyCAM adapter has {meta['num_hidden_layers']} layers, the base "
-                             f"model {len(base_model.model.layers)}")
-        sd = load_file(os.path.join(adapter_dir, meta.get("weights", ADAPTER_WEIGHTS_NAME)))
-        own = model.adapter_state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        if missing or unexpected:
-            model.unload()
-            raise ValueError(f"HyCAM adapter does not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for k, v in sd.items():
-                if own[k].shape != v.shape:
-                    model.unload()
-                    raise ValueError(f"HyCAM adapter tensor {k}: shape {tuple(v.shape)}, the model "
-                                     f"expects {tuple(own[k].shape)}")
-                own[k].copy_(v)
+            raise
         if not is_trainable:
             for _, p in model.trainable_parameters():
                 p.requires_grad_(False)
         return model
+
+
+def find_hycam_model(model: Any) -> Optional[HyCAMModel]:
+    """The HyCAMModel inside ``model`` (itself, or wrapped by DDP / accelerate / torch.compile
+    through ``.module`` / ``._orig_mod``), or None."""
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, HyCAMModel):
+            return model
+        inner = None
+        for attr in ("module", "_orig_mod"):
+            if isinstance(model, nn.Module) and attr in getattr(model, "_modules", {}):
+                inner = model._modules[attr]
+                break
+            if attr in getattr(model, "__dict__", {}):
+                inner = model.__dict__[attr]
+                break
+        model, seen = inner, seen + 1
+    return None
+
+
+def __getattr__(name: str):
+    # the Trainer pieces import transformers.Trainer (and accelerate): only on first use
+    if name in ("HyCAMSaveCallback", "HyCAMTrainer"):
+        from . import _trainer
+        return getattr(_trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_hycam_model(model: nn.Module, cfg: Optional[HyCAMConfig] = None) -> HyCAMModel:
