@@ -88,7 +88,7 @@ def _nvidia_wheel_includes():
 
 sources = [os.path.relpath(p, ROOT) for p in sorted(
     glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "*", "*_cpu.cpp")))]
-cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type",
+cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-Werror=return-type",
              "-Werror=unused-variable", "-Werror=unused-but-set-variable"]
 define_macros = []
 include_dirs = [os.path.join(ROOT, "csrc")]

@@ -6,6 +6,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
+
+#include "../common/cpu_rows.h"
 #include "../common/cpu_utils.h"
 #include "../common/hycam_math.h"
 #include "../kernels.h"
@@ -35,13 +38,43 @@ std::vector<acc_t> widen_bias(const OptTensor& b, int64_t n) {
   return out;
 }
 
-// u[k, :] = b_k + sum_i w[t, k, i] * Bt[k, i, :]  (same summation order as expand_channel)
+// u[k, :] = b_k + sum_i w[t, k, i] * Bt[k, i, :]
 template <typename scalar_t, typename acc_t>
 inline void expand_row(const acc_t* Bt, const acc_t* bias, const scalar_t* wt, int64_t k, int64_t r, int64_t d,
-                       acc_t* u) {
+                       acc_t* u, acc_t* wk) {
+  for (int64_t i = 0; i < r; ++i) wk[i] = static_cast<acc_t>(wt[k * r + i]);
   std::copy(bias + k * d, bias + (k + 1) * d, u);
-  for (int64_t i = 0; i < r; ++i)
-    cpu::axpy(static_cast<acc_t>(wt[k * r + i]), Bt + (k * r + i) * d, u, d);
+  rows::R<acc_t>::gemv_t(Bt + k * r * d, d, wk, r, u, d);
+}
+
+// A row of a [T, d] tensor as acc_t: the row itself when the types match, else widened into buf.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* row_in(const scalar_t* base, int64_t row, int64_t d, acc_t* buf) {
+  if (base == nullptr) return nullptr;
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return base + row * d;
+  } else {
+    cpu::widen_row(base + row * d, buf, d);
+    return buf;
+  }
+}
+
+// Where an output row is computed: in place when the types match, else in buf (then narrowed).
+template <typename scalar_t, typename acc_t>
+inline acc_t* row_out(scalar_t* base, int64_t row, int64_t d, acc_t* buf) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return base + row * d;
+  } else {
+    return buf;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void row_store(scalar_t* base, int64_t row, int64_t d, const acc_t* buf) {
+  if constexpr (!std::is_same<scalar_t, acc_t>::value) {
+    scalar_t* dst = base + row * d;
+    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<scalar_t>(buf[j]);
+  }
 }
 
 template <typename scalar_t>
@@ -49,6 +82,7 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
                       const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement,
                       at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
+  using R = rows::R<acc_t>;
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
   const acc_t s = static_cast<acc_t>(scale);
   const auto Bt = transpose_B<scalar_t, acc_t>(B);
@@ -60,21 +94,22 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
   const scalar_t* gp = g.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> u(d), spec(d);
+    std::vector<acc_t> u(d), sg(d), spec(d), hb(d), ab(d), zb(d), ob(d), wk(r);
     for (int64_t t = t0; t < t1; ++t) {
       std::fill(spec.begin(), spec.end(), acc_t(0));
       for (int64_t k = 0; k < K; ++k) {
         const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
         if (gk == acc_t(0)) continue;  // hard routing: only the routed specialist is computed
-        expand_row<scalar_t, acc_t>(Bt.data(), bias.data(), wp + t * K * r, k, r, d, u.data());
-        for (int64_t j = 0; j < d; ++j) spec[j] += gk * silu(s * u[j]);
+        expand_row<scalar_t, acc_t>(Bt.data(), bias.data(), wp + t * K * r, k, r, d, u.data(), wk.data());
+        R::sigmoid_scaled(u.data(), s, sg.data(), d);
+        R::gate_accum_from_sigmoid(u.data(), sg.data(), s, gk, spec.data(), d);
       }
-      const int64_t row = t * d;
-      for (int64_t j = 0; j < d; ++j) {
-        const acc_t c = cam_value(static_cast<acc_t>(zp[row + j]), spec[j]);
-        const acc_t av = ap ? static_cast<acc_t>(ap[row + j]) : acc_t(0);
-        op[row + j] = static_cast<scalar_t>(modulate(placement, static_cast<acc_t>(hp[row + j]), av, c));
-      }
+      acc_t* o = row_out<scalar_t, acc_t>(op, t, d, ob.data());
+      const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
+      R::sigmoid_scaled(zr, acc_t(1), sg.data(), d);
+      R::cam_epilogue(row_in<scalar_t, acc_t>(hp, t, d, hb.data()), row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr,
+                      sg.data(), spec.data(), o, d, placement);
+      row_store<scalar_t, acc_t>(op, t, d, o);
     }
   });
 }
@@ -85,6 +120,7 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
                        double scale, int64_t placement, at::Tensor& d_main, at::Tensor& dz, at::Tensor& dg,
                        at::Tensor& dw, at::Tensor& dB, at::Tensor& db) {
   using acc_t = at::opmath_type<scalar_t>;
+  using R = rows::R<acc_t>;
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
   const acc_t s = static_cast<acc_t>(scale);
   const auto Bt = transpose_B<scalar_t, acc_t>(B);
@@ -105,51 +141,51 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
   std::vector<acc_t> dBt_part(chunks.n * nB, acc_t(0)), db_part(chunks.n * nb, acc_t(0));
 
   at::parallel_for(0, chunks.n, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> U(K * d), E(K * d), gcv(d), du(d);
+    // U: u of every specialist, SG: sigmoid(s * u) (one exp gives both silu and silu')
+    std::vector<acc_t> U(K * d), SG(K * d), spec(d), gcv(d), du(d), sgz(d), wk(r), dwk(r);
+    std::vector<acc_t> gob(d), hb(d), ab(d), zb(d), dmb(d), dzb(d);
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* dBt = dBt_part.data() + c * nB;
       acc_t* dbb = db_part.data() + c * nb;
       for (int64_t t = chunks.begin(c); t < chunks.end(c); ++t) {
-        const int64_t row = t * d;
         const scalar_t* wt = wp + t * K * r;
-        // every specialist's u and e: dg needs all K even under hard routing
+        std::fill(spec.begin(), spec.end(), acc_t(0));
+        // every specialist's u: dg needs all K even under hard routing
         for (int64_t k = 0; k < K; ++k) {
           acc_t* uk = U.data() + k * d;
-          acc_t* ek = E.data() + k * d;
-          expand_row<scalar_t, acc_t>(Bt.data(), bias.data(), wt, k, r, d, uk);
-          for (int64_t j = 0; j < d; ++j) ek[j] = silu(s * uk[j]);
+          acc_t* sk = SG.data() + k * d;
+          expand_row<scalar_t, acc_t>(Bt.data(), bias.data(), wt, k, r, d, uk, wk.data());
+          R::sigmoid_scaled(uk, s, sk, d);
+          const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
+          if (gk != acc_t(0)) R::gate_accum_from_sigmoid(uk, sk, s, gk, spec.data(), d);
         }
-        for (int64_t j = 0; j < d; ++j) {
-          acc_t spec = 0;
-          for (int64_t k = 0; k < K; ++k) {
-            const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
-            if (gk != acc_t(0)) spec += gk * E[k * d + j];
-          }
-          const acc_t zv = static_cast<acc_t>(zp[row + j]);
-          const acc_t gov = static_cast<acc_t>(gop[row + j]);
-          const acc_t av = ap ? static_cast<acc_t>(ap[row + j]) : acc_t(0);
-          const acc_t gcj = gate_grad(placement, gov, static_cast<acc_t>(hp[row + j]), av);
-          gcv[j] = gcj;
-          dmp[row + j] = static_cast<scalar_t>(gov * cam_value(zv, spec));
-          dzp[row + j] = static_cast<scalar_t>(gcj * silu_grad(zv));
-        }
+        acc_t* dm = row_out<scalar_t, acc_t>(dmp, t, d, dmb.data());
+        acc_t* dzr = row_out<scalar_t, acc_t>(dzp, t, d, dzb.data());
+        const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
+        R::sigmoid_scaled(zr, acc_t(1), sgz.data(), d);
+        R::cam_backward_epilogue(row_in<scalar_t, acc_t>(gop, t, d, gob.data()),
+                                 row_in<scalar_t, acc_t>(hp, t, d, hb.data()),
+                                 row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr, sgz.data(), spec.data(), dm, dzr,
+                                 gcv.data(), d, placement);
+        row_store<scalar_t, acc_t>(dmp, t, d, dm);
+        row_store<scalar_t, acc_t>(dzp, t, d, dzr);
         for (int64_t k = 0; k < K; ++k) {
-          dgp[t * K + k] = static_cast<scalar_t>(cpu::dot(gcv.data(), E.data() + k * d, d));
+          const acc_t* uk = U.data() + k * d;
+          const acc_t* sk = SG.data() + k * d;
+          dgp[t * K + k] = static_cast<scalar_t>(R::gate_dot(gcv.data(), uk, sk, s, d));
           const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
           scalar_t* dwt = dwp + (t * K + k) * r;
           if (gk == acc_t(0)) {  // unrouted (hard routing): no gradient for w, B, b
             for (int64_t i = 0; i < r; ++i) dwt[i] = scalar_t(0);
             continue;
           }
-          const acc_t* uk = U.data() + k * d;
-          for (int64_t j = 0; j < d; ++j) du[j] = specialist_grad(gcv[j], gk, s, uk[j]);
+          R::specialist_grad_row(gcv.data(), uk, sk, s, gk, du.data(), d);
+          R::gemv_n(Bt.data() + k * r * d, d, du.data(), r, d, dwk.data());
           for (int64_t i = 0; i < r; ++i) {
-            const acc_t* Bti = Bt.data() + (k * r + i) * d;
-            dwt[i] = static_cast<scalar_t>(cpu::dot(du.data(), Bti, d));
-            cpu::axpy(static_cast<acc_t>(wt[k * r + i]), du.data(), dBt + (k * r + i) * d, d);
+            dwt[i] = static_cast<scalar_t>(dwk[i]);
+            R::axpy(static_cast<acc_t>(wt[k * r + i]), du.data(), dBt + (k * r + i) * d, d);
           }
-          acc_t* dbk = dbb + k * d;
-          for (int64_t j = 0; j < d; ++j) dbk[j] += du[j];
+          R::axpy(acc_t(1), du.data(), dbb + k * d, d);
         }
       }
     }

@@ -1,5 +1,4 @@
-// Small helpers of the CPU kernels: fixed token chunking (deterministic reductions), vectorisable
-// dot/axpy, and widening of half/bfloat16 operands to the accumulation type.
+// Small helpers of the CPU kernels: fixed token chunking (deterministic reductions) and widening of half/bfloat16 operands to the accumulation type.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,20 +19,6 @@ struct Chunks {
   int64_t begin(int64_t c) const { return c * T / n; }
   int64_t end(int64_t c) const { return (c + 1) * T / n; }
 };
-
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
-
-template <typename acc_t>
-inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
-}
 
 // A contiguous tensor's data as acc_t: a pointer to it when the types match, else a widened copy.
 template <typename scalar_t, typename acc_t>

@@ -9,6 +9,8 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HYCAM_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define HYCAM_HD inline __attribute__((always_inline))  // inlined into every vector loop and clone
 #else
 #define HYCAM_HD inline
 #endif
@@ -17,12 +19,46 @@ namespace hycam {
 
 enum Placement : int64_t { kResidual = 0, kAttention = 1 };
 
+#if !defined(__CUDA_ARCH__)
+// Branch-free expf for the CPU kernels (Cephes-style range reduction and polynomial, relative
+// error < 2 ulp) that compilers vectorise, unlike libm's expf. Special values as expf: +inf for
+// x > 88.376, 0 below -87.34 (no subnormals), NaN in -> NaN out.
+HYCAM_HD float fast_expf(float x) {
+  const float hi = 88.3762626647949f, lo = -87.3365447505531f;
+  const bool nan = x != x;
+  float xc = nan ? 0.0f : (x < lo ? lo : (x > hi ? hi : x));
+  const float t = xc * 1.44269504088896341f + 0.5f;
+  int32_t n = static_cast<int32_t>(t);
+  n -= static_cast<float>(n) > t ? 1 : 0;  // floor
+  const float nf = static_cast<float>(n);
+  const float r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;  // xc - n ln2, Cody-Waite
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float p2;
+  __builtin_memcpy(&p2, &bits, sizeof(p2));
+  float res = y * p2;
+  res = x > hi ? __builtin_huge_valf() : res;
+  res = x < lo ? 0.0f : res;
+  return nan ? x : res;
+}
+#endif
+
 template <typename acc_t>
 HYCAM_HD acc_t exp_(acc_t v) {
 #if defined(__CUDA_ARCH__)
   return ::exp(v);  // float and double overloads of the CUDA math library
 #else
-  return std::exp(v);
+  if constexpr (sizeof(acc_t) == sizeof(float)) {
+    return fast_expf(v);
+  } else {
+    return std::exp(v);
+  }
 #endif
 }
 
@@ -31,17 +67,27 @@ HYCAM_HD acc_t sigmoid(acc_t v) {
   return acc_t(1) / (acc_t(1) + exp_(-v));
 }
 
-// silu(v) = v * sigma(v), written as v / (1 + exp(-v)) like ATen's kernel
+// silu and its derivative from a precomputed sg = sigmoid(v) (one exp serves both)
+template <typename acc_t>
+HYCAM_HD acc_t silu_from_sigmoid(acc_t v, acc_t sg) {
+  return v * sg;
+}
+
+template <typename acc_t>
+HYCAM_HD acc_t silu_grad_from_sigmoid(acc_t v, acc_t sg) {
+  return sg * (acc_t(1) + v * (acc_t(1) - sg));
+}
+
+// silu(v) = v * sigma(v)
 template <typename acc_t>
 HYCAM_HD acc_t silu(acc_t v) {
-  return v / (acc_t(1) + exp_(-v));
+  return silu_from_sigmoid(v, sigmoid(v));
 }
 
 // silu'(v) = sigma(v) * (1 + v * (1 - sigma(v)))
 template <typename acc_t>
 HYCAM_HD acc_t silu_grad(acc_t v) {
-  const acc_t s = sigmoid(v);
-  return s * (acc_t(1) + v * (acc_t(1) - s));
+  return silu_grad_from_sigmoid(v, sigmoid(v));
 }
 
 // One specialist channel: u = b + sum_i Bkj[i] * wk[i]   (Bkj: r contiguous values of B[k, j, :])

@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "../common/cpu_rows.h"
 #include "../common/cpu_utils.h"
 #include "../common/hycam_math.h"
 #include "../kernels.h"
@@ -30,15 +31,15 @@ void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bi
   scalar_t* wp = w.data_ptr<scalar_t>();
   const int64_t nblocks = (T + kTokenBlock - 1) / kTokenBlock;
   at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> xb(kTokenBlock * d), pk(r), wk(r);
+    std::vector<acc_t> xb(kTokenBlock * d), pk(r), wk(r), tmp(kTokenBlock);
     std::vector<acc_t> pacc(kTokenBlock * KR);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * kTokenBlock, nt = std::min(kTokenBlock, T - t0);
       for (int64_t q = 0; q < nt; ++q) cpu::widen_row(xp + (t0 + q) * d, xb.data() + q * d, d);
-      for (int64_t o = 0; o < KR; ++o) {
-        const acc_t* Arow = Aw.ptr + o * d;
+      for (int64_t o = 0; o < KR; ++o) {  // one pass over row o of A serves the block's tokens
         const acc_t bias = abp ? static_cast<acc_t>(abp[o]) : acc_t(0);
-        for (int64_t q = 0; q < nt; ++q) pacc[q * KR + o] = bias + cpu::dot(Arow, xb.data() + q * d, d);
+        rows::R<acc_t>::gemv_n(xb.data(), d, Aw.ptr + o * d, nt, d, tmp.data());
+        for (int64_t q = 0; q < nt; ++q) pacc[q * KR + o] = bias + tmp[q];
       }
       for (int64_t q = 0; q < nt; ++q) {
         const int64_t t = t0 + q;
@@ -98,11 +99,11 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
             for (int64_t m = 0; m < r; ++m) dNc[(k * r + i) * r + m] += dwk[i] * static_cast<acc_t>(ptk[m]);
           }
           mix_rank_backward<scalar_t, acc_t>(Np + k * r * r, dwk.data(), dp.data(), r);
+          rows::R<acc_t>::gemv_t(Aw.ptr + k * r * d, d, dp.data(), r, dxrow.data(), d);
           for (int64_t i = 0; i < r; ++i) {
             const int64_t o = k * r + i;
             dac[o] += dp[i];
-            cpu::axpy(dp[i], Aw.ptr + o * d, dxrow.data(), d);
-            cpu::axpy(dp[i], xrow.data(), dAc + o * d, d);
+            rows::R<acc_t>::axpy(dp[i], xrow.data(), dAc + o * d, d);
           }
         }
         for (int64_t j = 0; j < d; ++j) dxp[t * d + j] = static_cast<scalar_t>(dxrow[j]);

@@ -1,0 +1,253 @@
+// Row kernels of the CPU code: simple loops over contiguous acc_t rows that the compiler
+// vectorises (the element maths is hycam_math.h). The float versions are compiled twice in
+// rows_cpu.cpp (AVX2+FMA and baseline x86-64, chosen at load time); other types use the
+// templates directly.
+#pragma once
+
+#include <cstdint>
+
+#include "hycam_math.h"
+
+#if defined(__GNUC__)
+#define HYCAM_ROW_INLINE inline __attribute__((always_inline))  // so each clone compiles its own copy
+#else
+#define HYCAM_ROW_INLINE inline
+#endif
+
+namespace hycam {
+namespace rows {
+
+template <typename T>
+HYCAM_ROW_INLINE void axpy(T alpha, const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+}
+
+template <typename T>
+HYCAM_ROW_INLINE T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// y[j] += sum_{i < m} c[i] * M[i * ldm + j]: m axpys fused, y loaded and stored once per lane
+template <typename T>
+HYCAM_ROW_INLINE void gemv_t(const T* M, int64_t ldm, const T* c, int64_t m, T* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const T* M0 = M + i * ldm;
+    const T* M1 = M0 + ldm;
+    const T* M2 = M1 + ldm;
+    const T* M3 = M2 + ldm;
+    const T c0 = c[i], c1 = c[i + 1], c2 = c[i + 2], c3 = c[i + 3];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] += ((c0 * M0[j] + c1 * M1[j]) + c2 * M2[j]) + c3 * M3[j];
+  }
+  for (; i < m; ++i) axpy(c[i], M + i * ldm, y, n);
+}
+
+// out[i] = sum_j M[i * ldm + j] * x[j] for i < m: four rows per pass over x (independent chains)
+template <typename T>
+HYCAM_ROW_INLINE void gemv_n(const T* M, int64_t ldm, const T* x, int64_t m, int64_t n, T* out) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const T* M0 = M + i * ldm;
+    const T* M1 = M0 + ldm;
+    const T* M2 = M1 + ldm;
+    const T* M3 = M2 + ldm;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t j = 0; j < n; ++j) {
+      const T xv = x[j];
+      s0 += M0[j] * xv;
+      s1 += M1[j] * xv;
+      s2 += M2[j] * xv;
+      s3 += M3[j] * xv;
+    }
+    out[i] = s0;
+    out[i + 1] = s1;
+    out[i + 2] = s2;
+    out[i + 3] = s3;
+  }
+  for (; i < m; ++i) out[i] = dot(M + i * ldm, x, n);
+}
+
+// sg = sigmoid(s * u)
+template <typename T>
+HYCAM_ROW_INLINE void sigmoid_scaled(const T* u, T s, T* sg, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) sg[j] = sigmoid(s * u[j]);
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__))
+// float: eight lanes at a time with GCC vector extensions (the compiler will not vectorise the
+// selects of fast_expf on its own); the same formulas as fast_expf, lane by lane.
+typedef float hycam_v8sf __attribute__((vector_size(32)));
+typedef int32_t hycam_v8si __attribute__((vector_size(32)));
+
+HYCAM_ROW_INLINE hycam_v8sf fast_exp_v8(hycam_v8sf x) {
+  const hycam_v8sf zero = {}, hi = zero + 88.3762626647949f, lo = zero + -87.3365447505531f;
+  const hycam_v8si nan = x != x;
+  hycam_v8sf xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  xc = nan ? zero : xc;
+  const hycam_v8sf t = xc * 1.44269504088896341f + 0.5f;
+  hycam_v8si n = __builtin_convertvector(t, hycam_v8si);
+  n = __builtin_convertvector(n, hycam_v8sf) > t ? n - 1 : n;  // floor
+  const hycam_v8sf nf = __builtin_convertvector(n, hycam_v8sf);
+  const hycam_v8sf r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  hycam_v8sf y = zero + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  hycam_v8sf res = y * reinterpret_cast<hycam_v8sf>((n + 127) << 23);
+  res = x > hi ? zero + __builtin_huge_valf() : res;
+  res = x < lo ? zero : res;
+  return nan ? x : res;
+}
+
+template <>
+HYCAM_ROW_INLINE void sigmoid_scaled<float>(const float* u, float s, float* sg, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    hycam_v8sf v;
+    __builtin_memcpy(&v, u + j, sizeof(v));
+    v = 1.0f / (1.0f + fast_exp_v8(-s * v));
+    __builtin_memcpy(sg + j, &v, sizeof(v));
+  }
+  for (; j < n; ++j) sg[j] = sigmoid(s * u[j]);
+}
+#endif
+
+// spec += g * silu(s * u), from sg = sigmoid(s * u)
+template <typename T>
+HYCAM_ROW_INLINE void gate_accum_from_sigmoid(const T* u, const T* sg, T s, T g, T* spec, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) spec[j] += g * silu_from_sigmoid(s * u[j], sg[j]);
+}
+
+// dg_k = sum_j gc * silu(s * u), from sg
+template <typename T>
+HYCAM_ROW_INLINE T gate_dot(const T* gc, const T* u, const T* sg, T s, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += gc[j] * silu_from_sigmoid(s * u[j], sg[j]);
+  return acc;
+}
+
+// du = gc * g * s * silu'(s * u), from sg
+template <typename T>
+HYCAM_ROW_INLINE void specialist_grad_row(const T* gc, const T* u, const T* sg, T s, T g, T* du, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) du[j] = gc[j] * g * s * silu_grad_from_sigmoid(s * u[j], sg[j]);
+}
+
+// out = modulate(h, a, 1 + silu(z) + spec), from sgz = sigmoid(z); a may be null (a = 0)
+template <typename T>
+HYCAM_ROW_INLINE void cam_epilogue(const T* h, const T* a, const T* z, const T* sgz, const T* spec, T* out, int64_t n,
+                                   int64_t placement) {
+  if (a == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      out[j] = modulate(placement, h[j], T(0), T(1) + silu_from_sigmoid(z[j], sgz[j]) + spec[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      out[j] = modulate(placement, h[j], a[j], T(1) + silu_from_sigmoid(z[j], sgz[j]) + spec[j]);
+  }
+}
+
+// d_main = go * c, gc = gate_grad(go, h, a), dz = gc * silu'(z), from sgz = sigmoid(z)
+template <typename T>
+HYCAM_ROW_INLINE void cam_backward_epilogue(const T* go, const T* h, const T* a, const T* z, const T* sgz,
+                                            const T* spec, T* d_main, T* dz, T* gc, int64_t n, int64_t placement) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T av = a ? a[j] : T(0);
+    const T g = gate_grad(placement, go[j], h[j], av);
+    gc[j] = g;
+    d_main[j] = go[j] * (T(1) + silu_from_sigmoid(z[j], sgz[j]) + spec[j]);
+    dz[j] = g * silu_grad_from_sigmoid(z[j], sgz[j]);
+  }
+}
+
+// float: out-of-line, multi-versioned (rows_cpu.cpp)
+void axpy_f(float alpha, const float* x, float* y, int64_t n);
+float dot_f(const float* a, const float* b, int64_t n);
+void gemv_t_f(const float* M, int64_t ldm, const float* c, int64_t m, float* y, int64_t n);
+void gemv_n_f(const float* M, int64_t ldm, const float* x, int64_t m, int64_t n, float* out);
+void sigmoid_scaled_f(const float* u, float s, float* sg, int64_t n);
+void gate_accum_from_sigmoid_f(const float* u, const float* sg, float s, float g, float* spec, int64_t n);
+float gate_dot_f(const float* gc, const float* u, const float* sg, float s, int64_t n);
+void specialist_grad_row_f(const float* gc, const float* u, const float* sg, float s, float g, float* du, int64_t n);
+void cam_epilogue_f(const float* h, const float* a, const float* z, const float* sgz, const float* spec, float* out,
+                    int64_t n, int64_t placement);
+void cam_backward_epilogue_f(const float* go, const float* h, const float* a, const float* z, const float* sgz,
+                             const float* spec, float* d_main, float* dz, float* gc, int64_t n, int64_t placement);
+
+// One name for both: R<float> calls the multi-versioned functions, R<double> the templates.
+template <typename T>
+struct R {
+  static void axpy(T a, const T* x, T* y, int64_t n) { rows::axpy(a, x, y, n); }
+  static T dot(const T* a, const T* b, int64_t n) { return rows::dot(a, b, n); }
+  static void gemv_t(const T* M, int64_t ldm, const T* c, int64_t m, T* y, int64_t n) {
+    rows::gemv_t(M, ldm, c, m, y, n);
+  }
+  static void gemv_n(const T* M, int64_t ldm, const T* x, int64_t m, int64_t n, T* out) {
+    rows::gemv_n(M, ldm, x, m, n, out);
+  }
+  static void sigmoid_scaled(const T* u, T s, T* sg, int64_t n) { rows::sigmoid_scaled(u, s, sg, n); }
+  static void gate_accum_from_sigmoid(const T* u, const T* sg, T s, T g, T* spec, int64_t n) {
+    rows::gate_accum_from_sigmoid(u, sg, s, g, spec, n);
+  }
+  static T gate_dot(const T* gc, const T* u, const T* sg, T s, int64_t n) { return rows::gate_dot(gc, u, sg, s, n); }
+  static void specialist_grad_row(const T* gc, const T* u, const T* sg, T s, T g, T* du, int64_t n) {
+    rows::specialist_grad_row(gc, u, sg, s, g, du, n);
+  }
+  static void cam_epilogue(const T* h, const T* a, const T* z, const T* sgz, const T* spec, T* out, int64_t n,
+                           int64_t pl) {
+    rows::cam_epilogue(h, a, z, sgz, spec, out, n, pl);
+  }
+  static void cam_backward_epilogue(const T* go, const T* h, const T* a, const T* z, const T* sgz, const T* spec,
+                                    T* d_main, T* dz, T* gc, int64_t n, int64_t pl) {
+    rows::cam_backward_epilogue(go, h, a, z, sgz, spec, d_main, dz, gc, n, pl);
+  }
+};
+
+template <>
+struct R<float> {
+  static void axpy(float a, const float* x, float* y, int64_t n) { axpy_f(a, x, y, n); }
+  static float dot(const float* a, const float* b, int64_t n) { return dot_f(a, b, n); }
+  static void gemv_t(const float* M, int64_t ldm, const float* c, int64_t m, float* y, int64_t n) {
+    gemv_t_f(M, ldm, c, m, y, n);
+  }
+  static void gemv_n(const float* M, int64_t ldm, const float* x, int64_t m, int64_t n, float* out) {
+    gemv_n_f(M, ldm, x, m, n, out);
+  }
+  static void sigmoid_scaled(const float* u, float s, float* sg, int64_t n) { sigmoid_scaled_f(u, s, sg, n); }
+  static void gate_accum_from_sigmoid(const float* u, const float* sg, float s, float g, float* spec, int64_t n) {
+    gate_accum_from_sigmoid_f(u, sg, s, g, spec, n);
+  }
+  static float gate_dot(const float* gc, const float* u, const float* sg, float s, int64_t n) {
+    return gate_dot_f(gc, u, sg, s, n);
+  }
+  static void specialist_grad_row(const float* gc, const float* u, const float* sg, float s, float g, float* du,
+                                  int64_t n) {
+    specialist_grad_row_f(gc, u, sg, s, g, du, n);
+  }
+  static void cam_epilogue(const float* h, const float* a, const float* z, const float* sgz, const float* spec,
+                           float* out, int64_t n, int64_t pl) {
+    cam_epilogue_f(h, a, z, sgz, spec, out, n, pl);
+  }
+  static void cam_backward_epilogue(const float* go, const float* h, const float* a, const float* z,
+                                    const float* sgz, const float* spec, float* d_main, float* dz, float* gc,
+                                    int64_t n, int64_t pl) {
+    cam_backward_epilogue_f(go, h, a, z, sgz, spec, d_main, dz, gc, n, pl);
+  }
+};
+
+}  // namespace rows
+}  // namespace hycam
