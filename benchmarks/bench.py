@@ -16,13 +16,14 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet the CPU memory profiler's start/stop lines
+import torch  # noqa: E402
 
-import hycam_ext
-from hycam_ext import ops
-from hycam_ext.reference import reference_cam, reference_shrink
+import hycam_ext  # noqa: E402
+from hycam_ext import ops  # noqa: E402
+from hycam_ext.reference import reference_cam, reference_shrink  # noqa: E402
 
-from .harness import Timer, copy_bandwidth, device_name, matmul_rate, peak_memory_bytes
+from .harness import Timer  # noqa: E402, copy_bandwidth, device_name, matmul_rate, peak_memory_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,6 +74,9 @@ def make_layers(shape: Shape, dtype, device, impls: List[str]):
         if "reference" in impls:
             layers["reference"] = ref
         if "compiled" in impls:
+            # a fresh dynamo cache per shape: otherwise the recompile limit silently turns the
+            # later shapes of a sweep back into eager
+            torch._dynamo.reset()
             layers["compiled"] = torch.compile(ref)
     if "lora" in impls:
         lora = make_lora(shape, cfg, ours, dtype, device)

@@ -142,8 +142,10 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
 
   at::parallel_for(0, chunks.n, 1, [&](int64_t c0, int64_t c1) {
     // U: u of every specialist, SG: sigmoid(s * u) (one exp gives both silu and silu')
-    std::vector<acc_t> U(K * d), SG(K * d), spec(d), gcv(d), du(d), sgz(d), wk(r), dwk(r);
+    std::vector<acc_t> U(K * d), SG(K * d), spec(d), gcv(d), sgz(d), wk(r), dwk(r);
     std::vector<acc_t> gob(d), hb(d), ab(d), zb(d), dmb(d), dzb(d);
+    // dB_k += du_k w_k^T and db_k += du_k, gathered per specialist over blocks of tokens
+    std::vector<rows::BlockedRankUpdate<acc_t>> dBk(K, rows::BlockedRankUpdate<acc_t>(r, d, 16));
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* dBt = dBt_part.data() + c * nB;
       acc_t* dbb = db_part.data() + c * nb;
@@ -179,15 +181,15 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
             for (int64_t i = 0; i < r; ++i) dwt[i] = scalar_t(0);
             continue;
           }
-          R::specialist_grad_row(gcv.data(), uk, sk, s, gk, du.data(), d);
-          R::gemv_n(Bt.data() + k * r * d, d, du.data(), r, d, dwk.data());
-          for (int64_t i = 0; i < r; ++i) {
-            dwt[i] = static_cast<scalar_t>(dwk[i]);
-            R::axpy(static_cast<acc_t>(wt[k * r + i]), du.data(), dBt + (k * r + i) * d, d);
-          }
-          R::axpy(acc_t(1), du.data(), dbb + k * d, d);
+          for (int64_t i = 0; i < r; ++i) wk[i] = static_cast<acc_t>(wt[k * r + i]);
+          acc_t* du = dBk[k].push(wk.data());
+          R::specialist_grad_row(gcv.data(), uk, sk, s, gk, du, d);
+          R::gemv_n(Bt.data() + k * r * d, d, du, r, d, dwk.data());
+          for (int64_t i = 0; i < r; ++i) dwt[i] = static_cast<scalar_t>(dwk[i]);
+          if (dBk[k].full()) dBk[k].flush(dBt + k * r * d, dbb + k * d);
         }
       }
+      for (int64_t k = 0; k < K; ++k) dBk[k].flush(dBt + k * r * d, dbb + k * d);
     }
   });
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "hycam_math.h"
 
@@ -246,6 +247,30 @@ struct R<float> {
                                     const float* sgz, const float* spec, float* d_main, float* dz, float* gc,
                                     int64_t n, int64_t pl) {
     cam_backward_epilogue_f(go, h, a, z, sgz, spec, d_main, dz, gc, n, pl);
+  }
+};
+
+// Rank-n updates Y[i, :] += sum_q C[q, i] * X[q, :] (i < m) gathered over a block of up to `cap`
+// rows and applied by flush(), so each row of Y is read and written once per block instead of once
+// per token. Rows are applied in the order they were pushed: the result is deterministic.
+template <typename T>
+struct BlockedRankUpdate {
+  int64_t m, d, cap, n = 0;
+  std::vector<T> X, C, ones;
+  BlockedRankUpdate(int64_t m_, int64_t d_, int64_t cap_)
+      : m(m_), d(d_), cap(cap_), X(cap_ * d_), C(m_ * cap_), ones(cap_, T(1)) {}
+  // Takes the m coefficients of a new row; returns where the caller writes the row (d values).
+  T* push(const T* coef) {
+    for (int64_t i = 0; i < m; ++i) C[i * cap + n] = coef[i];
+    return X.data() + (n++) * d;
+  }
+  bool full() const { return n == cap; }
+  // Y [m, d] += C^T X; ysum [d] (optional) += sum of the rows.
+  void flush(T* Y, T* ysum) {
+    if (n == 0) return;
+    for (int64_t i = 0; i < m; ++i) R<T>::gemv_t(X.data(), d, C.data() + i * cap, n, Y + i * d, d);
+    if (ysum) R<T>::gemv_t(X.data(), d, ones.data(), n, ysum, d);
+    n = 0;
   }
 };
 

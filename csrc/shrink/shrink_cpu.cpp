@@ -78,6 +78,8 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
 
   at::parallel_for(0, chunks.n, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> xrow(d), dxrow(d), dwk(r), dp(r);
+    // dA_k += dp_k x^T, gathered per specialist over blocks of tokens
+    std::vector<rows::BlockedRankUpdate<acc_t>> dAk(K, rows::BlockedRankUpdate<acc_t>(r, d, 16));
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* dAc = dA_part.data() + c * nA;
       acc_t* dac = da_part.data() + c * KR;
@@ -100,14 +102,13 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
           }
           mix_rank_backward<scalar_t, acc_t>(Np + k * r * r, dwk.data(), dp.data(), r);
           rows::R<acc_t>::gemv_t(Aw.ptr + k * r * d, d, dp.data(), r, dxrow.data(), d);
-          for (int64_t i = 0; i < r; ++i) {
-            const int64_t o = k * r + i;
-            dac[o] += dp[i];
-            rows::R<acc_t>::axpy(dp[i], xrow.data(), dAc + o * d, d);
-          }
+          for (int64_t i = 0; i < r; ++i) dac[k * r + i] += dp[i];
+          std::copy(xrow.begin(), xrow.end(), dAk[k].push(dp.data()));
+          if (dAk[k].full()) dAk[k].flush(dAc + k * r * d, nullptr);
         }
         for (int64_t j = 0; j < d; ++j) dxp[t * d + j] = static_cast<scalar_t>(dxrow[j]);
       }
+      for (int64_t k = 0; k < K; ++k) dAk[k].flush(dAc + k * r * d, nullptr);
     }
   });
 
