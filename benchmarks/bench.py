@@ -23,7 +23,7 @@ import hycam_ext  # noqa: E402
 from hycam_ext import ops  # noqa: E402
 from hycam_ext.reference import reference_cam, reference_shrink  # noqa: E402
 
-from .harness import Timer  # noqa: E402, copy_bandwidth, device_name, matmul_rate, peak_memory_bytes
+from .harness import Timer, copy_bandwidth, device_name, matmul_rate, peak_memory_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -284,7 +284,7 @@ def main(argv=None):
     device = torch.device(args.device)
     dtypes = (args.dtypes or ("bf16" if args.device == "cuda" else "fp32")).split(",")
     impls = args.impls.split(",")
-    reps = args.reps or (50 if args.device == "cuda" else (5 if args.quick else 10))
+    reps = args.reps or (50 if args.device == "cuda" else 10)
     timer = Timer(device, warmup=3 if args.device == "cuda" else 1, reps=reps)
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{args.device}-{date}")
