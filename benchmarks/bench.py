@@ -237,29 +237,52 @@ def fmt_table(rows: List[dict]) -> str:
 
 
 def plot(rows: List[dict], path: str, title: str) -> Optional[str]:
+    """Left: speed-up of hycam_ext (fwd+bwd) vs T for the configurations measured at several T.
+    Right: the other configurations as bars (one bar per baseline)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     layer = [r for r in rows if r.get("kind") == "layer" and r.get("impl") == "hycam" and r.get("stage") == "fwd+bwd"]
     groups: Dict[tuple, list] = {}
     for r in layer:
         groups.setdefault((r["dtype"], r["d"], r["K"], r["r"]), []).append(r)
-    for (dt, d, K, rr), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["T"])
-        for base, style in (("reference", "-o"), ("compiled", "--s")):
+    multi = {k: sorted(v, key=lambda r: r["T"]) for k, v in groups.items() if len(v) > 1}
+    single = [r for k, v in sorted(groups.items()) if len(v) == 1 for r in v]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    ax = axes[0]
+    for (dt, d, K, rr), rs in sorted(multi.items()):
+        for base, style in (("reference", "-o"), ("compiled", "--s"), ("lora", ":^")):
             pts = [(r["T"], r[f"speedup_vs_{base}"]) for r in rs if r.get(f"speedup_vs_{base}")]
+            if base == "lora":  # speed-up vs LoRA is not stored per row: derive it from the table
+                lo = {(x["T"]): x["ms"] for x in rows if x.get("impl") == "lora" and x.get("stage") == "fwd+bwd"
+                      and (x["d"], x["K"], x["r"], x["dtype"]) == (d, K, rr, dt)}
+                pts = [(r["T"], lo[r["T"]] / r["ms"]) for r in rs if r["T"] in lo]
             if pts:
-                ax.plot(*zip(*pts), style, label=f"vs {base}: {dt} d={d} K={K} r={rr}")
+                ax.plot(*zip(*pts), style, label=f"vs {base} ({dt} d={d} K={K} r={rr})")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens T")
-    ax.set_ylabel("speed-up of hycam_ext (fwd+bwd)")
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("speed-up of hycam_ext, fwd+bwd (x)")
     ax.legend(fontsize=7)
+    ax = axes[1]
+    if single:
+        labels = [f"T={r['T']}\nd={r['d']} K={r['K']}\nr={r['r']}" for r in single]
+        xs = range(len(single))
+        width = 0.4
+        ax.bar([x - width / 2 for x in xs], [r.get("speedup_vs_reference", 0) for r in single], width,
+               label="vs reference (eager)")
+        ax.bar([x + width / 2 for x in xs], [r.get("speedup_vs_compiled", 0) for r in single], width,
+               label="vs torch.compile(reference)")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.legend(fontsize=7)
+    else:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -324,7 +347,8 @@ def main(argv=None):
         json.dump({"meta": meta, "ceilings": ceilings, "rows": rows}, f, indent=1)
     with open(os.path.join(out, "results.txt"), "w") as f:
         f.write(header + "\n" + table + "\n")
-    png = plot(rows, os.path.join(out, "speedup.png"), header[:120])
+    png = plot(rows, os.path.join(out, "speedup.png"),
+               f"hycam_ext speed-up | {meta['device']} | torch {meta['torch']} | {date} | {','.join(dtypes)}")
     print(f"\nwrote {out}/results.json, results.txt" + (f", {os.path.basename(png)}" if png else ""))
     return rows
 
