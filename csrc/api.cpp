@@ -125,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   check_arg(op, "p", p, {T, K, r}, &x, "x");
   check_arg(op, "A", A, {K, r, d}, &x, "x");
   check_arg(op, "N", N, {K, r, r}, &x, "x");
+  TORCH_CHECK_VALUE(K >= 1 && r >= 1, "hycam.shrink_backward: A must have K >= 1 and r >= 1, got ", shape_str(A));
   check_device_supported(op, x);
   auto a0 = dw.contiguous(), a1 = x.contiguous(), a2 = p.contiguous(), a3 = A.contiguous(), a4 = N.contiguous();
 #ifdef HYCAM_WITH_CUDA

@@ -281,10 +281,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   auto rows_sum = cuda::sum_partials(prow);  // [T, K, R1]
   auto cols_sum = cuda::sum_partials(pB);    // [K, d, R1]
-  auto dw = rows_sum.narrow(2, 0, r).to(w.scalar_type()).contiguous();
-  auto dg = rows_sum.select(2, r).to(g.scalar_type()).contiguous();
-  auto dB = cols_sum.narrow(2, 0, r).to(B.scalar_type()).contiguous();
-  auto db = cols_sum.select(2, r).to(B.scalar_type()).contiguous();
+  // every output its own tensor: .to()/.contiguous() may otherwise return views of one buffer
+  auto fresh = [](const at::Tensor& t, at::ScalarType st) {
+    return t.to(st, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+  };
+  auto dw = fresh(rows_sum.narrow(2, 0, r), w.scalar_type());
+  auto dg = fresh(rows_sum.select(2, r), g.scalar_type());
+  auto dB = fresh(cols_sum.narrow(2, 0, r), B.scalar_type());
+  auto db = fresh(cols_sum.select(2, r), B.scalar_type());
   return {d_main, dz, dg, dw, dB, db};
 }
 

@@ -19,7 +19,9 @@ constexpr int kTK = 32;        // reduction depth per shared-memory stage
 
 // C[m, n] = sum_q L(m, q) * R(q, n) for one [kTM, kTN] tile, L and R loaded through functors
 // that return 0 out of range. Thread (ty, tx) owns rows ty + 16 * a (a < 2), cols tx + 16 * c (c < 4).
-template <typename acc_t, typename LoadL, typename LoadR>
+// kRByQ: R is stored with q contiguous (R(q, n) = base[n * ld + q]): consecutive threads then load
+// consecutive q so that the global loads coalesce.
+template <typename acc_t, bool kRByQ = false, typename LoadL, typename LoadR>
 __device__ __forceinline__ void tile_gemm(int64_t m0, int64_t n0, int64_t q_begin, int64_t q_end, LoadL loadL,
                                           LoadR loadR, acc_t (&acc)[2][4]) {
   __shared__ acc_t Ls[kTM][kTK + 1];
@@ -31,7 +33,7 @@ __device__ __forceinline__ void tile_gemm(int64_t m0, int64_t n0, int64_t q_begi
       Ls[mm][qq] = (q0 + qq < q_end) ? loadL(m0 + mm, q0 + qq) : acc_t(0);
     }
     for (int e = threadIdx.x; e < kTK * kTN; e += kThreads) {
-      const int qq = e / kTN, nn = e % kTN;
+      const int qq = kRByQ ? e % kTK : e / kTN, nn = kRByQ ? e / kTK : e % kTN;
       Rs[qq][nn] = (q0 + qq < q_end) ? loadR(q0 + qq, n0 + nn) : acc_t(0);
     }
     __syncthreads();
@@ -56,7 +58,7 @@ __global__ void shrink_kernel(const scalar_t* __restrict__ x, const scalar_t* __
                               int64_t KR) {
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kTM), o0 = blockIdx.y * static_cast<int64_t>(kTN);
   acc_t acc[2][4] = {};
-  tile_gemm<acc_t>(
+  tile_gemm<acc_t, /*kRByQ=*/true>(
       t0, o0, 0, d,
       [&](int64_t t, int64_t j) { return t < T ? static_cast<acc_t>(x[t * d + j]) : acc_t(0); },
       [&](int64_t j, int64_t o) { return o < KR ? static_cast<acc_t>(A[o * d + j]) : acc_t(0); }, acc);
@@ -195,8 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   auto dx = at::empty_like(x);
   auto dp = at::empty({T, KR}, x.options().dtype(acc_type));
   const int64_t nO = cuda::ceil_div(KR, kTM), nJ = cuda::ceil_div(d, kTN);
-  const int64_t S = std::max<int64_t>(1, std::min<int64_t>({cuda::ceil_div(2 * cuda::num_sms(), nO * nJ), 32,
-                                                             cuda::ceil_div(T, kTK)}));
+  const int64_t S = std::max<int64_t>(1, std::min<int64_t>({cuda::ceil_div(2 * cuda::num_sms(),
+                                                                            std::max<int64_t>(1, nO * nJ)),
+                                                             32, cuda::ceil_div(T, kTK)}));
   const int64_t per_split = cuda::ceil_div(T, S);
   const int64_t nq = 2 * KR + K * r * r;
   auto pA = at::empty({S, KR, d}, x.options().dtype(acc_type));
@@ -207,22 +210,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
     dp_kernel<scalar_t, acc_t><<<grid_1d(T * KR), 256, 0, stream>>>(dw.data_ptr<scalar_t>(), N.data_ptr<scalar_t>(),
                                                                     dp.data_ptr<acc_t>(), T, K, r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dx_kernel<scalar_t, acc_t><<<dim3(cuda::ceil_div(T, kTM), nJ), kThreads, 0, stream>>>(
-        dp.data_ptr<acc_t>(), A.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), T, d, KR);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dA_kernel<scalar_t, acc_t><<<dim3(nO, nJ, S), kThreads, 0, stream>>>(
-        dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), pA.data_ptr<acc_t>(), T, d, KR, per_split);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (d > 0) {  // d == 0: dx and dA are empty (a grid dimension of 0 is invalid)
+      dx_kernel<scalar_t, acc_t><<<dim3(cuda::ceil_div(T, kTM), nJ), kThreads, 0, stream>>>(
+          dp.data_ptr<acc_t>(), A.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), T, d, KR);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dA_kernel<scalar_t, acc_t><<<dim3(nO, nJ, S), kThreads, 0, stream>>>(
+          dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), pA.data_ptr<acc_t>(), T, d, KR, per_split);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     small_reductions_kernel<scalar_t, acc_t><<<dim3(cuda::ceil_div(nq, 256), S), 256, 0, stream>>>(
         dp.data_ptr<acc_t>(), dw.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), pSmall.data_ptr<acc_t>(), T, K, r,
         per_split);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  auto dA = cuda::sum_partials(pA).view({K, r, d}).to(A.scalar_type());
+  // every output its own tensor: .to() of the same dtype would return views of one buffer
+  auto fresh = [](const at::Tensor& t, at::ScalarType st) {
+    return t.to(st, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+  };
+  auto dA = fresh(cuda::sum_partials(pA).view({K, r, d}), A.scalar_type());
   auto small = cuda::sum_partials(pSmall);
-  auto dAb = small.narrow(0, 0, KR).view({K, r}).to(A.scalar_type());
-  auto dN = small.narrow(0, KR, K * r * r).view({K, r, r}).to(N.scalar_type());
-  auto dNb = small.narrow(0, KR + K * r * r, KR).view({K, r}).to(N.scalar_type());
+  auto dAb = fresh(small.narrow(0, 0, KR).view({K, r}), A.scalar_type());
+  auto dN = fresh(small.narrow(0, KR, K * r * r).view({K, r, r}), N.scalar_type());
+  auto dNb = fresh(small.narrow(0, KR + K * r * r, KR).view({K, r}), N.scalar_type());
   return {dx, dA, dAb, dN, dNb};
 }
 
