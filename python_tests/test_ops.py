@@ -222,3 +222,17 @@ def test_mixed_devices_error():
 
 def test_cuda_flag_is_consistent():
     assert isinstance(ops.cuda_kernels_available(), bool)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shrink_zero_hidden_size(device):
+    """d == 0: w = N a + n (no x term); gradients for the biases and N still flow."""
+    x, A, Ab, N, Nb = shrink_inputs(T=5, d=0, K=2, r=3, device=device)
+    w = ops.shrink(x, A, Ab, N, Nb)
+    expect = shrink_oracle(x, A, Ab, N, Nb)
+    torch.testing.assert_close(w, expect)
+    go = torch.randn_like(w)
+    got = torch.autograd.grad(w, [Ab, N, Nb], go)
+    want = torch.autograd.grad(expect, [Ab, N, Nb], go)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
