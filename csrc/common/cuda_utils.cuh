@@ -1,4 +1,5 @@
-// Helpers of the CUDA kernels: launch checks, deterministic partial-sum reduction, warp sums.
+// Host-side helpers of the CUDA launchers: deterministic partial-sum reduction, shared-memory
+// opt-in, device properties. Device-side helpers: cuda_device.cuh.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,29 +9,10 @@
 
 #include <algorithm>
 
+#include "cuda_device.cuh"
+
 namespace hycam {
 namespace cuda {
-
-constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
-  return v;  // lane 0 holds the sum
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// out[q] = sum_{s < S} part[s * n + q], summed in order of s: deterministic, no atomics.
-template <typename acc_t>
-__global__ void sum_partials_kernel(const acc_t* __restrict__ part, int64_t S, int64_t n, acc_t* __restrict__ out) {
-  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < n; q += (int64_t)gridDim.x * blockDim.x) {
-    acc_t s = 0;
-    for (int64_t c = 0; c < S; ++c) s += part[c * n + q];
-    out[q] = s;
-  }
-}
 
 // Sum a partial buffer [S, n...] over its first dimension (deterministically) on the current stream.
 inline at::Tensor sum_partials(const at::Tensor& part) {

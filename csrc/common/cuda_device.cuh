@@ -1,0 +1,55 @@
+// Device-side helpers of the CUDA kernels and the qualifiers they are written with. The kernel
+// headers (csrc/*/*_kernels.cuh) include only this file and hycam_math.h, so that besides nvcc
+// they also compile with a plain C++ compiler under HYCAM_CUDA_EMULATION (cuda_emulation.h: one
+// host thread per CUDA thread), which python_tests/test_cuda_emulation.py uses to run every
+// kernel on machines without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#if defined(HYCAM_CUDA_EMULATION)
+#include "cuda_emulation.h"
+#define HYCAM_GLOBAL
+#define HYCAM_DEVICE inline
+#define HYCAM_SHARED static  // one block runs at a time: its threads share it
+#define HYCAM_DYNAMIC_SMEM(name) unsigned char* name = ::hycam_emu::block_smem()
+#else
+#define HYCAM_GLOBAL __global__
+#define HYCAM_DEVICE __device__ __forceinline__
+#define HYCAM_SHARED __shared__
+#define HYCAM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace hycam {
+namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename acc_t>
+HYCAM_DEVICE acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
+  return v;  // lane 0 holds the sum
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// out[q] = sum_{s < S} part[s * n + q], summed in order of s: deterministic, no atomics.
+template <typename acc_t>
+HYCAM_GLOBAL void sum_partials_kernel(const acc_t* __restrict__ part, int64_t S, int64_t n, acc_t* __restrict__ out) {
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < n; q += (int64_t)gridDim.x * blockDim.x) {
+    acc_t s = 0;
+    for (int64_t c = 0; c < S; ++c) s += part[c * n + q];
+    out[q] = s;
+  }
+}
+
+// Tokens per tile so that the staged per-token values fit in `budget` bytes.
+inline int64_t tile_for(int64_t per_token_bytes, int64_t budget, int64_t max_tile) {
+  int64_t t = budget / (per_token_bytes > 0 ? per_token_bytes : 1);
+  t = t < max_tile ? t : max_tile;
+  return t > 1 ? t : 1;
+}
+
+}  // namespace cuda
+}  // namespace hycam

@@ -1,0 +1,255 @@
+// Runs every CUDA kernel of csrc/ on the CPU (HYCAM_CUDA_EMULATION, see csrc/common/cuda_emulation.h)
+// with the launch configurations of the real launchers, and compares against a naive float64
+// computation of ../shared/KERNELS.md. Built and run by python_tests/test_cuda_emulation.py
+// (with AddressSanitizer/UBSan where available). Prints "failures: N" and exits non-zero on any.
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "cam/cam_kernels.cuh"
+#include "shrink/shrink_kernels.cuh"
+
+using namespace hycam;
+using hycam_emu::launch;
+
+static const int64_t kSMs = 132;  // an H100's count: the split logic sees a realistic value
+static int failures = 0;
+
+static uint64_t rng_state = 88172645463325252ull;
+static double urand() {  // uniform in [-1, 1)
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return (rng_state >> 11) * (1.0 / 9007199254740992.0) * 2.0 - 1.0;
+}
+
+template <class S>
+std::vector<S> rnd(int64_t n, double scale = 1.0) {
+  std::vector<S> v(n);
+  for (auto& x : v) x = S(urand() * scale);
+  return v;
+}
+template <class S>
+std::vector<S> poisoned(int64_t n) {  // outputs start as NaN: an element never written shows up
+  return std::vector<S>(n, S(NAN));
+}
+
+static double sil(double v) { return v / (1 + std::exp(-v)); }
+static double silg(double v) {
+  const double sg = 1 / (1 + std::exp(-v));
+  return sg * (1 + v * (1 - sg));
+}
+
+template <class S>
+void cmp(const char* what, const S* got, const std::vector<double>& ref, double rtol) {
+  double mx = 0, err = 0;
+  int64_t bad = -1;
+  for (double x : ref) mx = std::max(mx, std::fabs(x));
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double e = std::fabs(double(got[i]) - ref[i]);
+    if (!(e <= rtol * (1 + mx)) && bad < 0) bad = int64_t(i);
+    err = std::isnan(e) ? INFINITY : std::max(err, e);
+  }
+  if (bad >= 0) {
+    ++failures;
+    std::printf("   FAIL %-7s max err %.3g (max|ref| %.3g), first bad index %ld: got %g want %g\n", what, err, mx,
+                long(bad), double(got[bad]), ref[bad]);
+  }
+}
+
+template <class S>
+std::vector<S> sum_partials(const std::vector<S>& part, int64_t S_, int64_t n) {
+  std::vector<S> out(n, S(0));
+  launch(dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>(cuda::ceil_div(n, 256), 65535)))), dim3(256), 0,
+         [&] { cuda::sum_partials_kernel<S>(part.data(), S_, n, out.data()); });
+  return out;
+}
+
+template <class S>
+void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool has_a, bool has_b, bool hard) {
+  using namespace cam_kernels;
+  std::printf("cam    T=%ld d=%ld K=%ld r=%ld placement=%d a=%d b=%d hard=%d %s\n", long(T), long(d), long(K),
+              long(r), placement, has_a, has_b, hard, sizeof(S) == 4 ? "float" : "double");
+  const double scale = 0.7;
+  auto h = rnd<S>(T * d), a = rnd<S>(has_a ? T * d : 0), z = rnd<S>(T * d), w = rnd<S>(T * K * r);
+  auto B = rnd<S>(K * d * r, 0.5), b = rnd<S>(has_b ? K * d : 0), g = rnd<S>(T * K), go = rnd<S>(T * d);
+  const S* ap = has_a ? a.data() : nullptr;
+  const S* bp = has_b ? b.data() : nullptr;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k)
+      g[t * K + k] = hard ? S(k == (t * 7 + 3) % K ? 1.0 : 0.0) : S(0.5 + 0.5 * std::fabs(double(g[t * K + k])));
+  // float64 reference
+  std::vector<double> out(T * d), dm(T * d), dz(T * d), dg(T * K), dw(T * K * r, 0), dB(K * d * r, 0), db(K * d, 0);
+  std::vector<double> u(K * d), gc(d);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < d; ++j) {
+        double v = bp ? double(bp[k * d + j]) : 0;
+        for (int64_t i = 0; i < r; ++i) v += double(B[(k * d + j) * r + i]) * double(w[(t * K + k) * r + i]);
+        u[k * d + j] = v;
+      }
+    for (int64_t j = 0; j < d; ++j) {
+      double spec = 0;
+      for (int64_t k = 0; k < K; ++k)
+        if (double(g[t * K + k]) != 0) spec += double(g[t * K + k]) * sil(scale * u[k * d + j]);
+      const int64_t e = t * d + j;
+      const double c = 1 + sil(double(z[e])) + spec, hv = h[e], av = ap ? double(ap[e]) : 0, gov = go[e];
+      out[e] = placement == 0 ? (hv + av) * c : hv + av * c;
+      gc[j] = placement == 0 ? gov * (hv + av) : gov * av;
+      dm[e] = gov * c;
+      dz[e] = gc[j] * silg(double(z[e]));
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const double gk = g[t * K + k];
+      double sum = 0;
+      for (int64_t j = 0; j < d; ++j) sum += gc[j] * sil(scale * u[k * d + j]);
+      dg[t * K + k] = sum;
+      if (gk == 0) continue;
+      for (int64_t j = 0; j < d; ++j) {
+        const double du = gc[j] * gk * scale * silg(scale * u[k * d + j]);
+        db[k * d + j] += du;
+        for (int64_t i = 0; i < r; ++i) {
+          dw[(t * K + k) * r + i] += du * double(B[(k * d + j) * r + i]);
+          dB[(k * d + j) * r + i] += du * double(w[(t * K + k) * r + i]);
+        }
+      }
+    }
+  }
+  const double tol = sizeof(S) == 4 ? 2e-5 : 1e-11;
+  {  // forward, as cam_forward_cuda launches it
+    const auto cfg = cam_forward_config(T, d, K, r, sizeof(S));
+    auto o = poisoned<S>(T * d);
+    launch(cfg.grid, cfg.block, cfg.smem, [&] {
+      cam_forward_kernel<S, S>(h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r, S(scale),
+                               placement, cfg.tile);
+    });
+    cmp("out", o.data(), out, tol);
+  }
+  {  // backward, as cam_backward_cuda launches it
+    const int64_t R1 = r + 1;
+    const auto cfg = cam_backward_config(T, d, K, r, sizeof(S), kSMs);
+    auto d_main = poisoned<S>(T * d), dzg = poisoned<S>(T * d);
+    auto prow = poisoned<S>(cfg.nJ * T * K * R1), pB = poisoned<S>(cfg.S * K * d * R1);
+    launch(cfg.grid_rows, cfg.block_rows, cfg.smem_rows, [&] {
+      cam_backward_rows_kernel<S, S>(go.data(), h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(), d_main.data(),
+                                     dzg.data(), prow.data(), T, d, K, r, S(scale), placement, cfg.tile);
+    });
+    launch(cfg.grid_cols, cfg.block_cols, cfg.smem_cols, [&] {
+      cam_backward_cols_kernel<S, S>(go.data(), h.data(), ap, w.data(), B.data(), bp, g.data(), pB.data(), T, d, K, r,
+                                     S(scale), placement, cfg.per_split, cfg.col_tile);
+    });
+    const auto rs = sum_partials(prow, cfg.nJ, T * K * R1), cs = sum_partials(pB, cfg.S, K * d * R1);
+    std::vector<S> gdw(T * K * r), gdg(T * K), gdB(K * d * r), gdb(K * d);
+    for (int64_t q = 0; q < T * K; ++q) {
+      for (int64_t i = 0; i < r; ++i) gdw[q * r + i] = rs[q * R1 + i];
+      gdg[q] = rs[q * R1 + r];
+    }
+    for (int64_t q = 0; q < K * d; ++q) {
+      for (int64_t i = 0; i < r; ++i) gdB[q * r + i] = cs[q * R1 + i];
+      gdb[q] = cs[q * R1 + r];
+    }
+    cmp("d_main", d_main.data(), dm, tol);
+    cmp("dz", dzg.data(), dz, tol);
+    cmp("dg", gdg.data(), dg, tol);
+    cmp("dw", gdw.data(), dw, tol);
+    cmp("dB", gdB.data(), dB, tol);
+    cmp("db", gdb.data(), db, tol);
+  }
+}
+
+template <class S>
+void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
+  using namespace shrink_kernels;
+  std::printf("shrink T=%ld d=%ld K=%ld r=%ld bias=%d %s\n", long(T), long(d), long(K), long(r), bias,
+              sizeof(S) == 4 ? "float" : "double");
+  const int64_t KR = K * r;
+  auto x = rnd<S>(T * d), A = rnd<S>(KR * d), ab = rnd<S>(bias ? KR : 0), N = rnd<S>(K * r * r);
+  auto nb = rnd<S>(bias ? KR : 0), dw = rnd<S>(T * KR);
+  const S* abp = bias ? ab.data() : nullptr;
+  const S* nbp = bias ? nb.data() : nullptr;
+  std::vector<double> p(T * KR), w(T * KR);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t o = 0; o < KR; ++o) {
+      double v = abp ? double(abp[o]) : 0;
+      for (int64_t j = 0; j < d; ++j) v += double(x[t * d + j]) * double(A[o * d + j]);
+      p[t * KR + o] = v;
+    }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < r; ++i) {
+        double v = nbp ? double(nbp[k * r + i]) : 0;
+        for (int64_t m = 0; m < r; ++m) v += double(N[(k * r + i) * r + m]) * double(S(p[t * KR + k * r + m]));
+        w[t * KR + k * r + i] = v;
+      }
+  const double tol = sizeof(S) == 4 ? 2e-5 : 1e-11;
+  auto pg = poisoned<S>(T * KR), wg = poisoned<S>(T * KR);
+  launch(dim3(unsigned(cuda::ceil_div(T, kTM)), unsigned(cuda::ceil_div(KR, kTN))), dim3(kThreads), 0,
+         [&] { shrink_kernel<S, S>(x.data(), A.data(), abp, pg.data(), T, d, KR); });
+  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+         [&] { mix_kernel<S, S>(pg.data(), N.data(), nbp, wg.data(), T, K, r); });
+  cmp("p", pg.data(), p, tol);
+  cmp("w", wg.data(), w, tol);
+  // backward reference (p as stored, like the op)
+  std::vector<double> dp(T * KR), dx(T * d, 0), dA(KR * d, 0), da(KR, 0), dN(K * r * r, 0), dn(KR, 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t m = 0; m < r; ++m) {
+        double v = 0;
+        for (int64_t i = 0; i < r; ++i) v += double(N[(k * r + i) * r + m]) * double(dw[t * KR + k * r + i]);
+        dp[t * KR + k * r + m] = v;
+      }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t o = 0; o < KR; ++o) {
+      da[o] += dp[t * KR + o];
+      dn[o] += double(dw[t * KR + o]);
+      for (int64_t j = 0; j < d; ++j) {
+        dx[t * d + j] += dp[t * KR + o] * double(A[o * d + j]);
+        dA[o * d + j] += dp[t * KR + o] * double(x[t * d + j]);
+      }
+      const int64_t k = o / r, i = o % r;
+      for (int64_t m = 0; m < r; ++m) dN[(k * r + i) * r + m] += double(dw[t * KR + o]) * double(pg[t * KR + k * r + m]);
+    }
+  const auto cfg = shrink_backward_config(T, d, K, r, kSMs);
+  auto dpg = poisoned<S>(T * KR), pA = poisoned<S>(cfg.S * KR * d), pS = poisoned<S>(cfg.S * cfg.nq);
+  auto dxg = poisoned<S>(T * d);
+  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+         [&] { dp_kernel<S, S>(dw.data(), N.data(), dpg.data(), T, K, r); });
+  if (d > 0) {
+    launch(dim3(unsigned(cuda::ceil_div(T, kTM)), unsigned(cfg.nJ)), dim3(kThreads), 0,
+           [&] { dx_kernel<S, S>(dpg.data(), A.data(), dxg.data(), T, d, KR); });
+    launch(dim3(unsigned(cfg.nO), unsigned(cfg.nJ), unsigned(cfg.S)), dim3(kThreads), 0,
+           [&] { dA_kernel<S, S>(dpg.data(), x.data(), pA.data(), T, d, KR, cfg.per_split); });
+  }
+  launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S)), dim3(256), 0, [&] {
+    small_reductions_kernel<S, S>(dpg.data(), dw.data(), pg.data(), pS.data(), T, K, r, cfg.per_split);
+  });
+  const auto sA = sum_partials(pA, cfg.S, KR * d), sS = sum_partials(pS, cfg.S, cfg.nq);
+  cmp("dx", dxg.data(), dx, tol);
+  cmp("dA", sA.data(), dA, tol);
+  cmp("da", sS.data(), da, tol);
+  cmp("dN", sS.data() + KR, dN, tol);
+  cmp("dn", sS.data() + KR + K * r * r, dn, tol);
+}
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  // odd sizes, partial tiles, hard and soft routing, both placements, with and without biases
+  test_cam<float>(37, 1100, 3, 5, 0, true, true, false);
+  test_cam<float>(37, 1100, 3, 5, 1, true, false, true);
+  test_cam<double>(9, 1025, 2, 3, 1, true, true, false);
+  test_cam<float>(1, 1, 1, 1, 0, false, false, false);
+  test_cam<float>(3, 33, 1, 1, 1, true, true, true);
+  test_cam<double>(3, 130, 8, 64, 1, true, true, true);  // large K*r: smallest tiles
+  test_shrink<float>(37, 100, 3, 5, true);
+  test_shrink<float>(1, 1, 1, 1, false);
+  test_shrink<float>(100, 257, 4, 16, true);
+  test_shrink<float>(5, 0, 2, 3, true);  // d == 0
+  if (!quick) {
+    test_cam<float>(37, 1100, 3, 5, 0, false, true, true);
+    test_cam<float>(5, 300, 8, 64, 0, true, true, false);
+    test_cam<float>(70, 129, 4, 16, 0, true, true, true);
+    test_shrink<double>(65, 70, 8, 64, true);
+  }
+  std::printf("failures: %d\n", failures);
+  return failures != 0;
+}
