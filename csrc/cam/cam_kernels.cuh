@@ -79,27 +79,18 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
 
   for (int64_t tt = 0; tt < nt; ++tt) {
     const int64_t t = t0 + tt;
-    acc_t gcv[kChanPerThread];
+    // gc = dL/dc does not depend on the specialists: one pass over k then serves spec (for
+    // d_main), dg and dw, expanding each specialist once per channel
+    acc_t gov[kChanPerThread], gcv[kChanPerThread], spec[kChanPerThread];
 #pragma unroll
     for (int c = 0; c < kChanPerThread; ++c) {
       const int64_t j = jbase + static_cast<int64_t>(c) * blockDim.x;
-      gcv[c] = 0;
+      gov[c] = gcv[c] = spec[c] = 0;
       if (j < d) {
-        acc_t spec = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t gk = gs[tt * K + k];
-          if (gk == acc_t(0)) continue;
-          const acc_t bias = b ? static_cast<acc_t>(b[k * d + j]) : acc_t(0);
-          spec += gk * silu(s * expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + (tt * K + k) * r,
-                                                                 bias, r));
-        }
         const int64_t e = idx_td(t, j, d);
-        const acc_t zv = static_cast<acc_t>(z[e]);
-        const acc_t gov = static_cast<acc_t>(go[e]);
         const acc_t av = a ? static_cast<acc_t>(a[e]) : acc_t(0);
-        gcv[c] = gate_grad(placement, gov, static_cast<acc_t>(h_in[e]), av);
-        d_main[e] = static_cast<scalar_t>(gov * cam_value(zv, spec));
-        dz[e] = static_cast<scalar_t>(gcv[c] * silu_grad(zv));
+        gov[c] = static_cast<acc_t>(go[e]);
+        gcv[c] = gate_grad(placement, gov[c], static_cast<acc_t>(h_in[e]), av);
       }
     }
     for (int64_t k = 0; k < K; ++k) {
@@ -112,9 +103,15 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
         duv[c] = 0;
         if (j < d) {
           const acc_t bias = b ? static_cast<acc_t>(b[k * d + j]) : acc_t(0);
-          const acc_t u = expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + (tt * K + k) * r, bias, r);
-          pdg += gcv[c] * silu(s * u);
-          if (gk != acc_t(0)) duv[c] = specialist_grad(gcv[c], gk, s, u);
+          const acc_t v = s * expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + (tt * K + k) * r,
+                                                               bias, r);
+          const acc_t sg = sigmoid(v);
+          const acc_t ek = silu_from_sigmoid(v, sg);
+          pdg += gcv[c] * ek;
+          if (gk != acc_t(0)) {  // hard routing: only the routed specialist
+            spec[c] += gk * ek;
+            duv[c] = gcv[c] * gk * s * silu_grad_from_sigmoid(v, sg);
+          }
         }
       }
       acc_t* slot = red + ((static_cast<int64_t>(warp) * tile + tt) * K + k) * R1;
@@ -131,6 +128,16 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
           v = cuda::warp_sum(v);
         }
         if (lane == 0) slot[i] = v;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kChanPerThread; ++c) {
+      const int64_t j = jbase + static_cast<int64_t>(c) * blockDim.x;
+      if (j < d) {
+        const int64_t e = idx_td(t, j, d);
+        const acc_t zv = static_cast<acc_t>(z[e]), sz = sigmoid(zv);
+        d_main[e] = static_cast<scalar_t>(gov[c] * (acc_t(1) + silu_from_sigmoid(zv, sz) + spec[c]));
+        dz[e] = static_cast<scalar_t>(gcv[c] * silu_grad_from_sigmoid(zv, sz));
       }
     }
   }

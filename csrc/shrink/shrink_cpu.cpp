@@ -77,7 +77,7 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
       dn_part(chunks.n * KR, 0);
 
   at::parallel_for(0, chunks.n, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> xrow(d), dxrow(d), dwk(r), dp(r);
+    std::vector<acc_t> dxrow(d), dwk(r), dp(r);
     // dA_k += dp_k x^T, gathered per specialist over blocks of tokens
     std::vector<rows::BlockedRankUpdate<acc_t>> dAk(K, rows::BlockedRankUpdate<acc_t>(r, d, 16));
     for (int64_t c = c0; c < c1; ++c) {
@@ -86,7 +86,6 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
       acc_t* dNc = dN_part.data() + c * nN;
       acc_t* dnc = dn_part.data() + c * KR;
       for (int64_t t = chunks.begin(c); t < chunks.end(c); ++t) {
-        cpu::widen_row(xp + t * d, xrow.data(), d);
         std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
         for (int64_t k = 0; k < K; ++k) {
           bool any = false;
@@ -103,7 +102,7 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
           mix_rank_backward<scalar_t, acc_t>(Np + k * r * r, dwk.data(), dp.data(), r);
           rows::R<acc_t>::gemv_t(Aw.ptr + k * r * d, d, dp.data(), r, dxrow.data(), d);
           for (int64_t i = 0; i < r; ++i) dac[k * r + i] += dp[i];
-          std::copy(xrow.begin(), xrow.end(), dAk[k].push(dp.data()));
+          cpu::widen_row(xp + t * d, dAk[k].push(dp.data()), d);  // the x row, straight into the block
           if (dAk[k].full()) dAk[k].flush(dAc + k * r * d, nullptr);
         }
         for (int64_t j = 0; j < d; ++j) dxp[t * d + j] = static_cast<scalar_t>(dxrow[j]);
