@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <barrier>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -29,14 +30,18 @@ using std::min;
 namespace hycam_emu {
 struct Block {
   unsigned char* smem = nullptr;
-  std::barrier<>* bar = nullptr;
+  std::unique_ptr<std::barrier<>> bar;
   std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
   std::vector<double> lane_val;
+  std::vector<uintptr_t> lane_ptr;
 };
 inline Block g_block;
 inline unsigned char* block_smem() { return g_block.smem; }
 
-// Runs f() as the kernel body for every thread of every block of the grid.
+// Runs f() as the kernel body for every thread of every block of the grid, one block at a time
+// (x fastest, then y, then z). The block's threads are created once and reused for every block;
+// each block gets fresh barriers (a thread that returns early drops out of its block's barriers
+// only) and a fresh NaN-filled dynamic shared memory buffer.
 template <class F>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, F f) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::runtime_error("invalid configuration argument: zero grid");
@@ -44,31 +49,43 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F f) {
   if (block.x == 0 || block.x > 1024 || block.x % 32) throw std::runtime_error("block size must be a multiple of 32");
   gridDim = grid;
   blockDim = block;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        const size_t n = smem_bytes ? smem_bytes : 1;
-        g_block.smem = static_cast<unsigned char*>(std::malloc(n));
-        std::memset(g_block.smem, 0xFF, n);  // NaN pattern
-        std::barrier<> bar(block.x);
-        g_block.bar = &bar;
-        g_block.warp_bar.clear();
-        for (unsigned w = 0; w < block.x / 32; ++w) g_block.warp_bar.emplace_back(new std::barrier<>(32));
-        g_block.lane_val.assign(block.x, 0.0);
-        std::vector<std::thread> threads;
-        threads.reserve(block.x);
-        for (unsigned t = 0; t < block.x; ++t)
-          threads.emplace_back([&, t] {
-            threadIdx = dim3(t, 0, 0);
-            blockIdx = dim3(bx, by, bz);
-            f();
-            g_block.bar->arrive_and_drop();  // a finished thread no longer holds back barriers
-            g_block.warp_bar[t >> 5]->arrive_and_drop();
-          });
-        for (auto& th : threads) th.join();
-        std::free(g_block.smem);
-        g_block.smem = nullptr;
+  const unsigned nt = block.x;
+  const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  const size_t n = smem_bytes ? smem_bytes : 1;
+  auto setup = [&] {
+    g_block.smem = static_cast<unsigned char*>(std::malloc(n));
+    std::memset(g_block.smem, 0xFF, n);  // NaN pattern
+    g_block.bar = std::make_unique<std::barrier<>>(nt);
+    g_block.warp_bar.clear();
+    for (unsigned w = 0; w < nt / 32; ++w) g_block.warp_bar.emplace_back(new std::barrier<>(32));
+    g_block.lane_val.assign(nt, 0.0);
+    g_block.lane_ptr.assign(nt, 0);
+  };
+  auto teardown = [&] {
+    std::free(g_block.smem);
+    g_block.smem = nullptr;
+  };
+  std::barrier<> pool(nt);  // between blocks; never dropped
+  setup();
+  std::vector<std::thread> threads;
+  threads.reserve(nt);
+  for (unsigned t = 0; t < nt; ++t)
+    threads.emplace_back([&, t] {
+      threadIdx = dim3(t, 0, 0);
+      for (uint64_t b = 0; b < nblocks; ++b) {
+        blockIdx = dim3(unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y)));
+        f();
+        g_block.bar->arrive_and_drop();  // a finished thread no longer holds back barriers
+        g_block.warp_bar[t >> 5]->arrive_and_drop();
+        pool.arrive_and_wait();  // every thread is done with block b
+        if (t == 0) {
+          teardown();
+          if (b + 1 < nblocks) setup();
+        }
+        pool.arrive_and_wait();  // block b + 1 is set up
       }
+    });
+  for (auto& th : threads) th.join();
 }
 }  // namespace hycam_emu
 
@@ -85,3 +102,59 @@ T __shfl_down_sync(unsigned mask, T v, int off) {
   b.warp_bar[warp]->arrive_and_wait();
   return r;
 }
+
+namespace hycam_emu {
+inline void fail(const char* what) {
+  std::fprintf(stderr, "emulated CUDA error: %s\n", what);
+  std::abort();
+}
+// A warp barrier: every lane of the calling warp must arrive (warp-collective operations).
+inline void warp_sync() { g_block.warp_bar[threadIdx.x >> 5]->arrive_and_wait(); }
+// Aborts unless all 32 lanes of the warp pass the same value (warp-collective arguments).
+inline void warp_uniform(uintptr_t v, const char* what) {
+  auto& b = g_block;
+  const unsigned warp = threadIdx.x >> 5;
+  b.lane_ptr[threadIdx.x] = v;
+  warp_sync();
+  const bool same = b.lane_ptr[warp * 32] == v;
+  warp_sync();
+  if (!same) fail(what);
+}
+}  // namespace hycam_emu
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) std::abort();
+  hycam_emu::warp_sync();
+}
+
+// cuda_fp16.h / cuda_bf16.h storage types and the explicit conversions the kernels use (torch
+// builds CUDA with implicit half/bfloat16 conversions disabled, so the kernels never rely on them).
+struct __half {
+  _Float16 v;
+  __half() = default;
+  explicit __half(float f) : v(static_cast<_Float16>(f)) {}
+  explicit operator float() const { return static_cast<float>(v); }
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() = default;
+  explicit __nv_bfloat16(float f) {  // round to nearest even, NaN stays NaN
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      bits = static_cast<uint16_t>((u >> 16) | 0x40u);
+    } else {
+      bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+  explicit operator float() const {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+inline float __half2float(__half h) { return static_cast<float>(h); }
+inline __half __float2half_rn(float f) { return __half(f); }
+inline float __bfloat162float(__nv_bfloat16 h) { return static_cast<float>(h); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
