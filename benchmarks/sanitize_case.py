@@ -11,7 +11,8 @@ def main():
     torch.manual_seed(0)
     dev = "cuda"
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for (T, d, K, r) in ((7, 17, 3, 5), (1, 33, 1, 1), (0, 17, 2, 4), (133, 1031, 4, 16), (40, 260, 8, 64)):
+        for (T, d, K, r) in ((7, 17, 3, 5), (1, 33, 1, 1), (0, 17, 2, 4), (133, 1031, 4, 16), (40, 260, 8, 64),
+                             (70, 264, 4, 16)):  # d % 8 == 0: the tensor-core kernels stage with 16-byte copies
             for placement in ("residual", "attention"):
                 for hard in (True, False):
                     cfg = hycam_ext.HyCAMConfig(hidden_size=d, num_specialists=K, rank=r, hard=hard,

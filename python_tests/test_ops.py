@@ -135,6 +135,31 @@ def test_shrink_dtype_tolerance(device, dtype):
         assert _err(ours, exact) <= 2 * _err(shrink_oracle(*low), exact) + 1e-7
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+@pytest.mark.parametrize("T,d,K,r", [(130, 264, 4, 16), (37, 100, 3, 5), (66, 136, 8, 16)])
+def test_shrink_half_forward_backward_both_cuda_paths(monkeypatch, dtype, tensor_cores, T, d, K, r):
+    """The tensor-core kernels (HYCAM_TENSOR_CORES=1, sm_80+) and the CUDA-core ones (=0) for
+    half types, forward and every gradient, by the SPEC dtype rule; d=100 stages operands element
+    by element, d=264 with 16-byte copies, K*r=128 spans two tiles."""
+    monkeypatch.setenv("HYCAM_TENSOR_CORES", tensor_cores)
+    args64 = shrink_inputs(T=T, d=d, K=K, r=r, device="cuda", rg=True)
+    low = [t.detach().to(dtype).requires_grad_() for t in args64]
+    base = [t.detach().to(dtype).requires_grad_() for t in args64]
+    go64 = torch.randn(T, K, r, dtype=torch.float64, device="cuda")
+    exact = shrink_oracle(*args64)
+    ours = ops.shrink(*low)
+    baseline = shrink_oracle(*base)
+    assert _err(ours, exact) <= 2 * _err(baseline, exact) + 1e-7
+    g_exact = torch.autograd.grad(exact, args64, go64)
+    g_ours = torch.autograd.grad(ours, low, go64.to(dtype))
+    g_base = torch.autograd.grad(baseline, base, go64.to(dtype))
+    for name, o, b, e in zip(["x", "A", "A_bias", "N", "N_bias"], g_ours, g_base, g_exact):
+        assert o.dtype == dtype
+        assert _err(o, e) <= 2 * _err(b, e) + 1e-7, name
+
+
 # ------------------------------------------------------------------------------ shapes, layouts
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_tokens(device):

@@ -1,9 +1,16 @@
 // Grouped specialist GEMMs on CUDA, twin of shrink_cpu.cpp. All K specialists are one
 // [K*r, d] weight, so the shrink reads x once as a shared-memory tiled GEMM; the backward's
 // reductions over tokens write per-split partials summed in a fixed order (no atomics).
+// half/bfloat16 on sm_80+ use the tensor-core kernels (*_tc_kernel) for the three [T, d] GEMMs
+// (x -> p, dp -> dx, dp -> dA); float/double, older GPUs and HYCAM_TENSOR_CORES=0 use the
+// CUDA-core tiles.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 
 #include "../common/cuda_utils.cuh"
 #include "../kernels.h"
@@ -12,6 +19,75 @@
 namespace hycam {
 
 using namespace shrink_kernels;
+
+namespace {
+
+// The wmma element type of a torch dtype (void: no tensor-core path).
+template <typename S>
+struct MmaType {
+  using type = void;
+};
+template <>
+struct MmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct MmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Read on every call (cheap), so that tests can compare both paths in one process.
+bool tensor_cores_enabled() {
+  const char* v = std::getenv("HYCAM_TENSOR_CORES");
+  if (v != nullptr && std::string(v) == "0") return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+template <typename S>
+bool use_tensor_cores() {
+  return !std::is_void_v<typename MmaType<S>::type> && tensor_cores_enabled();
+}
+
+template <typename M, typename S>
+Operand<M> operand(const S* p, int64_t ld) {
+  return make_operand(reinterpret_cast<const M*>(p), ld);
+}
+
+// Tensor-core launches, templates of the torch dtype S so that `if constexpr` drops them for
+// float/double (only reached when use_tensor_cores<S>()).
+template <typename S>
+void launch_shrink_tc(const S* x, const S* A, const S* ab, S* p, int64_t T, int64_t d, int64_t KR,
+                      cudaStream_t stream) {
+  using M = typename MmaType<S>::type;
+  if constexpr (!std::is_void_v<M>) {
+    const dim3 grid(cuda::ceil_div(T, kMM), cuda::ceil_div(KR, kMN));
+    shrink_tc_kernel<M><<<grid, kMThreads, 0, stream>>>(operand<M>(x, d), operand<M>(A, d),
+                                                        reinterpret_cast<const M*>(ab), reinterpret_cast<M*>(p), T,
+                                                        d, KR);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "hycam: no tensor-core shrink for this dtype");
+  }
+}
+
+template <typename S>
+void launch_shrink_backward_tc(const S* dp_lo, const S* x, const S* A, S* dx, float* pA, int64_t T, int64_t d,
+                               int64_t KR, const ShrinkBackwardConfig& cfg, cudaStream_t stream) {
+  using M = typename MmaType<S>::type;
+  if constexpr (!std::is_void_v<M>) {
+    const auto dpo = operand<M>(dp_lo, KR);
+    dx_tc_kernel<M><<<dim3(cuda::ceil_div(T, kMM), cfg.nJ), kMThreads, 0, stream>>>(
+        dpo, operand<M>(A, d), reinterpret_cast<M*>(dx), T, d, KR);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dA_tc_kernel<M><<<dim3(cfg.nO, cfg.nJ, cfg.S), kMThreads, 0, stream>>>(dpo, operand<M>(x, d), pA, T, d, KR,
+                                                                          cfg.per_split);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "hycam: no tensor-core shrink backward for this dtype");
+  }
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
                                                const at::Tensor& N, const OptTensor& N_bias) {
@@ -25,10 +101,15 @@ std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Te
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ab = (A_bias.has_value() && A_bias->defined()) ? A_bias->data_ptr<scalar_t>() : nullptr;
     const scalar_t* nb = (N_bias.has_value() && N_bias->defined()) ? N_bias->data_ptr<scalar_t>() : nullptr;
-    const dim3 grid(cuda::ceil_div(T, kTM), cuda::ceil_div(KR, kTN));
-    shrink_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), ab,
-                                                                  p.data_ptr<scalar_t>(), T, d, KR);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (use_tensor_cores<scalar_t>()) {
+      launch_shrink_tc<scalar_t>(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), ab, p.data_ptr<scalar_t>(), T, d, KR,
+                                 stream);
+    } else {
+      const dim3 grid(cuda::ceil_div(T, kTM), cuda::ceil_div(KR, kTN));
+      shrink_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+                                                                    ab, p.data_ptr<scalar_t>(), T, d, KR);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     mix_kernel<scalar_t, acc_t><<<grid_1d(T * KR), 256, 0, stream>>>(p.data_ptr<scalar_t>(), N.data_ptr<scalar_t>(),
                                                                      nb, w.data_ptr<scalar_t>(), T, K, r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -47,23 +128,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto dx = at::empty_like(x);
   auto dp = at::empty({T, KR}, x.options().dtype(acc_type));
-  const auto cfg = shrink_backward_config(T, d, K, r, cuda::num_sms());
+  bool tc = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_backward_cuda",
+                                  [&] { tc = use_tensor_cores<scalar_t>(); });
+  const auto cfg = shrink_backward_config(T, d, K, r, cuda::num_sms(), tc);
   const int64_t nO = cfg.nO, nJ = cfg.nJ, S = cfg.S, per_split = cfg.per_split, nq = cfg.nq;
   auto pA = at::empty({S, KR, d}, x.options().dtype(acc_type));
   auto pSmall = at::empty({S, nq}, x.options().dtype(acc_type));
+  auto dp_lo = tc ? at::empty({T, KR}, x.options()) : at::Tensor();  // dp rounded for the tensor cores
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dp_kernel<scalar_t, acc_t><<<grid_1d(T * KR), 256, 0, stream>>>(dw.data_ptr<scalar_t>(), N.data_ptr<scalar_t>(),
-                                                                    dp.data_ptr<acc_t>(), T, K, r);
+    dp_kernel<scalar_t, acc_t><<<grid_1d(T * KR), 256, 0, stream>>>(
+        dw.data_ptr<scalar_t>(), N.data_ptr<scalar_t>(), dp.data_ptr<acc_t>(),
+        tc ? dp_lo.data_ptr<scalar_t>() : nullptr, T, K, r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (d > 0) {  // d == 0: dx and dA are empty (a grid dimension of 0 is invalid)
-      dx_kernel<scalar_t, acc_t><<<dim3(cuda::ceil_div(T, kTM), nJ), kThreads, 0, stream>>>(
-          dp.data_ptr<acc_t>(), A.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), T, d, KR);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dA_kernel<scalar_t, acc_t><<<dim3(nO, nJ, S), kThreads, 0, stream>>>(
-          dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), pA.data_ptr<acc_t>(), T, d, KR, per_split);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (tc) {
+        launch_shrink_backward_tc<scalar_t>(dp_lo.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                            A.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pA.data_ptr<float>(), T,
+                                            d, KR, cfg, stream);
+      } else {
+        dx_kernel<scalar_t, acc_t><<<dim3(cuda::ceil_div(T, kTM), nJ), kThreads, 0, stream>>>(
+            dp.data_ptr<acc_t>(), A.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), T, d, KR);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dA_kernel<scalar_t, acc_t><<<dim3(nO, nJ, S), kThreads, 0, stream>>>(
+            dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), pA.data_ptr<acc_t>(), T, d, KR, per_split);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
     small_reductions_kernel<scalar_t, acc_t><<<dim3(cuda::ceil_div(nq, 256), S), 256, 0, stream>>>(
         dp.data_ptr<acc_t>(), dw.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), pSmall.data_ptr<acc_t>(), T, K, r,

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "../common/cuda_device.cuh"
+#include "../common/cuda_mma.cuh"
 #include "../common/hycam_math.h"
 
 namespace hycam {
@@ -83,10 +84,11 @@ HYCAM_GLOBAL void mix_kernel(const scalar_t* __restrict__ p, const scalar_t* __r
   }
 }
 
-// dp[t, k, :] = N_k^T dw[t, k, :]   (acc_t)
+// dp[t, k, :] = N_k^T dw[t, k, :]   (acc_t; dp_lo, if given, gets it rounded to scalar_t for the
+// tensor-core kernels, as the reference rounds its matmul outputs)
 template <typename scalar_t, typename acc_t>
 HYCAM_GLOBAL void dp_kernel(const scalar_t* __restrict__ dw, const scalar_t* __restrict__ N, acc_t* __restrict__ dp,
-                          int64_t T, int64_t K, int64_t r) {
+                          scalar_t* __restrict__ dp_lo, int64_t T, int64_t K, int64_t r) {
   const int64_t n = T * K * r;
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -94,6 +96,7 @@ HYCAM_GLOBAL void dp_kernel(const scalar_t* __restrict__ dw, const scalar_t* __r
     acc_t v = 0;
     for (int64_t i = 0; i < r; ++i) v += static_cast<acc_t>(N[(k * r + i) * r + m]) * static_cast<acc_t>(dw[tk * r + i]);
     dp[q] = v;
+    if (dp_lo) dp_lo[q] = static_cast<scalar_t>(v);
   }
 }
 
@@ -156,6 +159,158 @@ HYCAM_GLOBAL void small_reductions_kernel(const acc_t* __restrict__ dp, const sc
   part[split * nq + q] = v;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core versions of shrink_kernel, dx_kernel and dA_kernel for half and bfloat16 (float
+// accumulation). A block of 4 warps computes a [kMM, kMN] float tile of C[m, n] = sum_q L(m, q)
+// R(q, n); each warp owns 32 x 32 of it as 2 x 2 wmma tiles. Operands are staged in shared memory
+// with 16-byte copies where the global rows allow it (row length a multiple of 8 elements and a
+// 16-byte aligned base), element by element with zero fill at the edges otherwise.
+constexpr int kMThreads = 128;
+constexpr int kMM = 64, kMN = 64, kMK = 32;
+constexpr int kPad = 8;  // keeps every wmma tile pointer 32-byte aligned and spreads banks
+
+// Copy the [R, C] window at (r0, c0) of a row-major global matrix (row stride ld, valid while
+// row < r_end and col < c_end) into s (row stride C + kPad), zero outside.
+template <int R, int C, typename T>
+HYCAM_DEVICE void load_window(T* s, const T* __restrict__ g, int64_t ld, int64_t r0, int64_t r_end, int64_t c0,
+                              int64_t c_end, bool vec) {
+  constexpr int kChunks = R * C / 8;
+  for (int e = threadIdx.x; e < kChunks; e += kMThreads) {
+    const int rr = e / (C / 8), cc = (e % (C / 8)) * 8;
+    const int64_t row = r0 + rr, col = c0 + cc;
+    T* dst = s + rr * (C + kPad) + cc;
+    if (vec && row < r_end && col + 8 <= c_end) {
+      mma::copy16(dst, g + row * ld + col);
+    } else {
+      for (int u = 0; u < 8; ++u) {
+        if (row < r_end && col + u < c_end) {
+          dst[u] = g[row * ld + col + u];
+        } else {
+          mma::from_float(0.f, dst[u]);
+        }
+      }
+    }
+  }
+}
+
+// Global operand of tc_gemm: element (row, col) at p[row * ld + col].
+template <typename T>
+struct Operand {
+  const T* p;
+  int64_t ld;
+  bool vec;  // 16-byte copies allowed
+};
+
+// Host side: 16-byte copies need rows of a multiple of 8 elements and a 16-byte aligned base.
+template <typename T>
+inline Operand<T> make_operand(const T* p, int64_t ld) {
+  return Operand<T>{p, ld, ld % 8 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0};
+}
+
+// kLmq: L is stored [m][q] in global memory (else [q][m]); kRnq: R is stored [n][q] (else [q][n]).
+// m < m_end, n < n_end, q in [q_begin, q_end). Returns the block's [kMM][kMN + 4] float tile in
+// shared memory, readable by all threads on return.
+template <bool kLmq, bool kRnq, typename T>
+HYCAM_DEVICE const float* tc_gemm(Operand<T> L, Operand<T> R, int64_t m0, int64_t m_end, int64_t n0, int64_t n_end,
+                                  int64_t q_begin, int64_t q_end) {
+  constexpr int kLS = kLmq ? kMK + kPad : kMM + kPad;  // row stride of the staged L
+  constexpr int kRS = kRnq ? kMK + kPad : kMN + kPad;
+  constexpr int kCS = kMN + 4;
+  struct alignas(32) Smem {
+    T L[kLmq ? kMM * kLS : kMK * kLS];
+    T R[kRnq ? kMN * kRS : kMK * kRS];
+    float C[kMM * kCS];
+  };
+  HYCAM_SHARED Smem sm;
+  const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+  mma::FragC acc[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) mma::zero(acc[i][j]);
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += kMK) {
+    if (kLmq) {
+      load_window<kMM, kMK>(sm.L, L.p, L.ld, m0, m_end, q0, q_end, L.vec);
+    } else {
+      load_window<kMK, kMM>(sm.L, L.p, L.ld, q0, q_end, m0, m_end, L.vec);
+    }
+    if (kRnq) {
+      load_window<kMN, kMK>(sm.R, R.p, R.ld, n0, n_end, q0, q_end, R.vec);
+    } else {
+      load_window<kMK, kMN>(sm.R, R.p, R.ld, q0, q_end, n0, n_end, R.vec);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kMK; kk += mma::kTile) {
+      mma::FragA<T, kLmq> a[2];
+      mma::FragB<T, !kRnq> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int mi = (wm * 2 + i) * mma::kTile;
+        mma::load_a<kLmq>(a[i], kLmq ? sm.L + mi * kLS + kk : sm.L + kk * kLS + mi, kLS);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int nj = (wn * 2 + j) * mma::kTile;
+        mma::load_b<!kRnq>(b[j], kRnq ? sm.R + nj * kRS + kk : sm.R + kk * kRS + nj, kRS);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) mma::mma(acc[i][j], a[i], b[j]);
+    }
+    __syncthreads();
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      mma::store(sm.C + (wm * 2 + i) * mma::kTile * kCS + (wn * 2 + j) * mma::kTile, acc[i][j], kCS);
+  __syncthreads();
+  return sm.C;
+}
+
+// p[t, o] = a[o] + sum_j x[t, j] A[o, j]; grid (ceil(T / kMM), ceil(KR / kMN)).
+template <typename T>
+HYCAM_GLOBAL void shrink_tc_kernel(Operand<T> x, Operand<T> A, const T* __restrict__ ab, T* __restrict__ p,
+                                   int64_t T_, int64_t d, int64_t KR) {
+#if HYCAM_MMA_AVAILABLE
+  const int64_t t0 = blockIdx.x * static_cast<int64_t>(kMM), o0 = blockIdx.y * static_cast<int64_t>(kMN);
+  const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/true>(x, A, t0, T_, o0, KR, 0, d);
+  for (int e = threadIdx.x; e < kMM * kMN; e += kMThreads) {
+    const int mm = e / kMN, nn = e % kMN;
+    const int64_t t = t0 + mm, o = o0 + nn;
+    if (t < T_ && o < KR) mma::from_float(C[mm * (kMN + 4) + nn] + (ab ? mma::to_float(ab[o]) : 0.f), p[t * KR + o]);
+  }
+#endif
+}
+
+// dx[t, j] = sum_o dp[t, o] A[o, j] with dp rounded to T; grid (ceil(T / kMM), ceil(d / kMN)).
+template <typename T>
+HYCAM_GLOBAL void dx_tc_kernel(Operand<T> dp, Operand<T> A, T* __restrict__ dx, int64_t T_, int64_t d, int64_t KR) {
+#if HYCAM_MMA_AVAILABLE
+  const int64_t t0 = blockIdx.x * static_cast<int64_t>(kMM), j0 = blockIdx.y * static_cast<int64_t>(kMN);
+  const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/false>(dp, A, t0, T_, j0, d, 0, KR);
+  for (int e = threadIdx.x; e < kMM * kMN; e += kMThreads) {
+    const int mm = e / kMN, nn = e % kMN;
+    const int64_t t = t0 + mm, j = j0 + nn;
+    if (t < T_ && j < d) mma::from_float(C[mm * (kMN + 4) + nn], dx[t * d + j]);
+  }
+#endif
+}
+
+// partial dA[split, o, j] = sum_{t in split} dp[t, o] x[t, j]; grid (ceil(KR / kMM), ceil(d / kMN), S).
+template <typename T>
+HYCAM_GLOBAL void dA_tc_kernel(Operand<T> dp, Operand<T> x, float* __restrict__ part, int64_t T_, int64_t d,
+                               int64_t KR, int64_t per_split) {
+#if HYCAM_MMA_AVAILABLE
+  const int64_t o0 = blockIdx.x * static_cast<int64_t>(kMM), j0 = blockIdx.y * static_cast<int64_t>(kMN);
+  const int64_t split = blockIdx.z, ts0 = split * per_split, ts1 = min(T_, ts0 + per_split);
+  const float* C = tc_gemm</*kLmq=*/false, /*kRnq=*/false>(dp, x, o0, KR, j0, d, ts0, ts1);
+  for (int e = threadIdx.x; e < kMM * kMN; e += kMThreads) {
+    const int mm = e / kMN, nn = e % kMN;
+    const int64_t o = o0 + mm, j = j0 + nn;
+    if (o < KR && j < d) part[(split * KR + o) * d + j] = C[mm * (kMN + 4) + nn];
+  }
+#endif
+}
+
 inline int64_t grid_1d(int64_t n) {
   const int64_t g = cuda::ceil_div(n, 256);
   return g < 1 ? 1 : (g > 65535 ? 65535 : g);
@@ -166,10 +321,12 @@ struct ShrinkBackwardConfig {
   int64_t nO, nJ, S, per_split, nq;
 };
 
-inline ShrinkBackwardConfig shrink_backward_config(int64_t T, int64_t d, int64_t K, int64_t r, int64_t num_sms) {
+// tensor_cores: the dA tiles are kMM rows (dA_tc_kernel) instead of kTM (dA_kernel).
+inline ShrinkBackwardConfig shrink_backward_config(int64_t T, int64_t d, int64_t K, int64_t r, int64_t num_sms,
+                                                   bool tensor_cores = false) {
   ShrinkBackwardConfig c;
   const int64_t KR = K * r;
-  c.nO = cuda::ceil_div(KR, kTM);
+  c.nO = cuda::ceil_div(KR, tensor_cores ? kMM : kTM);
   c.nJ = cuda::ceil_div(d, kTN);
   int64_t S = cuda::ceil_div(2 * num_sms, c.nO * c.nJ > 0 ? c.nO * c.nJ : 1);
   S = S < 32 ? S : 32;

@@ -4,6 +4,8 @@
 // (with AddressSanitizer/UBSan where available). Prints "failures: N" and exits non-zero on any.
 #include <cmath>
 #include <cstdio>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cam/cam_kernels.cuh"
@@ -41,19 +43,28 @@ static double silg(double v) {
 }
 
 template <class S>
+double as_double(S v) {  // half/bfloat16 (emulated) only convert explicitly to float
+  if constexpr (std::is_floating_point_v<S>) {
+    return double(v);
+  } else {
+    return double(float(v));
+  }
+}
+
+template <class S>
 void cmp(const char* what, const S* got, const std::vector<double>& ref, double rtol) {
   double mx = 0, err = 0;
   int64_t bad = -1;
   for (double x : ref) mx = std::max(mx, std::fabs(x));
   for (size_t i = 0; i < ref.size(); ++i) {
-    const double e = std::fabs(double(got[i]) - ref[i]);
+    const double e = std::fabs(as_double(got[i]) - ref[i]);
     if (!(e <= rtol * (1 + mx)) && bad < 0) bad = int64_t(i);
     err = std::isnan(e) ? INFINITY : std::max(err, e);
   }
   if (bad >= 0) {
     ++failures;
     std::printf("   FAIL %-7s max err %.3g (max|ref| %.3g), first bad index %ld: got %g want %g\n", what, err, mx,
-                long(bad), double(got[bad]), ref[bad]);
+                long(bad), as_double(got[bad]), ref[bad]);
   }
 }
 
@@ -213,7 +224,7 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
   auto dpg = poisoned<S>(T * KR), pA = poisoned<S>(cfg.S * KR * d), pS = poisoned<S>(cfg.S * cfg.nq);
   auto dxg = poisoned<S>(T * d);
   launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
-         [&] { dp_kernel<S, S>(dw.data(), N.data(), dpg.data(), T, K, r); });
+         [&] { dp_kernel<S, S>(dw.data(), N.data(), dpg.data(), nullptr, T, K, r); });
   if (d > 0) {
     launch(dim3(unsigned(cuda::ceil_div(T, kTM)), unsigned(cfg.nJ)), dim3(kThreads), 0,
            [&] { dx_kernel<S, S>(dpg.data(), A.data(), dxg.data(), T, d, KR); });
@@ -231,6 +242,103 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
   cmp("dn", sS.data() + KR + K * r * r, dn, tol);
 }
 
+// The tensor-core path of the launcher for half/bfloat16 (M): shrink_tc_kernel, dp_kernel with its
+// rounded copy, dx_tc_kernel and dA_tc_kernel, with mix/small_reductions as in the CUDA-core path.
+// x_offset shifts x by that many elements off a 16-byte boundary (the scalar staging path).
+template <class M>
+void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64_t x_offset = 0) {
+  using namespace shrink_kernels;
+  const bool bf = std::is_same_v<M, __nv_bfloat16>;
+  std::printf("shrink_tc T=%ld d=%ld K=%ld r=%ld bias=%d x_offset=%ld %s\n", long(T), long(d), long(K), long(r), bias,
+              long(x_offset), bf ? "bfloat16" : "half");
+  const int64_t KR = K * r;
+  auto round = [](std::vector<float> v) {
+    std::vector<M> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = M(v[i]);
+    return o;
+  };
+  auto x_store = round(rnd<float>(T * d + x_offset + 8));
+  const M* x = x_store.data() + x_offset;
+  auto A = round(rnd<float>(KR * d, 0.3)), ab = round(rnd<float>(bias ? KR : 0)), N = round(rnd<float>(K * r * r, 0.5));
+  auto nb = round(rnd<float>(bias ? KR : 0)), dw = round(rnd<float>(T * KR));
+  const M* abp = bias ? ab.data() : nullptr;
+  const M* nbp = bias ? nb.data() : nullptr;
+  auto f = [](M v) { return double(float(v)); };
+  const double out_tol = bf ? 8e-3 : 1e-3;  // one rounding of the output
+  // forward
+  std::vector<double> p(T * KR);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t o = 0; o < KR; ++o) {
+      double v = abp ? f(abp[o]) : 0;
+      for (int64_t j = 0; j < d; ++j) v += f(x[t * d + j]) * f(A[o * d + j]);
+      p[t * KR + o] = v;
+    }
+  std::vector<M> pg(T * KR, M(NAN)), wg(T * KR, M(NAN));
+  launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cuda::ceil_div(KR, kMN))), dim3(kMThreads), 0, [&] {
+    shrink_tc_kernel<M>(make_operand(x, d), make_operand(A.data(), d), abp, pg.data(), T, d, KR);
+  });
+  cmp("p", pg.data(), p, out_tol);
+  std::vector<double> w(T * KR);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < r; ++i) {
+        double v = nbp ? f(nbp[k * r + i]) : 0;
+        for (int64_t m = 0; m < r; ++m) v += f(N[(k * r + i) * r + m]) * f(pg[t * KR + k * r + m]);
+        w[t * KR + k * r + i] = v;
+      }
+  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+         [&] { mix_kernel<M, float>(pg.data(), N.data(), nbp, wg.data(), T, K, r); });
+  cmp("w", wg.data(), w, out_tol);
+  // backward
+  const auto cfg = shrink_backward_config(T, d, K, r, kSMs, /*tensor_cores=*/true);
+  std::vector<float> dpg(T * KR, NAN), pA(cfg.S * KR * d, NAN), pS(cfg.S * cfg.nq, NAN);
+  std::vector<M> dplo(T * KR, M(NAN)), dxg(T * d, M(NAN));
+  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+         [&] { dp_kernel<M, float>(dw.data(), N.data(), dpg.data(), dplo.data(), T, K, r); });
+  std::vector<double> dp(T * KR), dpr(T * KR);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t m = 0; m < r; ++m) {
+        double v = 0;
+        for (int64_t i = 0; i < r; ++i) v += f(N[(k * r + i) * r + m]) * f(dw[t * KR + k * r + i]);
+        dp[t * KR + k * r + m] = v;
+      }
+  cmp("dp", dpg.data(), dp, 1e-5);
+  cmp("dp_lo", dplo.data(), dp, out_tol);
+  for (int64_t q = 0; q < T * KR; ++q) dpr[q] = f(dplo[q]);  // dx and dA are products of the rounded dp
+  std::vector<double> dx(T * d, 0), dA(KR * d, 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t o = 0; o < KR; ++o)
+      for (int64_t j = 0; j < d; ++j) {
+        dx[t * d + j] += dpr[t * KR + o] * f(A[o * d + j]);
+        dA[o * d + j] += dpr[t * KR + o] * f(x[t * d + j]);
+      }
+  if (d > 0) {
+    const auto dpo = make_operand<M>(dplo.data(), KR);
+    launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cfg.nJ)), dim3(kMThreads), 0,
+           [&] { dx_tc_kernel<M>(dpo, make_operand(A.data(), d), dxg.data(), T, d, KR); });
+    launch(dim3(unsigned(cfg.nO), unsigned(cfg.nJ), unsigned(cfg.S)), dim3(kMThreads), 0,
+           [&] { dA_tc_kernel<M>(dpo, make_operand(x, d), pA.data(), T, d, KR, cfg.per_split); });
+    cmp("dx", dxg.data(), dx, out_tol);
+    cmp("dA", sum_partials(pA, cfg.S, KR * d).data(), dA, 1e-5);
+  }
+  launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S)), dim3(256), 0, [&] {
+    small_reductions_kernel<M, float>(dpg.data(), dw.data(), pg.data(), pS.data(), T, K, r, cfg.per_split);
+  });
+  const auto sS = sum_partials(pS, cfg.S, cfg.nq);
+  std::vector<double> da(KR, 0), dN(K * r * r, 0), dn(KR, 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t o = 0; o < KR; ++o) {
+      da[o] += dp[t * KR + o];
+      dn[o] += f(dw[t * KR + o]);
+      const int64_t k = o / r;
+      for (int64_t m = 0; m < r; ++m) dN[o * r + m] += f(dw[t * KR + o]) * f(pg[t * KR + k * r + m]);
+    }
+  cmp("da", sS.data(), da, 1e-5);
+  cmp("dN", sS.data() + KR, dN, 1e-5);
+  cmp("dn", sS.data() + KR + K * r * r, dn, 1e-5);
+}
+
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   // odd sizes, partial tiles, hard and soft routing, both placements, with and without biases
@@ -244,11 +352,18 @@ int main(int argc, char** argv) {
   test_shrink<float>(1, 1, 1, 1, false);
   test_shrink<float>(100, 257, 4, 16, true);
   test_shrink<float>(5, 0, 2, 3, true);  // d == 0
+  test_shrink_tc<__nv_bfloat16>(130, 264, 4, 16, true);      // 16-byte staging, partial tiles, 5 dA splits
+  test_shrink_tc<__half>(37, 100, 3, 5, false);              // rows not a multiple of 8: scalar staging
+  test_shrink_tc<__nv_bfloat16>(70, 72, 2, 8, true, 1);       // x off a 16-byte boundary
+  test_shrink_tc<__half>(1, 1, 1, 1, true);
+  test_shrink_tc<__nv_bfloat16>(5, 0, 2, 3, true);           // d == 0
   if (!quick) {
     test_cam<float>(37, 1100, 3, 5, 0, false, true, true);
     test_cam<float>(5, 300, 8, 64, 0, true, true, false);
     test_cam<float>(70, 129, 4, 16, 0, true, true, true);
     test_shrink<double>(65, 70, 8, 64, true);
+    test_shrink_tc<__half>(66, 136, 8, 16, false);             // K*r = 128: two column tiles
+    test_shrink_tc<__nv_bfloat16>(200, 64, 8, 64, true);      // K*r = 512, many dA row tiles
   }
   std::printf("failures: %d\n", failures);
   return failures != 0;

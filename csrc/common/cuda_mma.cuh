@@ -1,0 +1,137 @@
+// Warp-level 16x16x16 tensor-core tiles (half/bfloat16 in, float accumulate) for the kernels of
+// the grouped specialist GEMMs. On the GPU this is nvcuda::wmma, whose fragment register layout
+// belongs to the CUDA headers, so no kernel depends on it: kernels only load whole tiles from
+// shared memory, multiply-accumulate, and store whole float tiles back. Under
+// HYCAM_CUDA_EMULATION every lane holds the whole tile and the calls check what the hardware
+// requires (256-bit aligned pointers, ldm a multiple of 16 bytes, the same arguments on all 32
+// lanes, every lane present).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda_device.cuh"
+
+#if defined(HYCAM_CUDA_EMULATION)
+#define HYCAM_MMA_AVAILABLE 1
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define HYCAM_MMA_AVAILABLE 1  // bfloat16 fragments need sm_80; the launchers check the device
+#else
+#define HYCAM_MMA_AVAILABLE 0
+#endif
+#endif
+
+namespace hycam {
+namespace mma {
+
+constexpr int kTile = 16;
+
+HYCAM_DEVICE float to_float(__half v) { return __half2float(v); }
+HYCAM_DEVICE float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+HYCAM_DEVICE void from_float(float v, __half& out) { out = __float2half_rn(v); }
+HYCAM_DEVICE void from_float(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
+
+#if defined(HYCAM_CUDA_EMULATION)
+
+// Logical 16x16 matrices; element (i, j) of a row-major tile is p[i * ldm + j], of a column-major
+// tile p[j * ldm + i] (operand a is 16 (m) x 16 (k), operand b 16 (k) x 16 (n)).
+template <typename T, bool kRowMajor>
+struct FragA {
+  float v[kTile][kTile];
+};
+template <typename T, bool kRowMajor>
+struct FragB {
+  float v[kTile][kTile];
+};
+struct FragC {
+  float v[kTile][kTile];
+};
+
+template <bool kRowMajor, typename T, typename F>
+inline void emu_load(F& f, const T* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32) hycam_emu::fail("wmma::load_matrix_sync: pointer not 256-bit aligned");
+  if ((ldm * sizeof(T)) % 16) hycam_emu::fail("wmma::load_matrix_sync: ldm not a multiple of 16 bytes");
+  hycam_emu::warp_uniform(reinterpret_cast<uintptr_t>(p), "wmma::load_matrix_sync: pointer differs across lanes");
+  hycam_emu::warp_uniform(ldm, "wmma::load_matrix_sync: ldm differs across lanes");
+  for (int i = 0; i < kTile; ++i)
+    for (int j = 0; j < kTile; ++j) f.v[i][j] = static_cast<float>(kRowMajor ? p[i * ldm + j] : p[j * ldm + i]);
+}
+template <bool kRowMajor, typename T>
+inline void load_a(FragA<T, kRowMajor>& f, const T* p, unsigned ldm) {
+  emu_load<kRowMajor>(f, p, ldm);
+}
+template <bool kRowMajor, typename T>
+inline void load_b(FragB<T, kRowMajor>& f, const T* p, unsigned ldm) {
+  emu_load<kRowMajor>(f, p, ldm);
+}
+inline void zero(FragC& c) {
+  for (auto& row : c.v)
+    for (float& x : row) x = 0.f;
+}
+template <typename FA, typename FB>
+inline void mma(FragC& c, const FA& a, const FB& b) {
+  hycam_emu::warp_sync();  // warp-collective: every lane must be here
+  for (int m = 0; m < kTile; ++m)
+    for (int n = 0; n < kTile; ++n) {
+      float s = c.v[m][n];
+      for (int k = 0; k < kTile; ++k) s += a.v[m][k] * b.v[k][n];
+      c.v[m][n] = s;
+    }
+}
+// Row-major float store.
+inline void store(float* p, const FragC& c, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32) hycam_emu::fail("wmma::store_matrix_sync: pointer not 256-bit aligned");
+  if (ldm % 4) hycam_emu::fail("wmma::store_matrix_sync: ldm not a multiple of 16 bytes");
+  hycam_emu::warp_uniform(reinterpret_cast<uintptr_t>(p), "wmma::store_matrix_sync: pointer differs across lanes");
+  hycam_emu::warp_uniform(ldm, "wmma::store_matrix_sync: ldm differs across lanes");
+  if ((threadIdx.x & 31) == 0)
+    for (int i = 0; i < kTile; ++i)
+      for (int j = 0; j < kTile; ++j) p[i * ldm + j] = c.v[i][j];
+  hycam_emu::warp_sync();
+}
+
+#elif HYCAM_MMA_AVAILABLE
+
+namespace wm = nvcuda::wmma;
+template <bool kRowMajor>
+using Layout = std::conditional_t<kRowMajor, wm::row_major, wm::col_major>;
+template <typename T, bool kRowMajor>
+using FragA = wm::fragment<wm::matrix_a, kTile, kTile, kTile, T, Layout<kRowMajor>>;
+template <typename T, bool kRowMajor>
+using FragB = wm::fragment<wm::matrix_b, kTile, kTile, kTile, T, Layout<kRowMajor>>;
+using FragC = wm::fragment<wm::accumulator, kTile, kTile, kTile, float>;
+
+template <bool kRowMajor, typename T>
+HYCAM_DEVICE void load_a(FragA<T, kRowMajor>& f, const T* p, unsigned ldm) {
+  wm::load_matrix_sync(f, p, ldm);
+}
+template <bool kRowMajor, typename T>
+HYCAM_DEVICE void load_b(FragB<T, kRowMajor>& f, const T* p, unsigned ldm) {
+  wm::load_matrix_sync(f, p, ldm);
+}
+HYCAM_DEVICE void zero(FragC& c) { wm::fill_fragment(c, 0.f); }
+template <typename FA, typename FB>  // FragA, FragB of the same element type
+HYCAM_DEVICE void mma(FragC& c, const FA& a, const FB& b) {
+  wm::mma_sync(c, a, b, c);
+}
+HYCAM_DEVICE void store(float* p, const FragC& c, unsigned ldm) { wm::store_matrix_sync(p, c, ldm, wm::mem_row_major); }
+
+#endif
+
+// 16 bytes global -> shared (both 16-byte aligned; the emulation checks it like the hardware would).
+HYCAM_DEVICE void copy16(void* dst, const void* src) {
+#if defined(HYCAM_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
+    hycam_emu::fail("misaligned 16-byte access");
+  std::memcpy(dst, src, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+}  // namespace mma
+}  // namespace hycam
