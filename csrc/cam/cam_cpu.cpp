@@ -1,6 +1,8 @@
-// Fused CAM forward/backward on CPU. One token row at a time: the K specialist rows u_k are
-// expanded into a small per-thread buffer (never a [K, T, d] tensor), then gated, added to
-// 1 + silu(z) and applied to h. The element maths is csrc/common/hycam_math.h, shared with CUDA.
+// Fused CAM forward/backward on CPU. The specialist rows u_k are expanded into small per-thread
+// buffers (never a [K, T, d] tensor), up to four tokens per pass over B_k (forward: the routed
+// tokens of a 16-token window, grouped by specialist; backward: four consecutive tokens, all K),
+// then gated, added to 1 + silu(z) and applied to h one token row at a time. The element maths
+// is csrc/common/hycam_math.h, shared with CUDA.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -38,13 +40,11 @@ std::vector<acc_t> widen_bias(const OptTensor& b, int64_t n) {
   return out;
 }
 
-// u[k, :] = b_k + sum_i w[t, k, i] * Bt[k, i, :]
+// The rank-r activations of specialist k for tokens tok[0..n) as acc_t rows Wb [n, r].
 template <typename scalar_t, typename acc_t>
-inline void expand_row(const acc_t* Bt, const acc_t* bias, const scalar_t* wt, int64_t k, int64_t r, int64_t d,
-                       acc_t* u, acc_t* wk) {
-  for (int64_t i = 0; i < r; ++i) wk[i] = static_cast<acc_t>(wt[k * r + i]);
-  std::copy(bias + k * d, bias + (k + 1) * d, u);
-  rows::R<acc_t>::gemv_t(Bt + k * r * d, d, wk, r, u, d);
+inline void gather_w(const scalar_t* wp, const int64_t* tok, int64_t n, int64_t k, int64_t K, int64_t r, acc_t* Wb) {
+  for (int64_t q = 0; q < n; ++q)
+    for (int64_t i = 0; i < r; ++i) Wb[q * r + i] = static_cast<acc_t>(wp[(tok[q] * K + k) * r + i]);
 }
 
 // A row of a [T, d] tensor as acc_t: the row itself when the types match, else widened into buf.
@@ -93,23 +93,43 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
   const scalar_t* wp = w.data_ptr<scalar_t>();
   const scalar_t* gp = g.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> u(d), sg(d), spec(d), hb(d), ab(d), zb(d), ob(d), wk(r);
-    for (int64_t t = t0; t < t1; ++t) {
+  constexpr int64_t kWindow = 16;  // tokens whose specialist expansions are grouped by specialist
+  constexpr int64_t kEB = rows::kExpandBlock;
+  at::parallel_for(0, T, kWindow, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> U(kEB * d), Wb(kEB * r), sg(d), spec(kWindow * d), hb(d), ab(d), zb(d), ob(d);
+    int64_t tok[kEB];
+    for (int64_t w0 = t0; w0 < t1; w0 += kWindow) {
+      const int64_t w1 = std::min(t1, w0 + kWindow);
       std::fill(spec.begin(), spec.end(), acc_t(0));
+      // per specialist, its routed tokens of the window in groups of kEB share one pass over B_k
+      // (hard routing: only the routed specialist of each token is computed)
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
-        if (gk == acc_t(0)) continue;  // hard routing: only the routed specialist is computed
-        expand_row<scalar_t, acc_t>(Bt.data(), bias.data(), wp + t * K * r, k, r, d, u.data(), wk.data());
-        R::sigmoid_scaled(u.data(), s, sg.data(), d);
-        R::gate_accum_from_sigmoid(u.data(), sg.data(), s, gk, spec.data(), d);
+        int64_t n = 0;
+        auto flush = [&] {
+          gather_w<scalar_t, acc_t>(wp, tok, n, k, K, r, Wb.data());
+          R::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), n, r, d, U.data(), d);
+          for (int64_t q = 0; q < n; ++q) {
+            const acc_t gk = static_cast<acc_t>(gp[tok[q] * K + k]);
+            R::sigmoid_scaled(U.data() + q * d, s, sg.data(), d);
+            R::gate_accum_from_sigmoid(U.data() + q * d, sg.data(), s, gk, spec.data() + (tok[q] - w0) * d, d);
+          }
+          n = 0;
+        };
+        for (int64_t t = w0; t < w1; ++t) {
+          if (static_cast<acc_t>(gp[t * K + k]) == acc_t(0)) continue;
+          tok[n++] = t;
+          if (n == kEB) flush();
+        }
+        if (n > 0) flush();
       }
-      acc_t* o = row_out<scalar_t, acc_t>(op, t, d, ob.data());
-      const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
-      R::sigmoid_scaled(zr, acc_t(1), sg.data(), d);
-      R::cam_epilogue(row_in<scalar_t, acc_t>(hp, t, d, hb.data()), row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr,
-                      sg.data(), spec.data(), o, d, placement);
-      row_store<scalar_t, acc_t>(op, t, d, o);
+      for (int64_t t = w0; t < w1; ++t) {
+        acc_t* o = row_out<scalar_t, acc_t>(op, t, d, ob.data());
+        const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
+        R::sigmoid_scaled(zr, acc_t(1), sg.data(), d);
+        R::cam_epilogue(row_in<scalar_t, acc_t>(hp, t, d, hb.data()), row_in<scalar_t, acc_t>(ap, t, d, ab.data()),
+                        zr, sg.data(), spec.data() + (t - w0) * d, o, d, placement);
+        row_store<scalar_t, acc_t>(op, t, d, o);
+      }
     }
   });
 }
@@ -141,52 +161,64 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
   std::vector<acc_t> dBt_part(chunks.n * nB, acc_t(0)), db_part(chunks.n * nb, acc_t(0));
 
   at::parallel_for(0, chunks.n, 1, [&](int64_t c0, int64_t c1) {
-    // U: u of every specialist, SG: sigmoid(s * u) (one exp gives both silu and silu')
-    std::vector<acc_t> U(K * d), SG(K * d), spec(d), gcv(d), sgz(d), wk(r), dwk(r);
+    // U [kEB, K, d]: u of every specialist for a block of tokens (expanded together, one pass over
+    // each B_k), SG: sigmoid(s * u) (one exp gives both silu and silu')
+    constexpr int64_t kEB = rows::kExpandBlock;
+    std::vector<acc_t> U(kEB * K * d), SG(kEB * K * d), Wb(kEB * r), spec(d), gcv(d), sgz(d), wk(r), dwk(r);
+    int64_t tok[kEB];
     std::vector<acc_t> gob(d), hb(d), ab(d), zb(d), dmb(d), dzb(d);
     // dB_k += du_k w_k^T and db_k += du_k, gathered per specialist over blocks of tokens
     std::vector<rows::BlockedRankUpdate<acc_t>> dBk(K, rows::BlockedRankUpdate<acc_t>(r, d, 16));
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* dBt = dBt_part.data() + c * nB;
       acc_t* dbb = db_part.data() + c * nb;
-      for (int64_t t = chunks.begin(c); t < chunks.end(c); ++t) {
-        const scalar_t* wt = wp + t * K * r;
-        std::fill(spec.begin(), spec.end(), acc_t(0));
+      for (int64_t tb = chunks.begin(c); tb < chunks.end(c); tb += kEB) {
+        const int64_t nb_t = std::min(kEB, chunks.end(c) - tb);
+        for (int64_t q = 0; q < nb_t; ++q) tok[q] = tb + q;
         // every specialist's u: dg needs all K even under hard routing
         for (int64_t k = 0; k < K; ++k) {
-          acc_t* uk = U.data() + k * d;
-          acc_t* sk = SG.data() + k * d;
-          expand_row<scalar_t, acc_t>(Bt.data(), bias.data(), wt, k, r, d, uk, wk.data());
-          R::sigmoid_scaled(uk, s, sk, d);
-          const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
-          if (gk != acc_t(0)) R::gate_accum_from_sigmoid(uk, sk, s, gk, spec.data(), d);
+          gather_w<scalar_t, acc_t>(wp, tok, nb_t, k, K, r, Wb.data());
+          R::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), nb_t, r, d, U.data() + k * d,
+                          K * d);
         }
-        acc_t* dm = row_out<scalar_t, acc_t>(dmp, t, d, dmb.data());
-        acc_t* dzr = row_out<scalar_t, acc_t>(dzp, t, d, dzb.data());
-        const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
-        R::sigmoid_scaled(zr, acc_t(1), sgz.data(), d);
-        R::cam_backward_epilogue(row_in<scalar_t, acc_t>(gop, t, d, gob.data()),
-                                 row_in<scalar_t, acc_t>(hp, t, d, hb.data()),
-                                 row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr, sgz.data(), spec.data(), dm, dzr,
-                                 gcv.data(), d, placement);
-        row_store<scalar_t, acc_t>(dmp, t, d, dm);
-        row_store<scalar_t, acc_t>(dzp, t, d, dzr);
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t* uk = U.data() + k * d;
-          const acc_t* sk = SG.data() + k * d;
-          dgp[t * K + k] = static_cast<scalar_t>(R::gate_dot(gcv.data(), uk, sk, s, d));
-          const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
-          scalar_t* dwt = dwp + (t * K + k) * r;
-          if (gk == acc_t(0)) {  // unrouted (hard routing): no gradient for w, B, b
-            for (int64_t i = 0; i < r; ++i) dwt[i] = scalar_t(0);
-            continue;
+        for (int64_t q = 0; q < nb_t; ++q) {
+          const int64_t t = tb + q;
+          const scalar_t* wt = wp + t * K * r;
+          std::fill(spec.begin(), spec.end(), acc_t(0));
+          for (int64_t k = 0; k < K; ++k) {
+            acc_t* uk = U.data() + (q * K + k) * d;
+            acc_t* sk = SG.data() + (q * K + k) * d;
+            R::sigmoid_scaled(uk, s, sk, d);
+            const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
+            if (gk != acc_t(0)) R::gate_accum_from_sigmoid(uk, sk, s, gk, spec.data(), d);
           }
-          for (int64_t i = 0; i < r; ++i) wk[i] = static_cast<acc_t>(wt[k * r + i]);
-          acc_t* du = dBk[k].push(wk.data());
-          R::specialist_grad_row(gcv.data(), uk, sk, s, gk, du, d);
-          R::gemv_n(Bt.data() + k * r * d, d, du, r, d, dwk.data());
-          for (int64_t i = 0; i < r; ++i) dwt[i] = static_cast<scalar_t>(dwk[i]);
-          if (dBk[k].full()) dBk[k].flush(dBt + k * r * d, dbb + k * d);
+          acc_t* dm = row_out<scalar_t, acc_t>(dmp, t, d, dmb.data());
+          acc_t* dzr = row_out<scalar_t, acc_t>(dzp, t, d, dzb.data());
+          const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
+          R::sigmoid_scaled(zr, acc_t(1), sgz.data(), d);
+          R::cam_backward_epilogue(row_in<scalar_t, acc_t>(gop, t, d, gob.data()),
+                                   row_in<scalar_t, acc_t>(hp, t, d, hb.data()),
+                                   row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr, sgz.data(), spec.data(), dm, dzr,
+                                   gcv.data(), d, placement);
+          row_store<scalar_t, acc_t>(dmp, t, d, dm);
+          row_store<scalar_t, acc_t>(dzp, t, d, dzr);
+          for (int64_t k = 0; k < K; ++k) {
+            const acc_t* uk = U.data() + (q * K + k) * d;
+            const acc_t* sk = SG.data() + (q * K + k) * d;
+            dgp[t * K + k] = static_cast<scalar_t>(R::gate_dot(gcv.data(), uk, sk, s, d));
+            const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
+            scalar_t* dwt = dwp + (t * K + k) * r;
+            if (gk == acc_t(0)) {  // unrouted (hard routing): no gradient for w, B, b
+              for (int64_t i = 0; i < r; ++i) dwt[i] = scalar_t(0);
+              continue;
+            }
+            for (int64_t i = 0; i < r; ++i) wk[i] = static_cast<acc_t>(wt[k * r + i]);
+            acc_t* du = dBk[k].push(wk.data());
+            R::specialist_grad_row(gcv.data(), uk, sk, s, gk, du, d);
+            R::gemv_n(Bt.data() + k * r * d, d, du, r, d, dwk.data());
+            for (int64_t i = 0; i < r; ++i) dwt[i] = static_cast<scalar_t>(dwk[i]);
+            if (dBk[k].full()) dBk[k].flush(dBt + k * r * d, dbb + k * d);
+          }
         }
       }
       for (int64_t k = 0; k < K; ++k) dBk[k].flush(dBt + k * r * d, dbb + k * d);

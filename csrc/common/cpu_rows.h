@@ -74,6 +74,20 @@ HYCAM_ROW_INLINE void gemv_n(const T* M, int64_t ldm, const T* x, int64_t m, int
   for (; i < m; ++i) out[i] = dot(M + i * ldm, x, n);
 }
 
+// U[q * ldu + j] = bias[j] + sum_{i < r} W[q * r + i] * Bt[i * d + j] for q < nq (at most
+// kExpandBlock): the expansion u = B w + b of nq tokens' rank-r activations, sharing each pass over
+// the rows of Bt [r, d].
+constexpr int64_t kExpandBlock = 4;
+template <typename T>
+HYCAM_ROW_INLINE void expand_block(const T* Bt, const T* bias, const T* W, int64_t nq, int64_t r, int64_t d, T* U,
+                                   int64_t ldu) {
+  for (int64_t q = 0; q < nq; ++q) {
+    T* u = U + q * ldu;
+    for (int64_t j = 0; j < d; ++j) u[j] = bias[j];
+    gemv_t(Bt, d, W + q * r, r, u, d);
+  }
+}
+
 // sg = sigmoid(s * u)
 template <typename T>
 HYCAM_ROW_INLINE void sigmoid_scaled(const T* u, T s, T* sg, int64_t n) {
@@ -120,6 +134,62 @@ HYCAM_ROW_INLINE void sigmoid_scaled<float>(const float* u, float s, float* sg, 
     __builtin_memcpy(sg + j, &v, sizeof(v));
   }
   for (; j < n; ++j) sg[j] = sigmoid(s * u[j]);
+}
+
+// expand_block for NQ tokens, 8 * JV channels per step: NQ * JV independent accumulators stay in
+// registers (8 or more, to cover the FMA latency) and one load of a Bt row segment feeds NQ tokens.
+// Returns where it stopped (d rounded down to a multiple of 8 * JV).
+template <int NQ, int JV>
+HYCAM_ROW_INLINE int64_t expand_steps(const float* Bt, const float* bias, const float* W, int64_t r, int64_t d,
+                                      float* U, int64_t ldu, int64_t j) {
+  for (; j + 8 * JV <= d; j += 8 * JV) {
+    hycam_v8sf acc[NQ][JV];
+    for (int v = 0; v < JV; ++v) {
+      hycam_v8sf bv;
+      __builtin_memcpy(&bv, bias + j + 8 * v, sizeof(bv));
+      for (int q = 0; q < NQ; ++q) acc[q][v] = bv;
+    }
+    for (int64_t i = 0; i < r; ++i) {
+      const float* row = Bt + i * d + j;
+      // r rows are r concurrent streams, too many for the hardware prefetcher once Bt is out of L2
+      __builtin_prefetch(row + 128, 0, 3);
+      for (int v = 0; v < JV; ++v) {
+        hycam_v8sf x;
+        __builtin_memcpy(&x, row + 8 * v, sizeof(x));
+        for (int q = 0; q < NQ; ++q) acc[q][v] += W[q * r + i] * x;
+      }
+    }
+    for (int q = 0; q < NQ; ++q)
+      for (int v = 0; v < JV; ++v) __builtin_memcpy(U + q * ldu + j + 8 * v, &acc[q][v], sizeof(hycam_v8sf));
+  }
+  return j;
+}
+
+template <int NQ>
+HYCAM_ROW_INLINE void expand_block_v8(const float* Bt, const float* bias, const float* W, int64_t r, int64_t d,
+                                      float* U, int64_t ldu) {
+  constexpr int kJV = NQ == 1 ? 8 : NQ == 2 ? 4 : NQ == 3 ? 3 : 2;
+  int64_t j = expand_steps<NQ, kJV>(Bt, bias, W, r, d, U, ldu, 0);
+  j = expand_steps<NQ, 1>(Bt, bias, W, r, d, U, ldu, j);
+  for (; j < d; ++j)
+    for (int q = 0; q < NQ; ++q) {
+      float acc = bias[j];
+      for (int64_t i = 0; i < r; ++i) acc += W[q * r + i] * Bt[i * d + j];
+      U[q * ldu + j] = acc;
+    }
+}
+
+template <>
+HYCAM_ROW_INLINE void expand_block<float>(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r,
+                                          int64_t d, float* U, int64_t ldu) {
+  static_assert(kExpandBlock == 4, "expand_block<float> handles up to 4 tokens");
+  switch (nq) {
+    case 4: expand_block_v8<4>(Bt, bias, W, r, d, U, ldu); break;
+    case 3: expand_block_v8<3>(Bt, bias, W, r, d, U, ldu); break;
+    case 2: expand_block_v8<2>(Bt, bias, W, r, d, U, ldu); break;
+    case 1: expand_block_v8<1>(Bt, bias, W, r, d, U, ldu); break;
+    default: break;
+  }
 }
 #endif
 
@@ -180,6 +250,8 @@ void axpy_f(float alpha, const float* x, float* y, int64_t n);
 float dot_f(const float* a, const float* b, int64_t n);
 void gemv_t_f(const float* M, int64_t ldm, const float* c, int64_t m, float* y, int64_t n);
 void gemv_n_f(const float* M, int64_t ldm, const float* x, int64_t m, int64_t n, float* out);
+void expand_block_f(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r, int64_t d, float* U,
+                    int64_t ldu);
 void sigmoid_scaled_f(const float* u, float s, float* sg, int64_t n);
 void gate_accum_from_sigmoid_f(const float* u, const float* sg, float s, float g, float* spec, int64_t n);
 float gate_dot_f(const float* gc, const float* u, const float* sg, float s, int64_t n);
@@ -199,6 +271,10 @@ struct R {
   }
   static void gemv_n(const T* M, int64_t ldm, const T* x, int64_t m, int64_t n, T* out) {
     rows::gemv_n(M, ldm, x, m, n, out);
+  }
+  static void expand_block(const T* Bt, const T* bias, const T* W, int64_t nq, int64_t r, int64_t d, T* U,
+                           int64_t ldu) {
+    rows::expand_block(Bt, bias, W, nq, r, d, U, ldu);
   }
   static void sigmoid_scaled(const T* u, T s, T* sg, int64_t n) { rows::sigmoid_scaled(u, s, sg, n); }
   static void gate_accum_from_sigmoid(const T* u, const T* sg, T s, T g, T* spec, int64_t n) {
@@ -227,6 +303,10 @@ struct R<float> {
   }
   static void gemv_n(const float* M, int64_t ldm, const float* x, int64_t m, int64_t n, float* out) {
     gemv_n_f(M, ldm, x, m, n, out);
+  }
+  static void expand_block(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r, int64_t d,
+                           float* U, int64_t ldu) {
+    expand_block_f(Bt, bias, W, nq, r, d, U, ldu);
   }
   static void sigmoid_scaled(const float* u, float s, float* sg, int64_t n) { sigmoid_scaled_f(u, s, sg, n); }
   static void gate_accum_from_sigmoid(const float* u, const float* sg, float s, float g, float* spec, int64_t n) {

@@ -73,7 +73,8 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F f) {
     threads.emplace_back([&, t] {
       threadIdx = dim3(t, 0, 0);
       for (uint64_t b = 0; b < nblocks; ++b) {
-        blockIdx = dim3(unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y)));
+        const uint64_t plane = uint64_t(grid.x) * grid.y;
+        blockIdx = dim3(unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / plane));
         f();
         g_block.bar->arrive_and_drop();  // a finished thread no longer holds back barriers
         g_block.warp_bar[t >> 5]->arrive_and_drop();

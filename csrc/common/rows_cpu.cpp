@@ -23,6 +23,11 @@ HYCAM_CLONES void gemv_n_f(const float* M, int64_t ldm, const float* x, int64_t 
   gemv_n(M, ldm, x, m, n, out);
 }
 
+HYCAM_CLONES void expand_block_f(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r, int64_t d,
+                                 float* U, int64_t ldu) {
+  expand_block(Bt, bias, W, nq, r, d, U, ldu);
+}
+
 HYCAM_CLONES void sigmoid_scaled_f(const float* u, float s, float* sg, int64_t n) { sigmoid_scaled(u, s, sg, n); }
 
 HYCAM_CLONES void gate_accum_from_sigmoid_f(const float* u, const float* sg, float s, float g, float* spec,
