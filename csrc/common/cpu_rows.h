@@ -88,6 +88,17 @@ HYCAM_ROW_INLINE void expand_block(const T* Bt, const T* bias, const T* W, int64
   }
 }
 
+// C[q * m + o] += sum_{j < n} X[q * ldx + j] * A[o * lda + j] for q < 4, o < m: four tokens' dot
+// products with every row of A (the shrink), each row of A read once per four tokens.
+template <typename T>
+HYCAM_ROW_INLINE void dots4(const T* X, int64_t ldx, const T* A, int64_t lda, int64_t m, int64_t n, T* C) {
+  T tmp[4];
+  for (int64_t o = 0; o < m; ++o) {
+    gemv_n(X, ldx, A + o * lda, 4, n, tmp);
+    for (int q = 0; q < 4; ++q) C[q * m + o] += tmp[q];
+  }
+}
+
 // sg = sigmoid(s * u)
 template <typename T>
 HYCAM_ROW_INLINE void sigmoid_scaled(const T* u, T s, T* sg, int64_t n) {
@@ -99,6 +110,15 @@ HYCAM_ROW_INLINE void sigmoid_scaled(const T* u, T s, T* sg, int64_t n) {
 // selects of fast_expf on its own); the same formulas as fast_expf, lane by lane.
 typedef float hycam_v8sf __attribute__((vector_size(32)));
 typedef int32_t hycam_v8si __attribute__((vector_size(32)));
+
+// Unaligned 8-lane load/store by value: kernels never take the address of a register-blocked
+// accumulator array (that makes GCC keep the array in memory, a store and reload per step).
+HYCAM_ROW_INLINE hycam_v8sf load8(const float* p) {
+  hycam_v8sf v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+HYCAM_ROW_INLINE void store8(float* p, hycam_v8sf v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
 HYCAM_ROW_INLINE hycam_v8sf fast_exp_v8(hycam_v8sf x) {
   const hycam_v8sf zero = {}, hi = zero + 88.3762626647949f, lo = zero + -87.3365447505531f;
@@ -145,8 +165,7 @@ HYCAM_ROW_INLINE int64_t expand_steps(const float* Bt, const float* bias, const 
   for (; j + 8 * JV <= d; j += 8 * JV) {
     hycam_v8sf acc[NQ][JV];
     for (int v = 0; v < JV; ++v) {
-      hycam_v8sf bv;
-      __builtin_memcpy(&bv, bias + j + 8 * v, sizeof(bv));
+      const hycam_v8sf bv = load8(bias + j + 8 * v);
       for (int q = 0; q < NQ; ++q) acc[q][v] = bv;
     }
     for (int64_t i = 0; i < r; ++i) {
@@ -154,13 +173,12 @@ HYCAM_ROW_INLINE int64_t expand_steps(const float* Bt, const float* bias, const 
       // r rows are r concurrent streams, too many for the hardware prefetcher once Bt is out of L2
       __builtin_prefetch(row + 128, 0, 3);
       for (int v = 0; v < JV; ++v) {
-        hycam_v8sf x;
-        __builtin_memcpy(&x, row + 8 * v, sizeof(x));
+        const hycam_v8sf x = load8(row + 8 * v);
         for (int q = 0; q < NQ; ++q) acc[q][v] += W[q * r + i] * x;
       }
     }
     for (int q = 0; q < NQ; ++q)
-      for (int v = 0; v < JV; ++v) __builtin_memcpy(U + q * ldu + j + 8 * v, &acc[q][v], sizeof(hycam_v8sf));
+      for (int v = 0; v < JV; ++v) store8(U + q * ldu + j + 8 * v, acc[q][v]);
   }
   return j;
 }
@@ -190,6 +208,41 @@ HYCAM_ROW_INLINE void expand_block<float>(const float* Bt, const float* bias, co
     case 1: expand_block_v8<1>(Bt, bias, W, r, d, U, ldu); break;
     default: break;
   }
+}
+
+HYCAM_ROW_INLINE float hsum_v8(hycam_v8sf v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// dots4 for NO rows of A: 4 x NO accumulators of 8 lanes (12 for NO = 3: 7 loads per 12 FMAs).
+template <int NO>
+HYCAM_ROW_INLINE void dots4_rows(const float* X, int64_t ldx, const float* A, int64_t lda, int64_t m, int64_t n,
+                                 float* C) {
+  hycam_v8sf acc[4][NO] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    hycam_v8sf a[NO];
+    for (int o = 0; o < NO; ++o) a[o] = load8(A + o * lda + j);
+    for (int q = 0; q < 4; ++q) {
+      const hycam_v8sf x = load8(X + q * ldx + j);
+      for (int o = 0; o < NO; ++o) acc[q][o] += x * a[o];
+    }
+  }
+  for (int q = 0; q < 4; ++q)
+    for (int o = 0; o < NO; ++o) {
+      float v = hsum_v8(acc[q][o]);
+      for (int64_t jj = j; jj < n; ++jj) v += X[q * ldx + jj] * A[o * lda + jj];
+      C[q * m + o] += v;
+    }
+}
+
+template <>
+HYCAM_ROW_INLINE void dots4<float>(const float* X, int64_t ldx, const float* A, int64_t lda, int64_t m, int64_t n,
+                                   float* C) {
+  int64_t o = 0;
+  for (; o + 3 <= m; o += 3) dots4_rows<3>(X, ldx, A + o * lda, lda, m, n, C + o);
+  if (m - o == 2) dots4_rows<2>(X, ldx, A + o * lda, lda, m, n, C + o);
+  if (m - o == 1) dots4_rows<1>(X, ldx, A + o * lda, lda, m, n, C + o);
 }
 #endif
 
@@ -250,6 +303,7 @@ void axpy_f(float alpha, const float* x, float* y, int64_t n);
 float dot_f(const float* a, const float* b, int64_t n);
 void gemv_t_f(const float* M, int64_t ldm, const float* c, int64_t m, float* y, int64_t n);
 void gemv_n_f(const float* M, int64_t ldm, const float* x, int64_t m, int64_t n, float* out);
+void dots4_f(const float* X, int64_t ldx, const float* A, int64_t lda, int64_t m, int64_t n, float* C);
 void expand_block_f(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r, int64_t d, float* U,
                     int64_t ldu);
 void sigmoid_scaled_f(const float* u, float s, float* sg, int64_t n);
@@ -271,6 +325,9 @@ struct R {
   }
   static void gemv_n(const T* M, int64_t ldm, const T* x, int64_t m, int64_t n, T* out) {
     rows::gemv_n(M, ldm, x, m, n, out);
+  }
+  static void dots4(const T* X, int64_t ldx, const T* A, int64_t lda, int64_t m, int64_t n, T* C) {
+    rows::dots4(X, ldx, A, lda, m, n, C);
   }
   static void expand_block(const T* Bt, const T* bias, const T* W, int64_t nq, int64_t r, int64_t d, T* U,
                            int64_t ldu) {
@@ -303,6 +360,9 @@ struct R<float> {
   }
   static void gemv_n(const float* M, int64_t ldm, const float* x, int64_t m, int64_t n, float* out) {
     gemv_n_f(M, ldm, x, m, n, out);
+  }
+  static void dots4(const float* X, int64_t ldx, const float* A, int64_t lda, int64_t m, int64_t n, float* C) {
+    dots4_f(X, ldx, A, lda, m, n, C);
   }
   static void expand_block(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r, int64_t d,
                            float* U, int64_t ldu) {

@@ -23,6 +23,10 @@ HYCAM_CLONES void gemv_n_f(const float* M, int64_t ldm, const float* x, int64_t 
   gemv_n(M, ldm, x, m, n, out);
 }
 
+HYCAM_CLONES void dots4_f(const float* X, int64_t ldx, const float* A, int64_t lda, int64_t m, int64_t n, float* C) {
+  dots4(X, ldx, A, lda, m, n, C);
+}
+
 HYCAM_CLONES void expand_block_f(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r, int64_t d,
                                  float* U, int64_t ldu) {
   expand_block(Bt, bias, W, nq, r, d, U, ldu);

@@ -15,7 +15,7 @@
 namespace hycam {
 namespace {
 
-constexpr int64_t kTokenBlock = 4;  // tokens sharing one pass over each row of A
+constexpr int64_t kTokenBlock = 4;  // tokens sharing one pass over each row of A (rows::dots4)
 
 template <typename scalar_t>
 void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias, const at::Tensor& N,
@@ -29,18 +29,24 @@ void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bi
   const scalar_t* nbp = (N_bias.has_value() && N_bias->defined()) ? N_bias->data_ptr<scalar_t>() : nullptr;
   scalar_t* pp = p.data_ptr<scalar_t>();
   scalar_t* wp = w.data_ptr<scalar_t>();
+  // N_k transposed, so that w = n + N p is r axpys over contiguous rows (independent lanes)
+  // rather than r dot products of length r (one serial chain of FMAs each)
+  std::vector<acc_t> Nt(K * r * r);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t m = 0; m < r; ++m) Nt[(k * r + m) * r + i] = static_cast<acc_t>(Np[(k * r + i) * r + m]);
   const int64_t nblocks = (T + kTokenBlock - 1) / kTokenBlock;
   at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> xb(kTokenBlock * d), pk(r), wk(r), tmp(kTokenBlock);
+    std::vector<acc_t> xb(kTokenBlock * d, acc_t(0)), pk(r), wk(r);
     std::vector<acc_t> pacc(kTokenBlock * KR);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * kTokenBlock, nt = std::min(kTokenBlock, T - t0);
       for (int64_t q = 0; q < nt; ++q) cpu::widen_row(xp + (t0 + q) * d, xb.data() + q * d, d);
-      for (int64_t o = 0; o < KR; ++o) {  // one pass over row o of A serves the block's tokens
-        const acc_t bias = abp ? static_cast<acc_t>(abp[o]) : acc_t(0);
-        rows::R<acc_t>::gemv_n(xb.data(), d, Aw.ptr + o * d, nt, d, tmp.data());
-        for (int64_t q = 0; q < nt; ++q) pacc[q * KR + o] = bias + tmp[q];
-      }
+      for (int64_t q = nt; q < kTokenBlock; ++q) std::fill(xb.begin() + q * d, xb.begin() + (q + 1) * d, acc_t(0));
+      std::fill(pacc.begin(), pacc.end(), acc_t(0));
+      rows::R<acc_t>::dots4(xb.data(), d, Aw.ptr, d, KR, d, pacc.data());  // each row of A read once per block
+      for (int64_t q = 0; q < nt; ++q)
+        for (int64_t o = 0; o < KR; ++o) pacc[q * KR + o] += abp ? static_cast<acc_t>(abp[o]) : acc_t(0);
       for (int64_t q = 0; q < nt; ++q) {
         const int64_t t = t0 + q;
         for (int64_t k = 0; k < K; ++k) {
@@ -50,7 +56,8 @@ void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bi
             // N acts on p as stored (rounded to scalar_t), as a chain of layers would
             pk[i] = static_cast<acc_t>(static_cast<scalar_t>(v));
           }
-          mix_rank<scalar_t, acc_t>(Np + k * r * r, nbp ? nbp + k * r : nullptr, pk.data(), wk.data(), r);
+          for (int64_t i = 0; i < r; ++i) wk[i] = nbp ? static_cast<acc_t>(nbp[k * r + i]) : acc_t(0);
+          rows::R<acc_t>::gemv_t(Nt.data() + k * r * r, r, pk.data(), r, wk.data(), r);
           for (int64_t i = 0; i < r; ++i) wp[idx_tkr(t, k, i, K, r)] = static_cast<scalar_t>(wk[i]);
         }
       }
