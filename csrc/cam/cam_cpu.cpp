@@ -107,7 +107,7 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
         int64_t n = 0;
         auto flush = [&] {
           gather_w<scalar_t, acc_t>(wp, tok, n, k, K, r, Wb.data());
-          R::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), n, r, d, U.data(), d);
+          R::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), r, n, r, d, U.data(), d);
           for (int64_t q = 0; q < n; ++q) {
             const acc_t gk = static_cast<acc_t>(gp[tok[q] * K + k]);
             R::sigmoid_scaled(U.data() + q * d, s, sg.data(), d);
@@ -178,7 +178,7 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
         // every specialist's u: dg needs all K even under hard routing
         for (int64_t k = 0; k < K; ++k) {
           gather_w<scalar_t, acc_t>(wp, tok, nb_t, k, K, r, Wb.data());
-          R::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), nb_t, r, d, U.data() + k * d,
+          R::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), r, nb_t, r, d, U.data() + k * d,
                           K * d);
         }
         for (int64_t q = 0; q < nb_t; ++q) {

@@ -4,6 +4,7 @@
 // templates directly.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -74,17 +75,19 @@ HYCAM_ROW_INLINE void gemv_n(const T* M, int64_t ldm, const T* x, int64_t m, int
   for (; i < m; ++i) out[i] = dot(M + i * ldm, x, n);
 }
 
-// U[q * ldu + j] = bias[j] + sum_{i < r} W[q * r + i] * Bt[i * d + j] for q < nq (at most
-// kExpandBlock): the expansion u = B w + b of nq tokens' rank-r activations, sharing each pass over
-// the rows of Bt [r, d].
+// U[q * ldu + j] = bias[j] + sum_{i < r} W[q * ldw + i] * Bt[i * d + j] for q < nq (at most
+// kExpandBlock); bias == nullptr: U[q * ldu + j] += sum_i ... (accumulate). The nq rows share each
+// pass over the rows of Bt [r, d]: the expansion u = B w + b of nq tokens, dx = A^T dp of nq
+// tokens, and nq rows of a rank update Y += C^T X (BlockedRankUpdate).
 constexpr int64_t kExpandBlock = 4;
 template <typename T>
-HYCAM_ROW_INLINE void expand_block(const T* Bt, const T* bias, const T* W, int64_t nq, int64_t r, int64_t d, T* U,
-                                   int64_t ldu) {
+HYCAM_ROW_INLINE void expand_block(const T* Bt, const T* bias, const T* W, int64_t ldw, int64_t nq, int64_t r,
+                                   int64_t d, T* U, int64_t ldu) {
   for (int64_t q = 0; q < nq; ++q) {
     T* u = U + q * ldu;
-    for (int64_t j = 0; j < d; ++j) u[j] = bias[j];
-    gemv_t(Bt, d, W + q * r, r, u, d);
+    if (bias != nullptr)
+      for (int64_t j = 0; j < d; ++j) u[j] = bias[j];
+    gemv_t(Bt, d, W + q * ldw, r, u, d);
   }
 }
 
@@ -160,13 +163,17 @@ HYCAM_ROW_INLINE void sigmoid_scaled<float>(const float* u, float s, float* sg, 
 // registers (8 or more, to cover the FMA latency) and one load of a Bt row segment feeds NQ tokens.
 // Returns where it stopped (d rounded down to a multiple of 8 * JV).
 template <int NQ, int JV>
-HYCAM_ROW_INLINE int64_t expand_steps(const float* Bt, const float* bias, const float* W, int64_t r, int64_t d,
-                                      float* U, int64_t ldu, int64_t j) {
+HYCAM_ROW_INLINE int64_t expand_steps(const float* Bt, const float* bias, const float* W, int64_t ldw, int64_t r,
+                                      int64_t d, float* U, int64_t ldu, int64_t j) {
   for (; j + 8 * JV <= d; j += 8 * JV) {
     hycam_v8sf acc[NQ][JV];
     for (int v = 0; v < JV; ++v) {
-      const hycam_v8sf bv = load8(bias + j + 8 * v);
-      for (int q = 0; q < NQ; ++q) acc[q][v] = bv;
+      if (bias != nullptr) {
+        const hycam_v8sf bv = load8(bias + j + 8 * v);
+        for (int q = 0; q < NQ; ++q) acc[q][v] = bv;
+      } else {
+        for (int q = 0; q < NQ; ++q) acc[q][v] = load8(U + q * ldu + j + 8 * v);
+      }
     }
     for (int64_t i = 0; i < r; ++i) {
       const float* row = Bt + i * d + j;
@@ -174,7 +181,7 @@ HYCAM_ROW_INLINE int64_t expand_steps(const float* Bt, const float* bias, const 
       __builtin_prefetch(row + 128, 0, 3);
       for (int v = 0; v < JV; ++v) {
         const hycam_v8sf x = load8(row + 8 * v);
-        for (int q = 0; q < NQ; ++q) acc[q][v] += W[q * r + i] * x;
+        for (int q = 0; q < NQ; ++q) acc[q][v] += W[q * ldw + i] * x;
       }
     }
     for (int q = 0; q < NQ; ++q)
@@ -184,28 +191,28 @@ HYCAM_ROW_INLINE int64_t expand_steps(const float* Bt, const float* bias, const 
 }
 
 template <int NQ>
-HYCAM_ROW_INLINE void expand_block_v8(const float* Bt, const float* bias, const float* W, int64_t r, int64_t d,
-                                      float* U, int64_t ldu) {
+HYCAM_ROW_INLINE void expand_block_v8(const float* Bt, const float* bias, const float* W, int64_t ldw, int64_t r,
+                                      int64_t d, float* U, int64_t ldu) {
   constexpr int kJV = NQ == 1 ? 8 : NQ == 2 ? 4 : NQ == 3 ? 3 : 2;
-  int64_t j = expand_steps<NQ, kJV>(Bt, bias, W, r, d, U, ldu, 0);
-  j = expand_steps<NQ, 1>(Bt, bias, W, r, d, U, ldu, j);
+  int64_t j = expand_steps<NQ, kJV>(Bt, bias, W, ldw, r, d, U, ldu, 0);
+  j = expand_steps<NQ, 1>(Bt, bias, W, ldw, r, d, U, ldu, j);
   for (; j < d; ++j)
     for (int q = 0; q < NQ; ++q) {
-      float acc = bias[j];
-      for (int64_t i = 0; i < r; ++i) acc += W[q * r + i] * Bt[i * d + j];
+      float acc = bias != nullptr ? bias[j] : U[q * ldu + j];
+      for (int64_t i = 0; i < r; ++i) acc += W[q * ldw + i] * Bt[i * d + j];
       U[q * ldu + j] = acc;
     }
 }
 
 template <>
-HYCAM_ROW_INLINE void expand_block<float>(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r,
-                                          int64_t d, float* U, int64_t ldu) {
-  static_assert(kExpandBlock == 4, "expand_block<float> handles up to 4 tokens");
+HYCAM_ROW_INLINE void expand_block<float>(const float* Bt, const float* bias, const float* W, int64_t ldw, int64_t nq,
+                                          int64_t r, int64_t d, float* U, int64_t ldu) {
+  static_assert(kExpandBlock == 4, "expand_block<float> handles up to 4 rows");
   switch (nq) {
-    case 4: expand_block_v8<4>(Bt, bias, W, r, d, U, ldu); break;
-    case 3: expand_block_v8<3>(Bt, bias, W, r, d, U, ldu); break;
-    case 2: expand_block_v8<2>(Bt, bias, W, r, d, U, ldu); break;
-    case 1: expand_block_v8<1>(Bt, bias, W, r, d, U, ldu); break;
+    case 4: expand_block_v8<4>(Bt, bias, W, ldw, r, d, U, ldu); break;
+    case 3: expand_block_v8<3>(Bt, bias, W, ldw, r, d, U, ldu); break;
+    case 2: expand_block_v8<2>(Bt, bias, W, ldw, r, d, U, ldu); break;
+    case 1: expand_block_v8<1>(Bt, bias, W, ldw, r, d, U, ldu); break;
     default: break;
   }
 }
@@ -304,8 +311,8 @@ float dot_f(const float* a, const float* b, int64_t n);
 void gemv_t_f(const float* M, int64_t ldm, const float* c, int64_t m, float* y, int64_t n);
 void gemv_n_f(const float* M, int64_t ldm, const float* x, int64_t m, int64_t n, float* out);
 void dots4_f(const float* X, int64_t ldx, const float* A, int64_t lda, int64_t m, int64_t n, float* C);
-void expand_block_f(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r, int64_t d, float* U,
-                    int64_t ldu);
+void expand_block_f(const float* Bt, const float* bias, const float* W, int64_t ldw, int64_t nq, int64_t r,
+                    int64_t d, float* U, int64_t ldu);
 void sigmoid_scaled_f(const float* u, float s, float* sg, int64_t n);
 void gate_accum_from_sigmoid_f(const float* u, const float* sg, float s, float g, float* spec, int64_t n);
 float gate_dot_f(const float* gc, const float* u, const float* sg, float s, int64_t n);
@@ -329,9 +336,9 @@ struct R {
   static void dots4(const T* X, int64_t ldx, const T* A, int64_t lda, int64_t m, int64_t n, T* C) {
     rows::dots4(X, ldx, A, lda, m, n, C);
   }
-  static void expand_block(const T* Bt, const T* bias, const T* W, int64_t nq, int64_t r, int64_t d, T* U,
-                           int64_t ldu) {
-    rows::expand_block(Bt, bias, W, nq, r, d, U, ldu);
+  static void expand_block(const T* Bt, const T* bias, const T* W, int64_t ldw, int64_t nq, int64_t r, int64_t d,
+                           T* U, int64_t ldu) {
+    rows::expand_block(Bt, bias, W, ldw, nq, r, d, U, ldu);
   }
   static void sigmoid_scaled(const T* u, T s, T* sg, int64_t n) { rows::sigmoid_scaled(u, s, sg, n); }
   static void gate_accum_from_sigmoid(const T* u, const T* sg, T s, T g, T* spec, int64_t n) {
@@ -364,9 +371,9 @@ struct R<float> {
   static void dots4(const float* X, int64_t ldx, const float* A, int64_t lda, int64_t m, int64_t n, float* C) {
     dots4_f(X, ldx, A, lda, m, n, C);
   }
-  static void expand_block(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r, int64_t d,
-                           float* U, int64_t ldu) {
-    expand_block_f(Bt, bias, W, nq, r, d, U, ldu);
+  static void expand_block(const float* Bt, const float* bias, const float* W, int64_t ldw, int64_t nq, int64_t r,
+                           int64_t d, float* U, int64_t ldu) {
+    expand_block_f(Bt, bias, W, ldw, nq, r, d, U, ldu);
   }
   static void sigmoid_scaled(const float* u, float s, float* sg, int64_t n) { sigmoid_scaled_f(u, s, sg, n); }
   static void gate_accum_from_sigmoid(const float* u, const float* sg, float s, float g, float* spec, int64_t n) {
@@ -408,7 +415,8 @@ struct BlockedRankUpdate {
   // Y [m, d] += C^T X; ysum [d] (optional) += sum of the rows.
   void flush(T* Y, T* ysum) {
     if (n == 0) return;
-    for (int64_t i = 0; i < m; ++i) R<T>::gemv_t(X.data(), d, C.data() + i * cap, n, Y + i * d, d);
+    for (int64_t i = 0; i < m; i += kExpandBlock)  // kExpandBlock rows of Y per pass over X
+      R<T>::expand_block(X.data(), nullptr, C.data() + i * cap, cap, std::min(kExpandBlock, m - i), n, d, Y + i * d, d);
     if (ysum) R<T>::gemv_t(X.data(), d, ones.data(), n, ysum, d);
     n = 0;
   }

@@ -27,9 +27,9 @@ HYCAM_CLONES void dots4_f(const float* X, int64_t ldx, const float* A, int64_t l
   dots4(X, ldx, A, lda, m, n, C);
 }
 
-HYCAM_CLONES void expand_block_f(const float* Bt, const float* bias, const float* W, int64_t nq, int64_t r, int64_t d,
-                                 float* U, int64_t ldu) {
-  expand_block(Bt, bias, W, nq, r, d, U, ldu);
+HYCAM_CLONES void expand_block_f(const float* Bt, const float* bias, const float* W, int64_t ldw, int64_t nq, int64_t r,
+                                 int64_t d, float* U, int64_t ldu) {
+  expand_block(Bt, bias, W, ldw, nq, r, d, U, ldu);
 }
 
 HYCAM_CLONES void sigmoid_scaled_f(const float* u, float s, float* sg, int64_t n) { sigmoid_scaled(u, s, sg, n); }

@@ -84,7 +84,12 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
       dn_part(chunks.n * KR, 0);
 
   at::parallel_for(0, chunks.n, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> dxrow(d), dwk(r), dp(r);
+    constexpr int64_t kEB = rows::kExpandBlock;
+    // DP [kEB, KR]: dp of a block of tokens (zero where unrouted); DX [kEB, d]: their dx, summed
+    // over the specialists routed for any of them, one pass over A_k per specialist
+    std::vector<acc_t> DP(kEB * KR), DX(kEB * d), dwk(r);
+    std::vector<int64_t> routed(K);            // tokens of the block routed to k
+    std::vector<char> routed_mask(kEB * K);
     // dA_k += dp_k x^T, gathered per specialist over blocks of tokens
     std::vector<rows::BlockedRankUpdate<acc_t>> dAk(K, rows::BlockedRankUpdate<acc_t>(r, d, 16));
     for (int64_t c = c0; c < c1; ++c) {
@@ -92,27 +97,47 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
       acc_t* dac = da_part.data() + c * KR;
       acc_t* dNc = dN_part.data() + c * nN;
       acc_t* dnc = dn_part.data() + c * KR;
-      for (int64_t t = chunks.begin(c); t < chunks.end(c); ++t) {
-        std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
-        for (int64_t k = 0; k < K; ++k) {
-          bool any = false;
-          for (int64_t i = 0; i < r; ++i) {
-            dwk[i] = static_cast<acc_t>(dwp[idx_tkr(t, k, i, K, r)]);
-            any = any || dwk[i] != acc_t(0);
+      for (int64_t tb = chunks.begin(c); tb < chunks.end(c); tb += kEB) {
+        const int64_t nt = std::min(kEB, chunks.end(c) - tb);
+        std::fill(DP.begin(), DP.end(), acc_t(0));
+        std::fill(routed.begin(), routed.end(), 0);
+        std::fill(routed_mask.begin(), routed_mask.end(), 0);
+        for (int64_t q = 0; q < nt; ++q) {
+          const int64_t t = tb + q;
+          for (int64_t k = 0; k < K; ++k) {
+            bool any = false;
+            for (int64_t i = 0; i < r; ++i) {
+              dwk[i] = static_cast<acc_t>(dwp[idx_tkr(t, k, i, K, r)]);
+              any = any || dwk[i] != acc_t(0);
+            }
+            if (!any) continue;  // specialist k not routed for token t
+            ++routed[k];
+            routed_mask[q * K + k] = 1;
+            const scalar_t* ptk = pp + idx_tkr(t, k, 0, K, r);
+            for (int64_t i = 0; i < r; ++i) {
+              dnc[k * r + i] += dwk[i];
+              for (int64_t m = 0; m < r; ++m) dNc[(k * r + i) * r + m] += dwk[i] * static_cast<acc_t>(ptk[m]);
+            }
+            acc_t* dp = DP.data() + q * KR + k * r;
+            mix_rank_backward<scalar_t, acc_t>(Np + k * r * r, dwk.data(), dp, r);
+            for (int64_t i = 0; i < r; ++i) dac[k * r + i] += dp[i];
+            cpu::widen_row(xp + t * d, dAk[k].push(dp), d);  // the x row, straight into the block
+            if (dAk[k].full()) dAk[k].flush(dAc + k * r * d, nullptr);
           }
-          if (!any) continue;  // specialist k not routed for token t
-          const scalar_t* ptk = pp + idx_tkr(t, k, 0, K, r);
-          for (int64_t i = 0; i < r; ++i) {
-            dnc[k * r + i] += dwk[i];
-            for (int64_t m = 0; m < r; ++m) dNc[(k * r + i) * r + m] += dwk[i] * static_cast<acc_t>(ptk[m]);
-          }
-          mix_rank_backward<scalar_t, acc_t>(Np + k * r * r, dwk.data(), dp.data(), r);
-          rows::R<acc_t>::gemv_t(Aw.ptr + k * r * d, d, dp.data(), r, dxrow.data(), d);
-          for (int64_t i = 0; i < r; ++i) dac[k * r + i] += dp[i];
-          cpu::widen_row(xp + t * d, dAk[k].push(dp.data()), d);  // the x row, straight into the block
-          if (dAk[k].full()) dAk[k].flush(dAc + k * r * d, nullptr);
         }
-        for (int64_t j = 0; j < d; ++j) dxp[t * d + j] = static_cast<scalar_t>(dxrow[j]);
+        std::fill(DX.begin(), DX.end(), acc_t(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t* Ak = Aw.ptr + k * r * d;
+          if (routed[k] == nt) {  // every token of the block (soft routing): one pass over A_k
+            rows::R<acc_t>::expand_block(Ak, nullptr, DP.data() + k * r, KR, nt, r, d, DX.data(), d);
+          } else if (routed[k] > 0) {  // hard routing: only the tokens routed to k, one by one
+            for (int64_t q = 0; q < nt; ++q)
+              if (routed_mask[q * K + k])
+                rows::R<acc_t>::gemv_t(Ak, d, DP.data() + q * KR + k * r, r, DX.data() + q * d, d);
+          }
+        }
+        for (int64_t q = 0; q < nt; ++q)
+          for (int64_t j = 0; j < d; ++j) dxp[(tb + q) * d + j] = static_cast<scalar_t>(DX[q * d + j]);
       }
       for (int64_t k = 0; k < K; ++k) dAk[k].flush(dAc + k * r * d, nullptr);
     }
