@@ -2,7 +2,8 @@
 eager, torch.compile(ReferenceHyCAM) and a peft LoRA layer of the same trainable budget.
 
     python -m benchmarks.bench --quick                 # a few shapes on whatever device is present
-    python -m benchmarks.bench --device cuda --sweep   # T, d, K, r sweeps around d=4096, T=8192
+    python -m benchmarks.bench --device cuda           # T, d, K, r sweeps around d=4096, T=8192
+    python -m benchmarks.bench --shapes 2048x1024x4x64,8192x1024x4x16   # given T x d x K x r
     python -m benchmarks.bench --help
 
 Writes a table to stdout, and results.json + speedup.png under --out (benchmarks/results/<date>)."""
@@ -39,7 +40,19 @@ class Shape:
         return f"T={self.T} d={self.d} K={self.K} r={self.r}"
 
 
+def parse_shapes(text: str) -> List[Shape]:
+    out = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise SystemExit(f"--shapes: '{item}' is not TxdxKxr with positive integers (e.g. 2048x1024x4x16)")
+        out.append(Shape(*(int(p) for p in parts)))
+    return out
+
+
 def shapes_for(args) -> List[Shape]:
+    if args.shapes:
+        return parse_shapes(args.shapes)
     if args.quick:
         if args.device == "cuda":
             return [Shape(2048, 4096, 4, 16), Shape(8192, 4096, 4, 16)]
@@ -295,6 +308,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--quick", action="store_true", help="two shapes, the main job's preset")
     ap.add_argument("--full", action="store_true", help="the full T x d x K x r product (long)")
+    ap.add_argument("--shapes", default=None, help="comma list of TxdxKxr, e.g. 2048x1024x4x64 (overrides the presets)")
     ap.add_argument("--impls", default="hycam,reference,compiled,lora")
     ap.add_argument("--no-ops", action="store_true", help="skip the per-op rows")
     ap.add_argument("--reps", type=int, default=None)

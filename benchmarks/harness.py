@@ -5,7 +5,10 @@ CPU: the same loop with perf_counter. Peak memory: torch.cuda.max_memory_allocat
 the profiler's allocation trace on CPU."""
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Dict
 
@@ -61,13 +64,29 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     running = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
         running += e.self_cpu_memory_usage
         peak = max(peak, running)
     return peak
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Kineto prints a start and a stop line to the process's stderr (file descriptor 2, from C++)
+    for every profiled region, whatever its log level; hide them, and only them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int = 1 << 28) -> float:
