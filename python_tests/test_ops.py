@@ -239,6 +239,59 @@ def test_deterministic_bitwise(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("d", [72, 203])
+def test_per_token_results_do_not_depend_on_the_batch(device, hard, d):
+    """A token's per-token outputs are bitwise the same whichever tokens share its call (kernels
+    group tokens into blocks and windows): splitting a batch over ranks or micro-batches, or a
+    different thread count, never changes them."""
+    T, K, r = 37, 3, 16
+    h, a, z, w, B, b, g = [None if t is None else t.detach().float()
+                           for t in op_inputs(T=T, d=d, K=K, r=r, device=device, hard=hard)]
+    go = torch.randn_like(h)
+    x = torch.randn(T, d, device=device)
+    A, Ab = torch.randn(K, r, d, device=device) * 0.1, torch.randn(K, r, device=device)
+    N, Nb = torch.randn(K, r, r, device=device) * 0.2, torch.randn(K, r, device=device)
+    dw = torch.randn(T, K, r, device=device) * (g.unsqueeze(-1) != 0)
+    cam_f = torch.ops.hycam.cam_forward(h, a, z, w, B, b, g, SCALE, 0)
+    cam_b = torch.ops.hycam.cam_backward(go, h, a, z, w, B, b, g, SCALE, 0)
+    p, wv = torch.ops.hycam.shrink(x, A, Ab, N, Nb)
+    dx = torch.ops.hycam.shrink_backward(dw, x, p, A, N)[0]
+    for s0, s1 in ((0, 5), (3, 20), (17, 37), (1, 2)):
+        sl = slice(s0, s1)
+        assert torch.equal(torch.ops.hycam.cam_forward(h[sl], a[sl], z[sl], w[sl], B, b, g[sl], SCALE, 0), cam_f[sl])
+        part = torch.ops.hycam.cam_backward(go[sl], h[sl], a[sl], z[sl], w[sl], B, b, g[sl], SCALE, 0)
+        for i in range(4):  # d_main, dz, dg, dw
+            assert torch.equal(part[i], cam_b[i][sl]), i
+        ps, ws = torch.ops.hycam.shrink(x[sl], A, Ab, N, Nb)
+        assert torch.equal(ps, p[sl]) and torch.equal(ws, wv[sl])
+        assert torch.equal(torch.ops.hycam.shrink_backward(dw[sl], x[sl], p[sl], A, N)[0], dx[sl])
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """DDP ranks under torchrun run one intra-op thread, a single process several: the CPU kernels
+    give bitwise the same results either way (fixed token chunks, per-token arithmetic)."""
+    T, d, K, r = 301, 200, 4, 16
+    h, a, z, w, B, b, g = [None if t is None else t.detach().float() for t in op_inputs(T=T, d=d, K=K, r=r)]
+    go, x = torch.randn_like(h), torch.randn(T, d)
+    A, Ab, N, Nb = torch.randn(K, r, d) * 0.1, torch.randn(K, r), torch.randn(K, r, r) * 0.2, torch.randn(K, r)
+    dw = torch.randn(T, K, r)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, before)):
+            torch.set_num_threads(n)
+            p, wv = torch.ops.hycam.shrink(x, A, Ab, N, Nb)
+            results.append([torch.ops.hycam.cam_forward(h, a, z, w, B, b, g, SCALE, 0), p, wv,
+                            *torch.ops.hycam.cam_backward(go, h, a, z, w, B, b, g, SCALE, 0),
+                            *torch.ops.hycam.shrink_backward(dw, x, p, A, N)])
+    finally:
+        torch.set_num_threads(before)
+    for u, v in zip(*results):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_nan_inf_propagate_like_reference(device):
     args = list(op_inputs(T=4, d=17, K=3, r=4, device=device, requires_grad=False))
     args[0][1, 3] = float("nan")

@@ -131,9 +131,11 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
           if (routed[k] == nt) {  // every token of the block (soft routing): one pass over A_k
             rows::R<acc_t>::expand_block(Ak, nullptr, DP.data() + k * r, KR, nt, r, d, DX.data(), d);
           } else if (routed[k] > 0) {  // hard routing: only the tokens routed to k, one by one
+            // (the same kernel with nq = 1: a token's dx never depends on its neighbours)
             for (int64_t q = 0; q < nt; ++q)
               if (routed_mask[q * K + k])
-                rows::R<acc_t>::gemv_t(Ak, d, DP.data() + q * KR + k * r, r, DX.data() + q * d, d);
+                rows::R<acc_t>::expand_block(Ak, nullptr, DP.data() + q * KR + k * r, KR, 1, r, d, DX.data() + q * d,
+                                             d);
           }
         }
         for (int64_t q = 0; q < nt; ++q)
