@@ -83,7 +83,11 @@ def _assert_same_run(single, dist_metrics, single_out, dist_out):
     sa, sb = _adapter(single_out / "adapter"), _adapter(dist_out / "adapter")
     assert set(sa) == set(sb)
     err = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
-    assert err < 1e-6, err
+    # usually 0; with grad accumulation + reentrant checkpointing the DDP run varies run to run by
+    # up to ~1e-6 after three Adam steps (measured; seen with the kernels of both sessions, which
+    # are bitwise batch- and thread-invariant, see test_ops), so 1e-5: a real mismatch (a wrong
+    # loss scale or a skipped micro-batch) moves the weights by more than 1e-4
+    assert err < 1e-5, err
     assert max(float(v.abs().max()) for v in sb.values()) > 1e-3     # it did train
     # eval: token sums reduced over ranks; each rank batches its own slice, so padding (and the
     # masked attention's reduction length) differs from the single run: float32 noise, ~1e-7
