@@ -76,7 +76,8 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 @contextlib.contextmanager
 def _stderr_silenced():
     """Kineto prints a start and a stop line to the process's stderr (file descriptor 2, from C++)
-    for every profiled region, whatever its log level; hide them, and only them."""
+    for every profiled region, whatever its log level: stderr is silenced for the profiled region
+    only (a Python exception raised in it still propagates and is printed afterwards)."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
