@@ -123,11 +123,6 @@ inline void warp_uniform(uintptr_t v, const char* what) {
 }
 }  // namespace hycam_emu
 
-inline void __syncwarp(unsigned mask = 0xffffffffu) {
-  if (mask != 0xffffffffu) std::abort();
-  hycam_emu::warp_sync();
-}
-
 // cuda_fp16.h / cuda_bf16.h storage types and the explicit conversions the kernels use (torch
 // builds CUDA with implicit half/bfloat16 conversions disabled, so the kernels never rely on them).
 struct __half {

@@ -45,13 +45,11 @@ void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bi
       for (int64_t q = nt; q < kTokenBlock; ++q) std::fill(xb.begin() + q * d, xb.begin() + (q + 1) * d, acc_t(0));
       std::fill(pacc.begin(), pacc.end(), acc_t(0));
       rows::R<acc_t>::dots4(xb.data(), d, Aw.ptr, d, KR, d, pacc.data());  // each row of A read once per block
-      for (int64_t q = 0; q < nt; ++q)
-        for (int64_t o = 0; o < KR; ++o) pacc[q * KR + o] += abp ? static_cast<acc_t>(abp[o]) : acc_t(0);
       for (int64_t q = 0; q < nt; ++q) {
         const int64_t t = t0 + q;
         for (int64_t k = 0; k < K; ++k) {
           for (int64_t i = 0; i < r; ++i) {
-            const acc_t v = pacc[q * KR + k * r + i];
+            const acc_t v = pacc[q * KR + k * r + i] + (abp ? static_cast<acc_t>(abp[k * r + i]) : acc_t(0));
             pp[idx_tkr(t, k, i, K, r)] = static_cast<scalar_t>(v);
             // N acts on p as stored (rounded to scalar_t), as a chain of layers would
             pk[i] = static_cast<acc_t>(static_cast<scalar_t>(v));

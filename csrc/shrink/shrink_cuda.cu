@@ -36,16 +36,13 @@ struct MmaType<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// Read on every call (cheap), so that tests can compare both paths in one process.
-bool tensor_cores_enabled() {
+// half/bfloat16 on sm_80+, unless HYCAM_TENSOR_CORES=0 (read on every call, so that tests can
+// compare both paths in one process).
+bool use_tensor_cores(at::ScalarType st) {
+  if (st != at::kHalf && st != at::kBFloat16) return false;
   const char* v = std::getenv("HYCAM_TENSOR_CORES");
   if (v != nullptr && std::string(v) == "0") return false;
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
-}
-
-template <typename S>
-bool use_tensor_cores() {
-  return !std::is_void_v<typename MmaType<S>::type> && tensor_cores_enabled();
 }
 
 template <typename M, typename S>
@@ -54,7 +51,7 @@ Operand<M> operand(const S* p, int64_t ld) {
 }
 
 // Tensor-core launches, templates of the torch dtype S so that `if constexpr` drops them for
-// float/double (only reached when use_tensor_cores<S>()).
+// float/double (only reached when use_tensor_cores(dtype)).
 template <typename S>
 void launch_shrink_tc(const S* x, const S* A, const S* ab, S* p, int64_t T, int64_t d, int64_t KR,
                       cudaStream_t stream) {
@@ -101,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Te
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ab = (A_bias.has_value() && A_bias->defined()) ? A_bias->data_ptr<scalar_t>() : nullptr;
     const scalar_t* nb = (N_bias.has_value() && N_bias->defined()) ? N_bias->data_ptr<scalar_t>() : nullptr;
-    if (use_tensor_cores<scalar_t>()) {
+    if (use_tensor_cores(x.scalar_type())) {
       launch_shrink_tc<scalar_t>(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), ab, p.data_ptr<scalar_t>(), T, d, KR,
                                  stream);
     } else {
@@ -128,9 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto dx = at::empty_like(x);
   auto dp = at::empty({T, KR}, x.options().dtype(acc_type));
-  bool tc = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_backward_cuda",
-                                  [&] { tc = use_tensor_cores<scalar_t>(); });
+  const bool tc = use_tensor_cores(x.scalar_type());
   const auto cfg = shrink_backward_config(T, d, K, r, cuda::num_sms(), tc);
   const int64_t nO = cfg.nO, nJ = cfg.nJ, S = cfg.S, per_split = cfg.per_split, nq = cfg.nq;
   auto pA = at::empty({S, KR, d}, x.options().dtype(acc_type));

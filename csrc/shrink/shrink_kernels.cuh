@@ -168,6 +168,7 @@ HYCAM_GLOBAL void small_reductions_kernel(const acc_t* __restrict__ dp, const sc
 constexpr int kMThreads = 128;
 constexpr int kMM = 64, kMN = 64, kMK = 32;
 constexpr int kPad = 8;  // keeps every wmma tile pointer 32-byte aligned and spreads banks
+constexpr int kCS = kMN + 4;  // row stride of the float result tile
 
 // Copy the [R, C] window at (r0, c0) of a row-major global matrix (row stride ld, valid while
 // row < r_end and col < c_end) into s (row stride C + kPad), zero outside.
@@ -209,13 +210,12 @@ inline Operand<T> make_operand(const T* p, int64_t ld) {
 
 // kLmq: L is stored [m][q] in global memory (else [q][m]); kRnq: R is stored [n][q] (else [q][n]).
 // m < m_end, n < n_end, q in [q_begin, q_end). Returns the block's [kMM][kMN + 4] float tile in
-// shared memory, readable by all threads on return.
+// shared memory (row stride kCS), readable by all threads on return.
 template <bool kLmq, bool kRnq, typename T>
 HYCAM_DEVICE const float* tc_gemm(Operand<T> L, Operand<T> R, int64_t m0, int64_t m_end, int64_t n0, int64_t n_end,
                                   int64_t q_begin, int64_t q_end) {
   constexpr int kLS = kLmq ? kMK + kPad : kMM + kPad;  // row stride of the staged L
   constexpr int kRS = kRnq ? kMK + kPad : kMN + kPad;
-  constexpr int kCS = kMN + 4;
   struct alignas(32) Smem {
     T L[kLmq ? kMM * kLS : kMK * kLS];
     T R[kRnq ? kMN * kRS : kMK * kRS];
@@ -266,6 +266,15 @@ HYCAM_DEVICE const float* tc_gemm(Operand<T> L, Operand<T> R, int64_t m0, int64_
   return sm.C;
 }
 
+// store(m, n, value) for every element of the block's result tile at (m0, n0) inside the matrix.
+template <typename Store>
+HYCAM_DEVICE void tile_epilogue(const float* C, int64_t m0, int64_t m_end, int64_t n0, int64_t n_end, Store store) {
+  for (int e = threadIdx.x; e < kMM * kMN; e += kMThreads) {
+    const int mm = e / kMN, nn = e % kMN;
+    if (m0 + mm < m_end && n0 + nn < n_end) store(m0 + mm, n0 + nn, C[mm * kCS + nn]);
+  }
+}
+
 // p[t, o] = a[o] + sum_j x[t, j] A[o, j]; grid (ceil(T / kMM), ceil(KR / kMN)).
 template <typename T>
 HYCAM_GLOBAL void shrink_tc_kernel(Operand<T> x, Operand<T> A, const T* __restrict__ ab, T* __restrict__ p,
@@ -273,11 +282,9 @@ HYCAM_GLOBAL void shrink_tc_kernel(Operand<T> x, Operand<T> A, const T* __restri
 #if HYCAM_MMA_AVAILABLE
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kMM), o0 = blockIdx.y * static_cast<int64_t>(kMN);
   const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/true>(x, A, t0, T_, o0, KR, 0, d);
-  for (int e = threadIdx.x; e < kMM * kMN; e += kMThreads) {
-    const int mm = e / kMN, nn = e % kMN;
-    const int64_t t = t0 + mm, o = o0 + nn;
-    if (t < T_ && o < KR) mma::from_float(C[mm * (kMN + 4) + nn] + (ab ? mma::to_float(ab[o]) : 0.f), p[t * KR + o]);
-  }
+  tile_epilogue(C, t0, T_, o0, KR, [&](int64_t t, int64_t o, float v) {
+    mma::from_float(v + (ab ? mma::to_float(ab[o]) : 0.f), p[t * KR + o]);
+  });
 #endif
 }
 
@@ -287,11 +294,7 @@ HYCAM_GLOBAL void dx_tc_kernel(Operand<T> dp, Operand<T> A, T* __restrict__ dx, 
 #if HYCAM_MMA_AVAILABLE
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kMM), j0 = blockIdx.y * static_cast<int64_t>(kMN);
   const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/false>(dp, A, t0, T_, j0, d, 0, KR);
-  for (int e = threadIdx.x; e < kMM * kMN; e += kMThreads) {
-    const int mm = e / kMN, nn = e % kMN;
-    const int64_t t = t0 + mm, j = j0 + nn;
-    if (t < T_ && j < d) mma::from_float(C[mm * (kMN + 4) + nn], dx[t * d + j]);
-  }
+  tile_epilogue(C, t0, T_, j0, d, [&](int64_t t, int64_t j, float v) { mma::from_float(v, dx[t * d + j]); });
 #endif
 }
 
@@ -303,11 +306,7 @@ HYCAM_GLOBAL void dA_tc_kernel(Operand<T> dp, Operand<T> x, float* __restrict__ 
   const int64_t o0 = blockIdx.x * static_cast<int64_t>(kMM), j0 = blockIdx.y * static_cast<int64_t>(kMN);
   const int64_t split = blockIdx.z, ts0 = split * per_split, ts1 = min(T_, ts0 + per_split);
   const float* C = tc_gemm</*kLmq=*/false, /*kRnq=*/false>(dp, x, o0, KR, j0, d, ts0, ts1);
-  for (int e = threadIdx.x; e < kMM * kMN; e += kMThreads) {
-    const int mm = e / kMN, nn = e % kMN;
-    const int64_t o = o0 + mm, j = j0 + nn;
-    if (o < KR && j < d) part[(split * KR + o) * d + j] = C[mm * (kMN + 4) + nn];
-  }
+  tile_epilogue(C, o0, KR, j0, d, [&](int64_t o, int64_t j, float v) { part[(split * KR + o) * d + j] = v; });
 #endif
 }
 

@@ -68,6 +68,20 @@ void cmp(const char* what, const S* got, const std::vector<double>& ref, double 
   }
 }
 
+// dp[t, k, m] = sum_i N[k, i, m] dw[t, k, i] in float64 (the shrink backward's first step).
+template <class S>
+std::vector<double> dp_reference(const std::vector<S>& N, const std::vector<S>& dw, int64_t T, int64_t K, int64_t r) {
+  std::vector<double> dp(T * K * r);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t m = 0; m < r; ++m) {
+        double v = 0;
+        for (int64_t i = 0; i < r; ++i) v += as_double(N[(k * r + i) * r + m]) * as_double(dw[(t * K + k) * r + i]);
+        dp[(t * K + k) * r + m] = v;
+      }
+  return dp;
+}
+
 template <class S>
 std::vector<S> sum_partials(const std::vector<S>& part, int64_t S_, int64_t n) {
   std::vector<S> out(n, S(0));
@@ -201,14 +215,8 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
   cmp("p", pg.data(), p, tol);
   cmp("w", wg.data(), w, tol);
   // backward reference (p as stored, like the op)
-  std::vector<double> dp(T * KR), dx(T * d, 0), dA(KR * d, 0), da(KR, 0), dN(K * r * r, 0), dn(KR, 0);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t m = 0; m < r; ++m) {
-        double v = 0;
-        for (int64_t i = 0; i < r; ++i) v += double(N[(k * r + i) * r + m]) * double(dw[t * KR + k * r + i]);
-        dp[t * KR + k * r + m] = v;
-      }
+  const std::vector<double> dp = dp_reference(N, dw, T, K, r);
+  std::vector<double> dx(T * d, 0), dA(KR * d, 0), da(KR, 0), dN(K * r * r, 0), dn(KR, 0);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t o = 0; o < KR; ++o) {
       da[o] += dp[t * KR + o];
@@ -295,14 +303,8 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
   std::vector<M> dplo(T * KR, M(NAN)), dxg(T * d, M(NAN));
   launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
          [&] { dp_kernel<M, float>(dw.data(), N.data(), dpg.data(), dplo.data(), T, K, r); });
-  std::vector<double> dp(T * KR), dpr(T * KR);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t m = 0; m < r; ++m) {
-        double v = 0;
-        for (int64_t i = 0; i < r; ++i) v += f(N[(k * r + i) * r + m]) * f(dw[t * KR + k * r + i]);
-        dp[t * KR + k * r + m] = v;
-      }
+  const std::vector<double> dp = dp_reference(N, dw, T, K, r);
+  std::vector<double> dpr(T * KR);
   cmp("dp", dpg.data(), dp, 1e-5);
   cmp("dp_lo", dplo.data(), dp, out_tol);
   for (int64_t q = 0; q < T * KR; ++q) dpr[q] = f(dplo[q]);  // dx and dA are products of the rounded dp
