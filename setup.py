@@ -1,7 +1,7 @@
 """Build hycam_ext: one extension module, hycam_ext._C (C++ CPU kernels always, CUDA kernels when
-nvcc and a CUDA build of torch are present).
-
-Install with `pip install --no-build-isolation .` (the build needs the torch you run with).
+nvcc and a CUDA build of torch are present). Metadata lives in pyproject.toml, sources and flags in
+buildsys/build_config.py; `pip install .` works with and without build isolation
+(buildsys/hycam_backend.py explains how the build finds torch).
 
 Environment switches:
   HYCAM_FORCE_CPU=1          skip the CUDA kernels (fast local iteration; CPU kernels only)
@@ -9,15 +9,21 @@ Environment switches:
   CUDA_HOME                  toolkit root; found from nvcc on PATH when unset (wrapper scripts followed)
   MAX_JOBS                   parallel compile jobs (ninja)
 """
+import datetime
 import glob
+import json
 import os
+import platform
 import re
 import shutil
+import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "buildsys"))
+import build_config as cfg  # noqa: E402
 
 
 def _truthy(name):
@@ -46,33 +52,14 @@ def _find_cuda_home():
     return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
 
 
-cuda_home = None if _truthy("HYCAM_FORCE_CPU") else _find_cuda_home()
-if cuda_home:
-    os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
-
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
-with_cuda = bool(cuda_home) and torch.version.cuda is not None and not _truthy("HYCAM_FORCE_CPU")
-
-
-def _arch_flags():
-    archs = os.environ.get("HYCAM_CUDA_ARCHS", "80;90")
-    flags = []
-    for a in filter(None, re.split(r"[;, ]+", archs)):
-        ptx = a.endswith("+PTX")
-        a = a.replace("+PTX", "").replace(".", "")
-        if not a.isdigit():
-            sys.exit(f"HYCAM_CUDA_ARCHS: cannot parse '{a}' (expected e.g. '80;90' or '90+PTX')")
-        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-        if ptx:
-            flags += ["-gencode", f"arch=compute_{a},code=compute_{a}"]
-    if not flags:
-        sys.exit("HYCAM_CUDA_ARCHS is empty")
-    # torch must not guess an arch list (it cannot without a GPU, and ours is explicit)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(
-        f"{int(a[:-1])}.{a[-1]}" for a in re.findall(r"sm_(\d+)", " ".join(flags))))
-    return flags
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
 
 
 def _nvidia_wheel_includes():
@@ -86,45 +73,70 @@ def _nvidia_wheel_includes():
     return dirs
 
 
-sources = [os.path.relpath(p, ROOT) for p in sorted(
-    glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "*", "*_cpu.cpp")))]
-cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-Werror=return-type",
-             "-Werror=unused-variable", "-Werror=unused-but-set-variable"]
-define_macros = []
-include_dirs = [os.path.join(ROOT, "csrc")]
-ext_kwargs = {}
+cuda_home = None if _truthy("HYCAM_FORCE_CPU") else _find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = bool(cuda_home) and torch.version.cuda is not None and not _truthy("HYCAM_FORCE_CPU")
+try:
+    cuda_archs = cfg.parse_cuda_archs(os.environ.get("HYCAM_CUDA_ARCHS", cfg.DEFAULT_CUDA_ARCHS)) if with_cuda else []
+except ValueError as e:
+    sys.exit(str(e))
+
+sources = cfg.cpu_sources()
+include_dirs = [os.path.join(ROOT, d) for d in cfg.INCLUDE_DIRS]
 if with_cuda:
-    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*.cu")))]
-    define_macros.append(("HYCAM_WITH_CUDA", None))
+    sources += cfg.cuda_sources()
     include_dirs += _nvidia_wheel_includes()
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas", "-v",
-                  "-Xcompiler", "-Werror=return-type", "-DHYCAM_WITH_CUDA"] + _arch_flags()
-    ext = CUDAExtension("hycam_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-                        extra_link_args=["-fopenmp"])
+    # torch must not guess an arch list (it cannot without a GPU, and ours is explicit)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{int(a[:-1])}.{a[-1]}" for a, _ in cuda_archs))
+    ext = CUDAExtension("hycam_ext._C", sources, include_dirs=include_dirs,
+                        define_macros=[(cfg.CUDA_DEFINE, None)],
+                        extra_compile_args={"cxx": cfg.CXX_FLAGS,
+                                            "nvcc": cfg.NVCC_FLAGS + [f"-D{cfg.CUDA_DEFINE}"]
+                                            + cfg.gencode_flags(cuda_archs)},
+                        extra_link_args=cfg.LINK_FLAGS)
 else:
-    ext = CppExtension("hycam_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    ext = CppExtension("hycam_ext._C", sources, include_dirs=include_dirs,
+                       extra_compile_args={"cxx": cfg.CXX_FLAGS}, extra_link_args=cfg.LINK_FLAGS)
 
-print(f"hycam_ext: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels"
-      + (f" (CUDA_HOME={cuda_home})" if with_cuda else ""), file=sys.stderr)
 
-setup(
-    name="hycam_ext",
-    version="0.1.0",
-    description="Fast HyCAM (Hybrid Contextual Attention Modulation) kernels for PyTorch",
-    packages=find_packages(include=["hycam_ext", "hycam_ext.*", "benchmarks"]),
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "tqdm"],
-    extras_require={
-        "test": ["pytest", "hypothesis", "expecttest", "numpy"],
-        "hf": ["transformers>=4.57,<6", "safetensors>=0.4", "peft>=0.17", "gguf>=0.10", "matplotlib"],
-        "bench": ["matplotlib", "peft"],
-    },
-    entry_points={"console_scripts": [
-        "hycam-bench=benchmarks.bench:main",
-        "hycam-finetune=hycam_ext.finetune:cli",
-    ]},
-)
+def build_info():
+    """What the binary was built against: hycam_ext/__init__.py refuses to load it into another
+    torch (major.minor or CUDA-ness) and `python -m hycam_ext` prints it."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "with_cuda": with_cuda,
+        "cuda_toolkit": _nvcc_version(cuda_home) if with_cuda else None,
+        "cuda_archs": [{"sm": a, "sass": True, "ptx": ptx} for a, ptx in cuda_archs],
+        "cpu_isa_variants": ["x86-64-v3", "x86-64"] if x86 else [platform.machine()],
+        "python": platform.python_version(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "built": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+class HyCAMBuildExtension(BuildExtension):
+    def build_extensions(self):
+        super().build_extensions()
+        # next to the binary: the build tree for wheels, the source tree for in-place/editable builds
+        dirs = {os.path.dirname(self.get_ext_fullpath("hycam_ext._C"))}
+        if self.inplace or getattr(self, "editable_mode", False):
+            dirs.add(os.path.join(ROOT, "hycam_ext"))  # setuptools copies the binary there afterwards
+        info = build_info()
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "_build_info.json"), "w") as f:
+                json.dump(info, f, indent=1, sort_keys=True)
+
+
+print(f"hycam_ext: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels against torch "
+      f"{torch.__version__}" + (f" (CUDA_HOME={cuda_home}, archs {[a for a, _ in cuda_archs]})" if with_cuda else ""),
+      file=sys.stderr)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": HyCAMBuildExtension})

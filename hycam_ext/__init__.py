@@ -1,4 +1,7 @@
 """hycam_ext: fast HyCAM (Hybrid Contextual Attention Modulation) for PyTorch."""
+from ._version import __version__
+from . import _extension  # checks the binary against the running torch first (ImportError if not)
+from ._extension import KernelsUnavailableError
 from .config import HyCAMConfig
 from .modules import HyCAM, HyCAMAttention, load_balancing_loss, route
 from .convert import convert_official_state_dict
@@ -6,5 +9,5 @@ from . import ops, reference
 from .reference import ReferenceHyCAM
 
 __all__ = ["HyCAMConfig", "HyCAM", "HyCAMAttention", "ReferenceHyCAM", "load_balancing_loss",
-           "convert_official_state_dict", "route", "ops", "reference"]
-__version__ = "0.1.0"
+           "convert_official_state_dict", "route", "ops", "reference", "KernelsUnavailableError",
+           "__version__"]

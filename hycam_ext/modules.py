@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from . import ops
 from ._base import HyCAMParameters, sample_gumbel
 from .config import HyCAMConfig
-from .reference import ReferenceHyCAM
 
 _PLACEMENT_CODE = {"residual": 0, "attention": 1}
 
@@ -34,47 +33,42 @@ def route(logits: torch.Tensor, tau: float, hard: bool, training: bool,
 
 
 class HyCAM(HyCAMParameters):
-    """out = h * CAM(x) (SPEC.md), computed by the hycam_ext kernels (CPU and CUDA).
+    """out = h * CAM(x), computed by the hycam_ext kernels (CPU and CUDA).
 
-    Set ``cfg.use_kernels=False`` (or build without the extension) to compute through the
-    reference formulation instead."""
+    The kernels are required: without a loadable hycam_ext._C every forward raises
+    ``KernelsUnavailableError`` saying why. ``cfg.use_kernels=False`` (or ``HYCAM_USE_REFERENCE=1``)
+    asks for the pure-PyTorch formulation instead (same maths, dense over the specialists)."""
 
     def __init__(self, cfg: HyCAMConfig, device=None, dtype=None):
         super().__init__(cfg, device=device, dtype=dtype)
 
-    def _use_kernels(self) -> bool:
-        return self.cfg.use_kernels and ops.kernels_available()
-
     def _modulate(self, x: torch.Tensor, h_in: torch.Tensor, a: Optional[torch.Tensor],
                   placement: str, gumbel_noise: Optional[torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg
-        if not self._use_kernels():
-            cam = ReferenceHyCAM.cam(self, x, gumbel_noise)
-            if a is None:
-                return h_in * cam
-            return (h_in + a) * cam if placement == "residual" else h_in + a * cam
         # GEMMs and the shrink run in the compute dtype (autocast's when active); the modulation
         # runs in the dtype of the residual stream h_in, so an fp32 stream under bf16 autocast
         # is not rounded to bf16 at every layer.
-        dt = self._compute_dtype(x)
-        ct = h_in.dtype
+        compute_dtype = self._compute_dtype(x)
+        stream_dtype = h_in.dtype
         lead = tuple(x.shape[:-1])
         d, K = cfg.hidden_size, cfg.num_specialists
-        x2 = x.reshape(-1, d).to(dt)
+        x2 = x.reshape(-1, d).to(compute_dtype)
         h2 = h_in.reshape(-1, d)
-        a2 = None if a is None else a.reshape(-1, d).to(ct)
+        a2 = None if a is None else a.reshape(-1, d).to(stream_dtype)
 
-        def p(t, to=dt):
-            return None if t is None else t.to(to)
+        def cast(t, dtype=compute_dtype):
+            return None if t is None else t.to(dtype)
 
-        z = F.linear(x2, p(self.shared_weight), p(self.shared_bias))
-        logits = F.linear(x2, p(self.router_weight), p(self.router_bias))
+        z = F.linear(x2, cast(self.shared_weight), cast(self.shared_bias))
+        logits = F.linear(x2, cast(self.router_weight), cast(self.router_bias))
         noise = None if gumbel_noise is None else gumbel_noise.reshape(-1, K)
         g = route(logits, cfg.tau, cfg.hard, self.training, noise)
         self._record(logits, g, lead)
-        w = ops.shrink(x2, p(self.A), p(self.A_bias), p(self.N), p(self.N_bias))
-        out = ops.cam(h2, a2, z.to(ct), w.to(ct), p(self.B, ct), p(self.B_bias, ct), g.to(ct), cfg.scaling,
-                      _PLACEMENT_CODE[placement])
+        w = ops.shrink(x2, cast(self.A), cast(self.A_bias), cast(self.N), cast(self.N_bias),
+                       use_kernels=cfg.use_kernels)
+        out = ops.cam(h2, a2, z.to(stream_dtype), w.to(stream_dtype), cast(self.B, stream_dtype),
+                      cast(self.B_bias, stream_dtype), g.to(stream_dtype), cfg.scaling,
+                      _PLACEMENT_CODE[placement], use_kernels=cfg.use_kernels)
         return out.reshape(h_in.shape)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor,

@@ -13,47 +13,68 @@ skipped (hard routing computes only the routed one).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-_IMPORT_ERROR: Optional[BaseException] = None
-try:
-    from . import _C  # noqa: F401  (loads the library; registers torch.ops.hycam.*)
-except ImportError as e:  # pragma: no cover - exercised only on a broken install
-    _IMPORT_ERROR = e
-
-
-def kernels_available() -> bool:
-    return _IMPORT_ERROR is None
+from ._extension import (KernelsUnavailableError, kernels_available, reference_requested,  # noqa: F401
+                         require_kernels)
 
 
 def cuda_kernels_available() -> bool:
     return kernels_available() and bool(torch.ops.hycam.built_with_cuda())
 
 
-def _require_kernels() -> None:
-    if _IMPORT_ERROR is not None:
-        raise RuntimeError(f"hycam_ext: the compiled extension hycam_ext._C could not be loaded "
-                           f"({_IMPORT_ERROR}); reinstall with `pip install --no-build-isolation .`")
+def _use_kernels(use_kernels: bool) -> bool:
+    """The one place that decides kernels vs the pure-PyTorch formulation: the reference runs only
+    when asked for (use_kernels=False, or HYCAM_USE_REFERENCE=1); otherwise missing kernels raise."""
+    if not use_kernels or reference_requested():
+        return False
+    require_kernels()
+    return True
 
 
 # ---------------------------------------------------------------------------------------
 # public wrappers (differentiable)
 # ---------------------------------------------------------------------------------------
 def shrink(x: torch.Tensor, A: torch.Tensor, A_bias: Optional[torch.Tensor], N: torch.Tensor,
-           N_bias: Optional[torch.Tensor]) -> torch.Tensor:
+           N_bias: Optional[torch.Tensor], use_kernels: bool = True) -> torch.Tensor:
     """w = N (A x + a) + n for all K specialists in one pass over x: [T, d] -> [T, K, r]."""
-    _require_kernels()
+    if not _use_kernels(use_kernels):
+        return _shrink_torch(x, A, A_bias, N, N_bias)
     return torch.ops.hycam.shrink(x, A, A_bias, N, N_bias)[1]
 
 
 def cam(h_in: torch.Tensor, a: Optional[torch.Tensor], z: torch.Tensor, w: torch.Tensor,
         B: torch.Tensor, b: Optional[torch.Tensor], g: torch.Tensor, scale: float,
-        placement: int = 0) -> torch.Tensor:
+        placement: int = 0, use_kernels: bool = True) -> torch.Tensor:
     """The fused CAM modulation (see the module docstring)."""
-    _require_kernels()
+    if not _use_kernels(use_kernels):
+        return _cam_torch(h_in, a, z, w, B, b, g, float(scale), int(placement))
     return torch.ops.hycam.cam_forward(h_in, a, z, w, B, b, g, float(scale), int(placement))
+
+
+# ---------------------------------------------------------------------------------------
+# the pure-PyTorch formulation, run only when asked for (use_kernels=False): dense over the
+# specialists, so it materialises [T, K, d] tensors that the kernels never write
+# ---------------------------------------------------------------------------------------
+def _shrink_torch(x, A, A_bias, N, N_bias):
+    p = torch.einsum("td,krd->tkr", x, A)
+    if A_bias is not None:
+        p = p + A_bias
+    w = torch.einsum("tkr,kqr->tkq", p, N)
+    return w if N_bias is None else w + N_bias
+
+
+def _cam_torch(h_in, a, z, w, B, b, g, scale, placement):
+    u = torch.einsum("tkr,kdr->tkd", w, B)
+    if b is not None:
+        u = u + b
+    c = 1 + F.silu(z) + (g.unsqueeze(-1) * F.silu(scale * u)).sum(dim=1)
+    if placement == 0:
+        return (h_in if a is None else h_in + a) * c
+    return h_in + a * c
 
 
 # ---------------------------------------------------------------------------------------
