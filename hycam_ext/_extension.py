@@ -96,7 +96,12 @@ def reference_requested() -> bool:
 
 
 def unavailable_message() -> str:
-    return (f"hycam_ext: the compiled kernels (hycam_ext._C) could not be loaded: {_LOAD_ERROR}."
+    import glob
+    if not glob.glob(os.path.join(PACKAGE_DIR, "_C*.so")) and not glob.glob(os.path.join(PACKAGE_DIR, "_C*.pyd")):
+        reason = f"there is no compiled _C module in {PACKAGE_DIR}"
+    else:
+        reason = f"{type(_LOAD_ERROR).__name__}: {_LOAD_ERROR}"
+    return (f"hycam_ext: the compiled kernels (hycam_ext._C) could not be loaded ({reason})."
             + _source_tree_hint()
             + f" To compute through the (slower, more memory-hungry) pure-PyTorch formulation "
               f"instead, ask for it: HyCAMConfig(use_kernels=False) or {REFERENCE_ENV}=1.")
