@@ -7,13 +7,32 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import HyCAMConfig
+from .routing_stats import RoutingStats
 
 
 def sample_gumbel(like: torch.Tensor) -> torch.Tensor:
     """G ~ Gumbel(0, 1) from torch's RNG (so checkpoint recomputation reproduces it)."""
     return -torch.empty_like(like).exponential_().log()
+
+
+def route(logits: torch.Tensor, tau: float, hard: bool, training: bool,
+          gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Routing weights g [T, K]: softmax((l + G) / tau), straight-through one-hot when hard.
+
+    [T, K] is tiny next to the [T, d] work, so this stays in PyTorch (it fuses under
+    torch.compile); the noise comes from torch's RNG, so checkpoint recomputation repeats it."""
+    if training:
+        noise = sample_gumbel(logits) if gumbel_noise is None else gumbel_noise.to(logits.dtype)
+        y = torch.softmax((logits + noise) / tau, dim=-1)
+    else:
+        y = torch.softmax(logits / tau, dim=-1)
+    if not hard:
+        return y
+    one_hot = F.one_hot(y.argmax(dim=-1), y.shape[-1]).to(y.dtype)
+    return one_hot - y.detach() + y
 
 
 class HyCAMParameters(nn.Module):
@@ -43,11 +62,11 @@ class HyCAMParameters(nn.Module):
             self.register_parameter("N_bias", None)
             self.register_parameter("B_bias", None)
         self.reset_parameters()
-        # Statistics of the last training forward, read by load_balancing_loss().
-        self.last_router_logits: Optional[torch.Tensor] = None
-        self.last_routes: Optional[torch.Tensor] = None
-        self.last_token_mask: Optional[torch.Tensor] = None
-        self.token_mask: Optional[torch.Tensor] = None  # set by integrations: [...] 1 = real token
+        # The routing of the last training forward, read by load_balancing_loss().
+        self.last_stats: Optional[RoutingStats] = None
+        # Which tokens of the next forwards count for the load-balancing loss: None (all) or a
+        # tensor shaped like x without its last dim, nonzero = counted (e.g. not padding).
+        self.token_mask: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -113,16 +132,24 @@ class HyCAMParameters(nn.Module):
                             f"{self.shared_weight.dtype}; cast the module (.to(dtype)) or use autocast")
         return x.dtype
 
-    def _record(self, logits: torch.Tensor, g: torch.Tensor, lead: Tuple[int, ...]) -> None:
-        """Keep the router statistics of a training forward for the load-balancing loss."""
+    def _record(self, logits: torch.Tensor, g: torch.Tensor,
+                lead: Tuple[int, ...]) -> Optional[RoutingStats]:
+        """Hold the routing of a training forward (the module keeps its last call's logits and
+        g for the load-balancing loss); an eval forward leaves the held statistics alone."""
         if not self.training:
-            return
-        self.last_router_logits = logits
-        self.last_routes = g
-        m = self.token_mask
-        if m is not None:
-            if tuple(m.shape) != tuple(lead):
-                raise ValueError(f"HyCAM.token_mask must have shape {tuple(lead)} (the leading dims "
-                                 f"of x), got {tuple(m.shape)}")
-            m = m.reshape(-1).to(device=logits.device)
-        self.last_token_mask = m
+            return None
+        self.last_stats = RoutingStats.of(logits, g, self.token_mask, lead)
+        return self.last_stats
+
+    # views of last_stats
+    @property
+    def last_router_logits(self) -> Optional[torch.Tensor]:
+        return None if self.last_stats is None else self.last_stats.logits
+
+    @property
+    def last_routes(self) -> Optional[torch.Tensor]:
+        return None if self.last_stats is None else self.last_stats.g
+
+    @property
+    def last_token_mask(self) -> Optional[torch.Tensor]:
+        return None if self.last_stats is None else self.last_stats.token_mask

@@ -1,7 +1,6 @@
 """HyCAM (kernel-backed), HyCAMAttention and the load-balancing loss."""
 from __future__ import annotations
 
-import functools
 from typing import Iterable, Optional, Union
 
 import torch
@@ -9,27 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from ._base import HyCAMParameters, sample_gumbel
+from ._base import HyCAMParameters, route  # noqa: F401  (route is public: hycam_ext.route)
 from .config import HyCAMConfig
+from .routing_stats import aux_loss, check_scope, is_distributed, total
 
 _PLACEMENT_CODE = {"residual": 0, "attention": 1}
-
-
-def route(logits: torch.Tensor, tau: float, hard: bool, training: bool,
-          gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Routing weights g [T, K]: softmax((l + G) / tau), straight-through one-hot when hard.
-
-    [T, K] is tiny next to the [T, d] work, so this stays in PyTorch (it fuses under
-    torch.compile); the noise comes from torch's RNG, so checkpoint recomputation repeats it."""
-    if training:
-        noise = sample_gumbel(logits) if gumbel_noise is None else gumbel_noise.to(logits.dtype)
-        y = torch.softmax((logits + noise) / tau, dim=-1)
-    else:
-        y = torch.softmax(logits / tau, dim=-1)
-    if not hard:
-        return y
-    one_hot = F.one_hot(y.argmax(dim=-1), y.shape[-1]).to(y.dtype)
-    return one_hot - y.detach() + y
 
 
 class HyCAM(HyCAMParameters):
@@ -143,37 +126,11 @@ def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]],
     mods = _hycam_modules(modules_or_model)
     if scope is None:
         scope = mods[0].cfg.aux_loss_scope if mods else "rank"
-    if scope not in ("rank", "global"):
-        raise ValueError(f"load_balancing_loss: scope must be 'rank' or 'global', got {scope!r}")
-    gs, qs = [], []
-    for m in mods:
-        if m.last_routes is None or m.last_router_logits is None:
-            continue
-        dt = torch.promote_types(m.last_routes.dtype, torch.float32)  # at least fp32
-        g = m.last_routes.to(dt)
-        q = torch.softmax(m.last_router_logits.to(dt), dim=-1)
-        if m.last_token_mask is not None:
-            keep = m.last_token_mask.to(torch.bool)
-            g, q = g[keep], q[keep]
-        gs.append(g)
-        qs.append(q)
-    distributed = (scope == "global" and torch.distributed.is_available()
-                   and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
-    if not gs:
-        if distributed:
+    check_scope(scope, "load_balancing_loss")
+    stats = [m.last_stats for m in mods if m.last_stats is not None]
+    if not stats:
+        if scope == "global" and is_distributed():
             raise RuntimeError("load_balancing_loss(scope='global'): this rank has no routing "
                                "statistics, but every rank must contribute to the collective")
         return torch.zeros(())
-    dt = functools.reduce(torch.promote_types, [t.dtype for t in gs])
-    g = torch.cat([t.to(dt) for t in gs])
-    q = torch.cat([t.to(dt) for t in qs])
-    if distributed:
-        from torch.distributed.nn.functional import all_reduce
-        K = g.shape[-1]
-        stats = torch.cat([g.sum(0), q.sum(0), g.new_tensor([float(g.shape[0])])])
-        stats = all_reduce(stats)  # sum over ranks; its backward sums the gradients (DDP averages)
-        n = stats[-1].clamp_min(1.0)
-        return ((stats[:K] / n) * (stats[K:2 * K] / n)).sum()
-    if g.shape[0] == 0:
-        return torch.zeros((), device=g.device, dtype=dt)
-    return (g.mean(0) * q.mean(0)).sum()
+    return aux_loss(total([s.sums() for s in stats]), scope)

@@ -7,23 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._base import HyCAMParameters, sample_gumbel
+from ._base import HyCAMParameters, route
 from .config import HyCAMConfig
-
-
-def reference_route(logits: torch.Tensor, tau: float, hard: bool, training: bool,
-                    gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """g of SPEC.md: Gumbel-softmax (noise only in training), straight-through when hard."""
-    if training:
-        noise = sample_gumbel(logits) if gumbel_noise is None else gumbel_noise.to(logits.dtype)
-        y = F.softmax((logits + noise) / tau, dim=-1)
-    else:
-        y = F.softmax(logits / tau, dim=-1)
-    if not hard:
-        return y
-    index = y.argmax(dim=-1, keepdim=True)
-    one_hot = torch.zeros_like(y).scatter_(-1, index, 1.0)
-    return one_hot - y.detach() + y
 
 
 def reference_shrink(x, A, A_bias, N, N_bias) -> torch.Tensor:
@@ -59,7 +44,7 @@ class ReferenceHyCAM(HyCAMParameters):
         noise = None if gumbel_noise is None else gumbel_noise.reshape(-1, cfg.num_specialists)
         shared = F.silu(F.linear(x2, self.shared_weight, self.shared_bias))
         logits = F.linear(x2, self.router_weight, self.router_bias)
-        g = reference_route(logits, cfg.tau, cfg.hard, self.training, noise)
+        g = route(logits, cfg.tau, cfg.hard, self.training, noise)
         self._record(logits, g, tuple(lead))
         outs = []
         for k in range(cfg.num_specialists):

@@ -11,14 +11,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-import hycam_ext.modules as modules  # noqa: E402
+import hycam_ext._base as hycam_base  # noqa: E402  (sample_gumbel lives there)
 from hycam_ext import finetune  # noqa: E402
 
 
 def main(argv):
     report_dir, argv = argv[0], argv[1:]
     if argv and argv[0] == "--no-noise":
-        modules.sample_gumbel = lambda logits: torch.zeros_like(logits)
+        hycam_base.sample_gumbel = lambda logits: torch.zeros_like(logits)
         argv = argv[1:]
     metrics = finetune.main(argv)
     import torch.distributed as dist

@@ -13,32 +13,29 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import hycam_ext  # noqa: E402
-import hycam_ext.modules as modules  # noqa: E402
+import hycam_ext._base as hycam_base  # noqa: E402  (sample_gumbel lives there)
 import hycam_ext.integrations.transformers as integ  # noqa: E402
 from hf_tiny import perturb_hycam, tiny_model  # noqa: E402
 
 
-def build():
-    cfg = hycam_ext.HyCAMConfig(num_specialists=3, rank=4, aux_loss_coef=0.7, aux_loss_scope="global")
+def build(scope):
+    cfg = hycam_ext.HyCAMConfig(num_specialists=3, rank=4, aux_loss_coef=0.7, aux_loss_scope=scope)
     model = integ.get_hycam_model(tiny_model("llama"), cfg)
     perturb_hycam(model)
     return model.train()
 
 
 def main(out_path):
-    modules.sample_gumbel = lambda logits: torch.zeros_like(logits)
+    hycam_base.sample_gumbel = lambda logits: torch.zeros_like(logits)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ids = torch.randint(3, 128, (2 * world, 8), generator=torch.Generator().manual_seed(0))
     # single-process reference on the whole batch (statistics of this process only)
-    ref = build()
-    global_sums = integ._global_sums
-    integ._global_sums = lambda sg, sq, n: (sg, sq, n, 1.0)
+    ref = build("rank")
     ref_out = ref(input_ids=ids, labels=ids)
     ref_out.loss.backward()
-    integ._global_sums = global_sums
     ref_grads = {n: p.grad for n, p in ref.trainable_parameters()}
-    model = build()
+    model = build("global")
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     local = ids[2 * rank:2 * rank + 2]
     out = ddp(input_ids=local, labels=local)

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import hycam_ext
 from hycam_ext import ops
+from hycam_ext.routing_stats import RoutingStats
 from helpers import DEVICES, gumbel, make_pair
 
 needs_kernels = pytest.mark.skipif(not ops.kernels_available(), reason="hycam_ext._C not built")
@@ -241,3 +242,48 @@ def test_torch_compile_inductor_matches_eager():
     torch.testing.assert_close(gc, ge)
     ours.eval()
     torch.testing.assert_close(compiled(x, h), ours(x, h))
+
+
+def _trained_with_mask(device="cpu"):
+    cfg, ours, _ = make_pair(d=8, K=3, r=2, device=device)
+    ours.train()
+    ours.token_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], device=device)
+    x = torch.randn(2, 4, 8, dtype=torch.float64, device=device)
+    ours(x, x)
+    return ours
+
+
+def test_masked_load_balancing_loss_is_data_independent():
+    """With a token mask, L_aux needs no value on the host (no boolean indexing, no .item()):
+    on meta tensors, which have no data, any data-dependent step raises."""
+    ours = _trained_with_mask()
+    value = hycam_ext.load_balancing_loss(ours)
+    stats = ours.last_stats
+    assert stats.token_mask is not None and stats.g.requires_grad
+    ours.last_stats = RoutingStats(*(t.detach().to("meta") for t in stats))
+    out = hycam_ext.load_balancing_loss(ours)
+    assert out.device.type == "meta" and out.shape == value.shape
+
+
+def test_masked_tokens_do_not_reach_the_loss():
+    """A padded token's statistics (here non-finite) are left out, not multiplied by zero."""
+    ours = _trained_with_mask()
+    clean = hycam_ext.load_balancing_loss(ours)
+    logits, g, mask = ours.last_stats
+    poisoned = torch.where(mask.unsqueeze(-1) == 0, float("nan"), logits)
+    ours.last_stats = RoutingStats(poisoned, torch.where(mask.unsqueeze(-1) == 0, float("inf"), g),
+                                   mask)
+    torch.testing.assert_close(hycam_ext.load_balancing_loss(ours), clean)
+
+
+@needs_kernels
+@pytest.mark.cuda
+def test_cuda_masked_load_balancing_loss_does_not_sync():
+    ours = _trained_with_mask("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = hycam_ext.load_balancing_loss(ours)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss.cpu())

@@ -19,7 +19,7 @@ pytest.importorskip("safetensors")
 pytest.importorskip("tqdm")
 
 import hycam_ext  # noqa: E402
-import hycam_ext.modules as hycam_modules  # noqa: E402
+import hycam_ext._base as hycam_base  # noqa: E402  (sample_gumbel lives there)
 from hycam_ext import finetune  # noqa: E402
 from hycam_ext.integrations.transformers import (  # noqa: E402
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, HyCAMModel, get_hycam_model)
@@ -42,7 +42,7 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture
 def no_noise(monkeypatch):
     """Deterministic routes (no Gumbel noise), so that runs that draw different noise compare."""
-    monkeypatch.setattr(hycam_modules, "sample_gumbel", lambda logits: torch.zeros_like(logits))
+    monkeypatch.setattr(hycam_base, "sample_gumbel", lambda logits: torch.zeros_like(logits))
 
 
 def _cli_args(ckpt, out, *extra):

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .transformers import ADAPTER_CONFIG_NAME, HyCAMModel, find_hycam_model
+from .adapter_io import ADAPTER_CONFIG_NAME
+from .model import HyCAMModel, find_hycam_model
 
 __all__ = ["HyCAMSaveCallback", "HyCAMTrainer"]
 

@@ -1,0 +1,99 @@
+"""The patched decoder layer: the original pre-norm block with HyCAM between attention and MLP.
+
+A patched layer's class is a dynamic subclass of its original class whose ``forward`` is
+:func:`hycam_decoder_forward`; being a subclass, transformers' gradient checkpointing (4.57's
+``__call__`` override or 5.x's class-level ``forward`` wrapper) applies to it unchanged."""
+from __future__ import annotations
+
+import inspect
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ...modules import HyCAM, route
+from ...routing_stats import RoutingStats
+from .routing import STEP_KWARG, RoutingStep, SharedState
+
+
+def hycam_decoder_forward(self, hidden_states, *args, **kwargs):
+    """``residual``: h = (h_in + a) * CAM(x); ``attention``: h = h_in + a * CAM(x); then the MLP
+    block as in the original layer."""
+    if args:
+        names = self._hycam_positional_names
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}.forward: too many positional arguments")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}.forward: got multiple values for {name!r}")
+            kwargs[name] = value
+    step: Optional[RoutingStep] = kwargs.pop(STEP_KWARG, None)
+    residual = hidden_states
+    x = self.input_layernorm(hidden_states)
+    attn = self.self_attn(hidden_states=x, **kwargs)
+    a = attn[0] if isinstance(attn, tuple) else attn
+    if self._hycam_shared.enabled:
+        h = _modulate(self, x, residual, a, step)
+    else:
+        h = residual + a
+    return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _modulate(layer, x, residual, a, step: Optional[RoutingStep]):
+    """HyCAM's placement formula; hands this call's routing to the step and the route tally."""
+    cam: HyCAM = layer.hycam
+    shared: SharedState = layer._hycam_shared
+    idx = layer._hycam_layer_index
+    cam.token_mask = None if step is None else step.token_mask
+    # under autocast the attention output may come back in the autocast dtype while the residual
+    # stream stays in the model dtype; the base layer adds them with type promotion, so do we.
+    dt = residual.dtype
+    x = x if x.dtype == dt else x.to(dt)
+    a = a if a.dtype == dt else a.to(dt)
+    h = cam.placement_forward(x, residual, a)
+    if cam.training:   # cam.last_stats is this call's
+        sums = cam.last_stats.sums()
+        first = True
+        if step is not None:
+            h, first = step.record(idx, sums, h)
+        if shared.tally is not None and first:
+            shared.tally.add(idx, sums.g, sums.count)
+    elif shared.tally is not None:
+        sums = _eval_routing(cam, x).sums()
+        shared.tally.add(idx, sums.g, sums.count)
+    return h
+
+
+@torch.no_grad()
+def _eval_routing(cam: HyCAM, x: torch.Tensor) -> RoutingStats:
+    """The deterministic routes an eval forward of ``cam`` used (eval forwards record nothing)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    w, b = cam.router_weight, cam.router_bias
+    logits = torch.nn.functional.linear(x2, w.to(x2.dtype), b.to(x2.dtype)).float()
+    g = route(logits, cam.cfg.tau, cam.cfg.hard, False)
+    return RoutingStats.of(logits, g, cam.token_mask, tuple(x.shape[:-1]))
+
+
+_PATCHED_CLASSES: Dict[type, type] = {}
+
+
+def patched_class(orig: type) -> type:
+    """``HyCAM<orig>``: ``orig`` with :func:`hycam_decoder_forward` (one class per original)."""
+    cls = _PATCHED_CLASSES.get(orig)
+    if cls is None:
+        cls = type(f"HyCAM{orig.__name__}", (orig,), {
+            "forward": hycam_decoder_forward,
+            "_hycam_original_class": orig,
+            "__module__": __name__,
+        })
+        _PATCHED_CLASSES[orig] = cls
+    return cls
+
+
+def positional_names(orig: type) -> Tuple[str, ...]:
+    """Names of the original forward's positional parameters after ``hidden_states``."""
+    sig = inspect.signature(orig.forward)   # follows __wrapped__ (5.x checkpoint wrapper)
+    names = []
+    for p in list(sig.parameters.values())[2:]:  # skip self, hidden_states
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+    return tuple(names)
