@@ -36,7 +36,8 @@ def route(logits: torch.Tensor, tau: float, hard: bool, training: bool,
 
 
 class HyCAMParameters(nn.Module):
-    """Parameters of SPEC.md section 2 with the SPEC's initialisation (a fresh layer is identity)."""
+    """The parameters of docs/method.md ("Trainable parameters") with its identity initialisation
+    (a fresh layer computes exactly the base layer)."""
 
     def __init__(self, cfg: HyCAMConfig, device=None, dtype=None):
         super().__init__()

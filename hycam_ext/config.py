@@ -1,4 +1,4 @@
-"""HyCAMConfig: the hyper-parameters of one HyCAM layer (SPEC.md section 2)."""
+"""HyCAMConfig: the hyper-parameters of one HyCAM layer (their meaning: docs/method.md)."""
 from __future__ import annotations
 
 import dataclasses
