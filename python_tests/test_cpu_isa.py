@@ -165,10 +165,12 @@ def test_results_without_row_kernels_are_bitwise_the_same_in_every_variant(runs)
 
 
 def test_bad_override_is_an_error_naming_the_variable():
-    env = dict(os.environ, HYCAM_CPU_ISA="sse9", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, HYCAM_CPU_ISA="sse9",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     code = ("import torch, hycam_ext\n"
             "x = torch.randn(3, 5); A = torch.randn(2, 4, 5); N = torch.randn(2, 4, 4)\n"
-            "try:\n    torch.ops.hycam.shrink(x, A, None, N, None)\nexcept ValueError as e:\n    print('ValueError:', e)\n")
+            "try:\n    torch.ops.hycam.shrink(x, A, None, N, None)\n"
+            "except ValueError as e:\n    print('ValueError:', e)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

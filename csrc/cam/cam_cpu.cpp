@@ -2,7 +2,8 @@
 // buffers (never a [K, T, d] tensor), up to four tokens per pass over B_k (forward: the routed
 // tokens of a 16-token window, grouped by specialist; backward: four consecutive tokens, all K),
 // then gated, added to 1 + silu(z) and applied to h one token row at a time. The element maths
-// is csrc/common/hycam_math.h, shared with CUDA.
+// is csrc/common/hycam_math.h, shared with CUDA. Compiled once per instruction-set variant
+// (csrc/cpu/isa.h): on its own as the baseline, by csrc/cpu/cam_avx2_cpu.cpp as avx2.
 #include "../cpu/kernel_includes.h"  // std/ATen headers: only through this list (see there)
 #include "../cpu/isa.h"
 #include "../common/cpu_rows.h"
@@ -122,7 +123,7 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
         const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
         rows::sigmoid_scaled(zr, acc_t(1), sg.data(), d);
         rows::cam_epilogue(row_in<scalar_t, acc_t>(hp, t, d, hb.data()), row_in<scalar_t, acc_t>(ap, t, d, ab.data()),
-                        zr, sg.data(), spec.data() + (t - w0) * d, o, d, placement);
+                           zr, sg.data(), spec.data() + (t - w0) * d, o, d, placement);
         row_store<scalar_t, acc_t>(op, t, d, o);
       }
     }
@@ -173,7 +174,7 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
         for (int64_t k = 0; k < K; ++k) {
           gather_w<scalar_t, acc_t>(wp, tok, nb_t, k, K, r, Wb.data());
           rows::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), r, nb_t, r, d, U.data() + k * d,
-                          K * d);
+                             K * d);
         }
         for (int64_t q = 0; q < nb_t; ++q) {
           const int64_t t = tb + q;
@@ -191,9 +192,9 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
           const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
           rows::sigmoid_scaled(zr, acc_t(1), sgz.data(), d);
           rows::cam_backward_epilogue(row_in<scalar_t, acc_t>(gop, t, d, gob.data()),
-                                   row_in<scalar_t, acc_t>(hp, t, d, hb.data()),
-                                   row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr, sgz.data(), spec.data(), dm, dzr,
-                                   gcv.data(), d, placement);
+                                      row_in<scalar_t, acc_t>(hp, t, d, hb.data()),
+                                      row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr, sgz.data(), spec.data(), dm,
+                                      dzr, gcv.data(), d, placement);
           row_store<scalar_t, acc_t>(dmp, t, d, dm);
           row_store<scalar_t, acc_t>(dzp, t, d, dzr);
           for (int64_t k = 0; k < K; ++k) {
@@ -260,8 +261,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {d_main, dz, dg, dw, dB, db};
 }
 
-static_assert(std::is_same_v<decltype(cam_forward_cpu), CamForwardFn>, "cam_forward_cpu: the type in kernels.h");
-static_assert(std::is_same_v<decltype(cam_backward_cpu), CamBackwardFn>, "cam_backward_cpu: the type in kernels.h");
+// the entry points csrc/cpu/dispatch_cpu.cpp collects
+static_assert(std::is_same_v<decltype(cam_forward_cpu), CamForwardFn>, "cam_forward_cpu: see kernels.h");
+static_assert(std::is_same_v<decltype(cam_backward_cpu), CamBackwardFn>, "cam_backward_cpu: see kernels.h");
 
 }  // namespace HYCAM_CPU_ISA
 }  // namespace hycam

@@ -24,12 +24,11 @@ namespace rows {
 template <typename T>
 HYCAM_ROW_INLINE T mul_unfused(T a, T b) {
   T p = a * b;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && defined(__x86_64__)
   __asm__("" : "+x"(p));  // p becomes opaque to the optimiser: nothing can be fused with it
 #endif
   return p;
 }
-
 
 template <typename T>
 HYCAM_ROW_INLINE void axpy(T alpha, const T* x, T* y, int64_t n) {

@@ -1,5 +1,6 @@
-// Small helpers of the CPU kernels: fixed token chunking (deterministic reductions) and widening of half/bfloat16 operands to the accumulation type.
-// Compiled once per instruction-set variant (csrc/cpu/isa.h), into hycam::<variant>::cpu.
+// Small helpers of the CPU kernels: fixed token chunking (deterministic reductions) and widening
+// of half/bfloat16 operands to the accumulation type. Compiled once per instruction-set variant
+// (csrc/cpu/isa.h), into hycam::<variant>::cpu.
 #pragma once
 
 #include "../cpu/kernel_includes.h"

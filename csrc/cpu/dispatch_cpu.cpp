@@ -11,12 +11,12 @@
 namespace hycam {
 
 // The entry points each variant's copy of cam_cpu.cpp and shrink_cpu.cpp defines.
-#define HYCAM_CPU_VARIANT(ns)                  \
-  namespace ns {                               \
-  ShrinkFn shrink_cpu;                         \
-  ShrinkBackwardFn shrink_backward_cpu;        \
-  CamForwardFn cam_forward_cpu;                \
-  CamBackwardFn cam_backward_cpu;              \
+#define HYCAM_CPU_VARIANT(ns)                                                                        \
+  namespace ns {                                                                                     \
+  ShrinkFn shrink_cpu;                                                                               \
+  ShrinkBackwardFn shrink_backward_cpu;                                                              \
+  CamForwardFn cam_forward_cpu;                                                                      \
+  CamBackwardFn cam_backward_cpu;                                                                    \
   const CpuKernels kernels{#ns, &shrink_cpu, &shrink_backward_cpu, &cam_forward_cpu, &cam_backward_cpu}; \
   }
 

@@ -1,7 +1,8 @@
 // Grouped specialist GEMMs on CPU: the shrink x -> p = A x + a -> w = N p + n for all K
 // specialists reading each x row once, and its backward (dx, dA, da, dN, dn) with per-chunk
 // partial reductions over tokens. Specialists whose dw row is all zero (not routed under hard
-// routing) are skipped.
+// routing) are skipped. Compiled once per instruction-set variant (csrc/cpu/isa.h): on its own as
+// the baseline, by csrc/cpu/shrink_avx2_cpu.cpp as avx2.
 #include "../cpu/kernel_includes.h"  // std/ATen headers: only through this list (see there)
 #include "../cpu/isa.h"
 #include "../common/cpu_rows.h"
@@ -135,8 +136,8 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
             // (the same kernel with nq = 1: a token's dx never depends on its neighbours)
             for (int64_t q = 0; q < nt; ++q)
               if (routed_mask[q * K + k])
-                rows::expand_block<acc_t>(Ak, nullptr, DP.data() + q * KR + k * r, KR, 1, r, d, DX.data() + q * d,
-                                             d);
+                rows::expand_block<acc_t>(Ak, nullptr, DP.data() + q * KR + k * r, KR, 1, r, d,
+                                          DX.data() + q * d, d);
           }
         }
         for (int64_t q = 0; q < nt; ++q)
@@ -187,8 +188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   return {dx, dA, dAb, dN, dNb};
 }
 
-static_assert(std::is_same_v<decltype(shrink_cpu), ShrinkFn>, "shrink_cpu: the type in kernels.h");
-static_assert(std::is_same_v<decltype(shrink_backward_cpu), ShrinkBackwardFn>, "shrink_backward_cpu: the type in kernels.h");
+// the entry points csrc/cpu/dispatch_cpu.cpp collects
+static_assert(std::is_same_v<decltype(shrink_cpu), ShrinkFn>, "shrink_cpu: see kernels.h");
+static_assert(std::is_same_v<decltype(shrink_backward_cpu), ShrinkBackwardFn>, "shrink_backward_cpu: see kernels.h");
 
 }  // namespace HYCAM_CPU_ISA
 }  // namespace hycam
