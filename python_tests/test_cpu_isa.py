@@ -86,6 +86,13 @@ def _variants(runs):
     return {isa: out for isa, (out, _) in runs.items() if isa is not None and out is not None}
 
 
+def _variant(runs, isa):
+    out, why = runs[isa]
+    if out is None:
+        pytest.skip(why)
+    return out
+
+
 def _need_two(runs):
     if runs["avx2"][0] is None:
         pytest.skip(f"one variant only: {runs['avx2'][1]}")
@@ -108,9 +115,7 @@ def test_variant_names(runs):
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_every_variant_within_dtype_accuracy_of_float64(runs, isa):
-    out, why = runs[isa]
-    if out is None:
-        pytest.skip(why)
+    out = _variant(runs, isa)
     checked = 0
     for name, res in out["cases"].items():
         dt = next((d for d in LOW if name.endswith(f"-{d}")), None)
@@ -128,9 +133,7 @@ def test_every_variant_within_dtype_accuracy_of_float64(runs, isa):
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_per_token_results_do_not_depend_on_the_batch_in_every_variant(runs, isa):
-    out, why = runs[isa]
-    if out is None:
-        pytest.skip(why)
+    out = _variant(runs, isa)
     n = 0
     for name, res in out["cases"].items():
         for (s0, s1), part in res["parts"].items():

@@ -3,7 +3,7 @@
 // tokens of a 16-token window, grouped by specialist; backward: four consecutive tokens, all K),
 // then gated, added to 1 + silu(z) and applied to h one token row at a time. The element maths
 // is csrc/common/hycam_math.h, shared with CUDA. Compiled once per instruction-set variant
-// (csrc/cpu/isa.h): on its own as the baseline, by csrc/cpu/cam_avx2_cpu.cpp as avx2.
+// (csrc/cpu/isa.h): on its own as the baseline, by csrc/cpu/kernels_avx2_cpu.cpp as avx2.
 #include "../cpu/kernel_includes.h"  // std/ATen headers: only through this list (see there)
 #include "../cpu/isa.h"
 #include "../common/cpu_rows.h"

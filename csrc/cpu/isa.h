@@ -4,19 +4,21 @@
 // (the idea of ATen's DispatchStub):
 //
 //   baseline  the sources compiled as they are, with the build's flags (every CPU)
-//   avx2      x86-64-v3: AVX2, FMA, F16C, BMI1/2, ... (*_avx2_cpu.cpp in this folder; x86-64
+//   avx2      x86-64-v3: AVX2, FMA, F16C, BMI1/2, ... (kernels_avx2_cpu.cpp; x86-64
 //             with GCC 12 or newer, which has the target pragma and __builtin_cpu_supports of
 //             "x86-64-v3")
 //
 // HYCAM_CPU_ISA=baseline|avx2 in the environment overrides the choice (auto: the best the CPU
 // runs); torch.ops.hycam.cpu_isa() says which variant the process uses.
 //
-// float64 always runs the baseline variant: its results are then the same on every x86-64 CPU
-// (float64 is the dtype the kernels are checked against the reference in), and the avx2
-// variant only instantiates the float32-accumulating dtypes.
+// float64 always runs the baseline variant: float64 results, the ones checked tightly against
+// the reference, are then the same on every x86-64 CPU, and the avx2 variant only instantiates
+// the dtypes that accumulate in float32.
 //
-// Adding a variant: a wrapper like cam_avx2_cpu.cpp per kernel source, its namespace in
-// dispatch_cpu.cpp, and its CPU check there.
+// A new row kernel is one template in common/cpu_rows.h. A new kernel source: include it in
+// kernels_avx2_cpu.cpp, add its entry points to CpuKernels (kernels.h) and dispatch_cpu.cpp.
+// A new variant: a wrapper like kernels_avx2_cpu.cpp, its namespace and CPU check in
+// dispatch_cpu.cpp.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12

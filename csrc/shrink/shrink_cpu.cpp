@@ -2,7 +2,7 @@
 // specialists reading each x row once, and its backward (dx, dA, da, dN, dn) with per-chunk
 // partial reductions over tokens. Specialists whose dw row is all zero (not routed under hard
 // routing) are skipped. Compiled once per instruction-set variant (csrc/cpu/isa.h): on its own as
-// the baseline, by csrc/cpu/shrink_avx2_cpu.cpp as avx2.
+// the baseline, by csrc/cpu/kernels_avx2_cpu.cpp as avx2.
 #include "../cpu/kernel_includes.h"  // std/ATen headers: only through this list (see there)
 #include "../cpu/isa.h"
 #include "../common/cpu_rows.h"
