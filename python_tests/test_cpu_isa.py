@@ -158,8 +158,7 @@ def test_float64_is_bitwise_the_same_in_every_variant(runs):
 
 def test_results_without_row_kernels_are_bitwise_the_same_in_every_variant(runs):
     """Given the same dw and p, shrink_backward's dN, dN_bias and dA_bias come from scalar code
-    with unfused products (rows::mul_unfused), not from the row kernels: no variant may change
-    them. dx and dA go through the row kernels, which in the avx2 variant use FMA and 8-lane sums."""
+    that keeps its products unfused, not from the row kernels: no variant may change them. dx and dA go through the row kernels, which in the avx2 variant use FMA and 8-lane sums."""
     _need_two(runs)
     base, avx2 = runs["baseline"][0]["cases"], runs["avx2"][0]["cases"]
     for name in base:

@@ -17,19 +17,6 @@ namespace hycam {
 namespace HYCAM_CPU_ISA {
 namespace rows {
 
-// a * b, on x86 never fused with a following addition into an FMA. The scalar code between the
-// row kernels uses it for its products, so that the x86 variants differ only in the row kernels'
-// arithmetic (where FMA and 8-lane sums pay off): a result that no row kernel touches, such as
-// shrink_backward's dN, is bitwise the same in every variant. (Elsewhere there is one variant.)
-template <typename T>
-HYCAM_ROW_INLINE T mul_unfused(T a, T b) {
-  T p = a * b;
-#if defined(__GNUC__) && defined(__x86_64__)
-  __asm__("" : "+x"(p));  // p becomes opaque to the optimiser: nothing can be fused with it
-#endif
-  return p;
-}
-
 template <typename T>
 HYCAM_ROW_INLINE void axpy(T alpha, const T* x, T* y, int64_t n) {
 #pragma omp simd

@@ -84,7 +84,7 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
     constexpr int64_t kEB = rows::kExpandBlock;
     // DP [kEB, KR]: dp of a block of tokens (zero where unrouted); DX [kEB, d]: their dx, summed
     // over the specialists routed for any of them, one pass over A_k per specialist
-    std::vector<acc_t> DP(kEB * KR), DX(kEB * d), dwk(r);
+    std::vector<acc_t> DP(kEB * KR), DX(kEB * d), dwk(r), prod(r * r);
     std::vector<int64_t> routed(K);            // tokens of the block routed to k
     std::vector<char> routed_mask(kEB * K);
     // dA_k += dp_k x^T, gathered per specialist over blocks of tokens
@@ -110,18 +110,21 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
             if (!any) continue;  // specialist k not routed for token t
             ++routed[k];
             routed_mask[q * K + k] = 1;
-            // dN_k += dw_k p_k^T, dp_k = N_k^T dw_k (products unfused: the same in every variant)
+            // dN_k += dw_k p_k^T and dp_k = N_k^T dw_k, the products stored before they are summed:
+            // no variant can fuse them into FMAs, so dN, dn and da (no row kernel in their path)
+            // are bitwise the same in every instruction-set variant
             const scalar_t* ptk = pp + idx_tkr(t, k, 0, K, r);
             const scalar_t* Nk = Np + k * r * r;
             acc_t* dp = DP.data() + q * KR + k * r;
-            for (int64_t i = 0; i < r; ++i) {
-              dnc[k * r + i] += dwk[i];
-              for (int64_t m = 0; m < r; ++m)
-                dNc[(k * r + i) * r + m] += rows::mul_unfused(dwk[i], static_cast<acc_t>(ptk[m]));
-            }
+            for (int64_t i = 0; i < r; ++i) dnc[k * r + i] += dwk[i];
+            for (int64_t i = 0; i < r; ++i)
+              for (int64_t m = 0; m < r; ++m) prod[i * r + m] = dwk[i] * static_cast<acc_t>(ptk[m]);
+            for (int64_t i = 0; i < r * r; ++i) dNc[k * r * r + i] += prod[i];
+            for (int64_t i = 0; i < r; ++i)
+              for (int64_t m = 0; m < r; ++m) prod[i * r + m] = static_cast<acc_t>(Nk[i * r + m]) * dwk[i];
             for (int64_t m = 0; m < r; ++m) dp[m] = acc_t(0);
             for (int64_t i = 0; i < r; ++i)
-              for (int64_t m = 0; m < r; ++m) dp[m] += rows::mul_unfused(static_cast<acc_t>(Nk[i * r + m]), dwk[i]);
+              for (int64_t m = 0; m < r; ++m) dp[m] += prod[i * r + m];
             for (int64_t i = 0; i < r; ++i) dac[k * r + i] += dp[i];
             cpu::widen_row(xp + t * d, dAk[k].push(dp), d);  // the x row, straight into the block
             if (dAk[k].full()) dAk[k].flush(dAc + k * r * d, nullptr);
