@@ -21,10 +21,13 @@
 // dispatch_cpu.cpp.
 #pragma once
 
+// -DHYCAM_CPU_HAS_AVX2=0 builds the baseline variant only.
+#ifndef HYCAM_CPU_HAS_AVX2
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define HYCAM_CPU_HAS_AVX2 1
 #else
 #define HYCAM_CPU_HAS_AVX2 0
+#endif
 #endif
 
 // Code between BEGIN and END is compiled for x86-64-v3, given as its ISA extensions only: it
