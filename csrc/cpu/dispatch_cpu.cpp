@@ -28,7 +28,7 @@ HYCAM_CPU_VARIANT(avx2)
 namespace {
 
 #if HYCAM_CPU_HAS_AVX2
-// Exactly the extensions the avx2 variant is compiled with (isa.h).
+// The x86-64-v3 level: exactly the extensions the avx2 variant is compiled with (isa.h).
 bool cpu_runs_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("x86-64-v3");
