@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x, const at::Tensor&
 #ifdef HYCAM_WITH_CUDA
   if (x.is_cuda()) return shrink_cuda(xc, Ac, ab, Nc, nb);
 #endif
-  return shrink_cpu(xc, Ac, ab, Nc, nb);
+  return cpu_kernels(x.scalar_type()).shrink(xc, Ac, ab, Nc, nb);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward(
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
 #ifdef HYCAM_WITH_CUDA
   if (x.is_cuda()) return shrink_backward_cuda(a0, a1, a2, a3, a4);
 #endif
-  return shrink_backward_cpu(a0, a1, a2, a3, a4);
+  return cpu_kernels(x.scalar_type()).shrink_backward(a0, a1, a2, a3, a4);
 }
 
 at::Tensor cam_forward(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
@@ -144,7 +144,7 @@ at::Tensor cam_forward(const at::Tensor& h_in, const OptTensor& a, const at::Ten
 #ifdef HYCAM_WITH_CUDA
   if (h_in.is_cuda()) return cam_forward_cuda(hc, ac, zc, wc, Bc, bc, gc, scale, placement);
 #endif
-  return cam_forward_cpu(hc, ac, zc, wc, Bc, bc, gc, scale, placement);
+  return cpu_kernels(h_in.scalar_type()).cam_forward(hc, ac, zc, wc, Bc, bc, gc, scale, placement);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cam_backward(
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 #ifdef HYCAM_WITH_CUDA
   if (h_in.is_cuda()) return cam_backward_cuda(goc, hc, ac, zc, wc, Bc, bc, gc, scale, placement);
 #endif
-  return cam_backward_cpu(goc, hc, ac, zc, wc, Bc, bc, gc, scale, placement);
+  return cpu_kernels(h_in.scalar_type()).cam_backward(goc, hc, ac, zc, wc, Bc, bc, gc, scale, placement);
 }
 
 bool built_with_cuda() {
@@ -169,6 +169,10 @@ bool built_with_cuda() {
   return false;
 #endif
 }
+
+// The instruction-set variant of the CPU kernels for float32, bfloat16 and float16 in this
+// process (csrc/cpu/isa.h; float64 always runs "baseline").
+std::string cpu_isa() { return cpu_kernels(at::kFloat).isa; }
 
 }  // namespace
 
@@ -182,6 +186,7 @@ TORCH_LIBRARY(hycam, m) {
   m.def("cam_backward(Tensor go, Tensor h_in, Tensor? a, Tensor z, Tensor w, Tensor B, Tensor? b, "
         "Tensor g, float scale, int placement) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", tags);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("cpu_isa() -> str", &cpu_isa);
 }
 
 // One checked entry point per op serves both backends; a CUDA tensor in a CPU-only build gets

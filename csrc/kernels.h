@@ -9,19 +9,31 @@ namespace hycam {
 
 using OptTensor = c10::optional<at::Tensor>;
 
+// The CPU implementations, one set per instruction-set variant (csrc/cpu/isa.h), with these types:
 // p, w [T, K, r]
-std::tuple<at::Tensor, at::Tensor> shrink_cpu(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
-                                              const at::Tensor& N, const OptTensor& N_bias);
+using ShrinkFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
+                                                    const at::Tensor& N, const OptTensor& N_bias);
 // dx [T, d], dA [K, r, d], dA_bias [K, r], dN [K, r, r], dN_bias [K, r]
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward_cpu(
+using ShrinkBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N);
-at::Tensor cam_forward_cpu(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-                           const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
-                           int64_t placement);
+using CamForwardFn = at::Tensor(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
+                                const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
+                                int64_t placement);
 // d_main [T, d], dz [T, d], dg [T, K], dw [T, K, r], dB [K, d, r], db [K, d]
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cam_backward_cpu(
+using CamBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
     const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement);
+
+struct CpuKernels {
+  const char* isa;  // the variant's name: "baseline", "avx2"
+  ShrinkFn* shrink;
+  ShrinkBackwardFn* shrink_backward;
+  CamForwardFn* cam_forward;
+  CamBackwardFn* cam_backward;
+};
+
+// The variant that runs tensors of `dtype` in this process (csrc/cpu/dispatch_cpu.cpp).
+const CpuKernels& cpu_kernels(at::ScalarType dtype);
 
 #ifdef HYCAM_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,

@@ -2,20 +2,17 @@
 // buffers (never a [K, T, d] tensor), up to four tokens per pass over B_k (forward: the routed
 // tokens of a 16-token window, grouped by specialist; backward: four consecutive tokens, all K),
 // then gated, added to 1 + silu(z) and applied to h one token row at a time. The element maths
-// is csrc/common/hycam_math.h, shared with CUDA.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-
-#include <type_traits>
-
+// is csrc/common/hycam_math.h, shared with CUDA. Compiled once per instruction-set variant
+// (csrc/cpu/isa.h): on its own as the baseline, by csrc/cpu/kernels_avx2_cpu.cpp as avx2.
+#include "../cpu/kernel_includes.h"  // std/ATen headers: only through this list (see there)
+#include "../cpu/isa.h"
 #include "../common/cpu_rows.h"
 #include "../common/cpu_utils.h"
 #include "../common/hycam_math.h"
 #include "../kernels.h"
 
 namespace hycam {
+namespace HYCAM_CPU_ISA {  // one copy per instruction-set variant (csrc/cpu/isa.h)
 namespace {
 
 // B [K, d, r] -> Bt [K, r, d] in acc_t, so that expanding a row is K*r contiguous axpys.
@@ -82,7 +79,6 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
                       const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement,
                       at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  using R = rows::R<acc_t>;
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
   const acc_t s = static_cast<acc_t>(scale);
   const auto Bt = transpose_B<scalar_t, acc_t>(B);
@@ -107,11 +103,11 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
         int64_t n = 0;
         auto flush = [&] {
           gather_w<scalar_t, acc_t>(wp, tok, n, k, K, r, Wb.data());
-          R::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), r, n, r, d, U.data(), d);
+          rows::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), r, n, r, d, U.data(), d);
           for (int64_t q = 0; q < n; ++q) {
             const acc_t gk = static_cast<acc_t>(gp[tok[q] * K + k]);
-            R::sigmoid_scaled(U.data() + q * d, s, sg.data(), d);
-            R::gate_accum_from_sigmoid(U.data() + q * d, sg.data(), s, gk, spec.data() + (tok[q] - w0) * d, d);
+            rows::sigmoid_scaled(U.data() + q * d, s, sg.data(), d);
+            rows::gate_accum_from_sigmoid(U.data() + q * d, sg.data(), s, gk, spec.data() + (tok[q] - w0) * d, d);
           }
           n = 0;
         };
@@ -125,9 +121,9 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
       for (int64_t t = w0; t < w1; ++t) {
         acc_t* o = row_out<scalar_t, acc_t>(op, t, d, ob.data());
         const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
-        R::sigmoid_scaled(zr, acc_t(1), sg.data(), d);
-        R::cam_epilogue(row_in<scalar_t, acc_t>(hp, t, d, hb.data()), row_in<scalar_t, acc_t>(ap, t, d, ab.data()),
-                        zr, sg.data(), spec.data() + (t - w0) * d, o, d, placement);
+        rows::sigmoid_scaled(zr, acc_t(1), sg.data(), d);
+        rows::cam_epilogue(row_in<scalar_t, acc_t>(hp, t, d, hb.data()), row_in<scalar_t, acc_t>(ap, t, d, ab.data()),
+                           zr, sg.data(), spec.data() + (t - w0) * d, o, d, placement);
         row_store<scalar_t, acc_t>(op, t, d, o);
       }
     }
@@ -140,7 +136,6 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
                        double scale, int64_t placement, at::Tensor& d_main, at::Tensor& dz, at::Tensor& dg,
                        at::Tensor& dw, at::Tensor& dB, at::Tensor& db) {
   using acc_t = at::opmath_type<scalar_t>;
-  using R = rows::R<acc_t>;
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
   const acc_t s = static_cast<acc_t>(scale);
   const auto Bt = transpose_B<scalar_t, acc_t>(B);
@@ -178,8 +173,8 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
         // every specialist's u: dg needs all K even under hard routing
         for (int64_t k = 0; k < K; ++k) {
           gather_w<scalar_t, acc_t>(wp, tok, nb_t, k, K, r, Wb.data());
-          R::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), r, nb_t, r, d, U.data() + k * d,
-                          K * d);
+          rows::expand_block(Bt.data() + k * r * d, bias.data() + k * d, Wb.data(), r, nb_t, r, d, U.data() + k * d,
+                             K * d);
         }
         for (int64_t q = 0; q < nb_t; ++q) {
           const int64_t t = tb + q;
@@ -188,24 +183,24 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
           for (int64_t k = 0; k < K; ++k) {
             acc_t* uk = U.data() + (q * K + k) * d;
             acc_t* sk = SG.data() + (q * K + k) * d;
-            R::sigmoid_scaled(uk, s, sk, d);
+            rows::sigmoid_scaled(uk, s, sk, d);
             const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
-            if (gk != acc_t(0)) R::gate_accum_from_sigmoid(uk, sk, s, gk, spec.data(), d);
+            if (gk != acc_t(0)) rows::gate_accum_from_sigmoid(uk, sk, s, gk, spec.data(), d);
           }
           acc_t* dm = row_out<scalar_t, acc_t>(dmp, t, d, dmb.data());
           acc_t* dzr = row_out<scalar_t, acc_t>(dzp, t, d, dzb.data());
           const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
-          R::sigmoid_scaled(zr, acc_t(1), sgz.data(), d);
-          R::cam_backward_epilogue(row_in<scalar_t, acc_t>(gop, t, d, gob.data()),
-                                   row_in<scalar_t, acc_t>(hp, t, d, hb.data()),
-                                   row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr, sgz.data(), spec.data(), dm, dzr,
-                                   gcv.data(), d, placement);
+          rows::sigmoid_scaled(zr, acc_t(1), sgz.data(), d);
+          rows::cam_backward_epilogue(row_in<scalar_t, acc_t>(gop, t, d, gob.data()),
+                                      row_in<scalar_t, acc_t>(hp, t, d, hb.data()),
+                                      row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr, sgz.data(), spec.data(), dm,
+                                      dzr, gcv.data(), d, placement);
           row_store<scalar_t, acc_t>(dmp, t, d, dm);
           row_store<scalar_t, acc_t>(dzp, t, d, dzr);
           for (int64_t k = 0; k < K; ++k) {
             const acc_t* uk = U.data() + (q * K + k) * d;
             const acc_t* sk = SG.data() + (q * K + k) * d;
-            dgp[t * K + k] = static_cast<scalar_t>(R::gate_dot(gcv.data(), uk, sk, s, d));
+            dgp[t * K + k] = static_cast<scalar_t>(rows::gate_dot(gcv.data(), uk, sk, s, d));
             const acc_t gk = static_cast<acc_t>(gp[t * K + k]);
             scalar_t* dwt = dwp + (t * K + k) * r;
             if (gk == acc_t(0)) {  // unrouted (hard routing): no gradient for w, B, b
@@ -214,8 +209,8 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
             }
             for (int64_t i = 0; i < r; ++i) wk[i] = static_cast<acc_t>(wt[k * r + i]);
             acc_t* du = dBk[k].push(wk.data());
-            R::specialist_grad_row(gcv.data(), uk, sk, s, gk, du, d);
-            R::gemv_n(Bt.data() + k * r * d, d, du, r, d, dwk.data());
+            rows::specialist_grad_row(gcv.data(), uk, sk, s, gk, du, d);
+            rows::gemv_n(Bt.data() + k * r * d, d, du, r, d, dwk.data());
             for (int64_t i = 0; i < r; ++i) dwt[i] = static_cast<scalar_t>(dwk[i]);
             if (dBk[k].full()) dBk[k].flush(dBt + k * r * d, dbb + k * d);
           }
@@ -244,7 +239,7 @@ at::Tensor cam_forward_cpu(const at::Tensor& h_in, const OptTensor& a, const at:
                            int64_t placement) {
   auto out = at::empty_like(h_in);
   if (h_in.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_in.scalar_type(), "hycam_cam_forward_cpu", [&] {
+  HYCAM_CPU_DISPATCH(h_in.scalar_type(), "hycam_cam_forward_cpu", [&] {
     cam_forward_impl<scalar_t>(h_in, a, z, w, B, b, g, scale, placement, out);
   });
   return out;
@@ -260,10 +255,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dB = at::zeros_like(B);
   auto db = at::zeros({B.size(0), B.size(1)}, B.options());
   if (h_in.numel() == 0) return {d_main, dz, dg.zero_(), dw.zero_(), dB, db};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_in.scalar_type(), "hycam_cam_backward_cpu", [&] {
+  HYCAM_CPU_DISPATCH(h_in.scalar_type(), "hycam_cam_backward_cpu", [&] {
     cam_backward_impl<scalar_t>(go, h_in, a, z, w, B, b, g, scale, placement, d_main, dz, dg, dw, dB, db);
   });
   return {d_main, dz, dg, dw, dB, db};
 }
 
+// the entry points csrc/cpu/dispatch_cpu.cpp collects
+static_assert(std::is_same_v<decltype(cam_forward_cpu), CamForwardFn>, "cam_forward_cpu: see kernels.h");
+static_assert(std::is_same_v<decltype(cam_backward_cpu), CamBackwardFn>, "cam_backward_cpu: see kernels.h");
+
+}  // namespace HYCAM_CPU_ISA
 }  // namespace hycam

@@ -1,22 +1,20 @@
 // Row kernels of the CPU code: simple loops over contiguous acc_t rows that the compiler
-// vectorises (the element maths is hycam_math.h). The float versions are compiled twice in
-// rows_cpu.cpp (AVX2+FMA and baseline x86-64, chosen at load time); other types use the
-// templates directly.
+// vectorises (the element maths is hycam_math.h). Like the kernel sources that use them they are
+// compiled once per instruction-set variant (csrc/cpu/isa.h), into hycam::<variant>::rows.
 #pragma once
 
-#include <algorithm>
-#include <cstdint>
-#include <vector>
-
+#include "../cpu/kernel_includes.h"
+#include "../cpu/isa.h"
 #include "hycam_math.h"
 
 #if defined(__GNUC__)
-#define HYCAM_ROW_INLINE inline __attribute__((always_inline))  // so each clone compiles its own copy
+#define HYCAM_ROW_INLINE inline __attribute__((always_inline))  // inlined into the kernels' loops
 #else
 #define HYCAM_ROW_INLINE inline
 #endif
 
 namespace hycam {
+namespace HYCAM_CPU_ISA {
 namespace rows {
 
 template <typename T>
@@ -305,98 +303,6 @@ HYCAM_ROW_INLINE void cam_backward_epilogue(const T* go, const T* h, const T* a,
   }
 }
 
-// float: out-of-line, multi-versioned (rows_cpu.cpp)
-void axpy_f(float alpha, const float* x, float* y, int64_t n);
-float dot_f(const float* a, const float* b, int64_t n);
-void gemv_t_f(const float* M, int64_t ldm, const float* c, int64_t m, float* y, int64_t n);
-void gemv_n_f(const float* M, int64_t ldm, const float* x, int64_t m, int64_t n, float* out);
-void dots4_f(const float* X, int64_t ldx, const float* A, int64_t lda, int64_t m, int64_t n, float* C);
-void expand_block_f(const float* Bt, const float* bias, const float* W, int64_t ldw, int64_t nq, int64_t r,
-                    int64_t d, float* U, int64_t ldu);
-void sigmoid_scaled_f(const float* u, float s, float* sg, int64_t n);
-void gate_accum_from_sigmoid_f(const float* u, const float* sg, float s, float g, float* spec, int64_t n);
-float gate_dot_f(const float* gc, const float* u, const float* sg, float s, int64_t n);
-void specialist_grad_row_f(const float* gc, const float* u, const float* sg, float s, float g, float* du, int64_t n);
-void cam_epilogue_f(const float* h, const float* a, const float* z, const float* sgz, const float* spec, float* out,
-                    int64_t n, int64_t placement);
-void cam_backward_epilogue_f(const float* go, const float* h, const float* a, const float* z, const float* sgz,
-                             const float* spec, float* d_main, float* dz, float* gc, int64_t n, int64_t placement);
-
-// One name for both: R<float> calls the multi-versioned functions, R<double> the templates.
-template <typename T>
-struct R {
-  static void axpy(T a, const T* x, T* y, int64_t n) { rows::axpy(a, x, y, n); }
-  static T dot(const T* a, const T* b, int64_t n) { return rows::dot(a, b, n); }
-  static void gemv_t(const T* M, int64_t ldm, const T* c, int64_t m, T* y, int64_t n) {
-    rows::gemv_t(M, ldm, c, m, y, n);
-  }
-  static void gemv_n(const T* M, int64_t ldm, const T* x, int64_t m, int64_t n, T* out) {
-    rows::gemv_n(M, ldm, x, m, n, out);
-  }
-  static void dots4(const T* X, int64_t ldx, const T* A, int64_t lda, int64_t m, int64_t n, T* C) {
-    rows::dots4(X, ldx, A, lda, m, n, C);
-  }
-  static void expand_block(const T* Bt, const T* bias, const T* W, int64_t ldw, int64_t nq, int64_t r, int64_t d,
-                           T* U, int64_t ldu) {
-    rows::expand_block(Bt, bias, W, ldw, nq, r, d, U, ldu);
-  }
-  static void sigmoid_scaled(const T* u, T s, T* sg, int64_t n) { rows::sigmoid_scaled(u, s, sg, n); }
-  static void gate_accum_from_sigmoid(const T* u, const T* sg, T s, T g, T* spec, int64_t n) {
-    rows::gate_accum_from_sigmoid(u, sg, s, g, spec, n);
-  }
-  static T gate_dot(const T* gc, const T* u, const T* sg, T s, int64_t n) { return rows::gate_dot(gc, u, sg, s, n); }
-  static void specialist_grad_row(const T* gc, const T* u, const T* sg, T s, T g, T* du, int64_t n) {
-    rows::specialist_grad_row(gc, u, sg, s, g, du, n);
-  }
-  static void cam_epilogue(const T* h, const T* a, const T* z, const T* sgz, const T* spec, T* out, int64_t n,
-                           int64_t pl) {
-    rows::cam_epilogue(h, a, z, sgz, spec, out, n, pl);
-  }
-  static void cam_backward_epilogue(const T* go, const T* h, const T* a, const T* z, const T* sgz, const T* spec,
-                                    T* d_main, T* dz, T* gc, int64_t n, int64_t pl) {
-    rows::cam_backward_epilogue(go, h, a, z, sgz, spec, d_main, dz, gc, n, pl);
-  }
-};
-
-template <>
-struct R<float> {
-  static void axpy(float a, const float* x, float* y, int64_t n) { axpy_f(a, x, y, n); }
-  static float dot(const float* a, const float* b, int64_t n) { return dot_f(a, b, n); }
-  static void gemv_t(const float* M, int64_t ldm, const float* c, int64_t m, float* y, int64_t n) {
-    gemv_t_f(M, ldm, c, m, y, n);
-  }
-  static void gemv_n(const float* M, int64_t ldm, const float* x, int64_t m, int64_t n, float* out) {
-    gemv_n_f(M, ldm, x, m, n, out);
-  }
-  static void dots4(const float* X, int64_t ldx, const float* A, int64_t lda, int64_t m, int64_t n, float* C) {
-    dots4_f(X, ldx, A, lda, m, n, C);
-  }
-  static void expand_block(const float* Bt, const float* bias, const float* W, int64_t ldw, int64_t nq, int64_t r,
-                           int64_t d, float* U, int64_t ldu) {
-    expand_block_f(Bt, bias, W, ldw, nq, r, d, U, ldu);
-  }
-  static void sigmoid_scaled(const float* u, float s, float* sg, int64_t n) { sigmoid_scaled_f(u, s, sg, n); }
-  static void gate_accum_from_sigmoid(const float* u, const float* sg, float s, float g, float* spec, int64_t n) {
-    gate_accum_from_sigmoid_f(u, sg, s, g, spec, n);
-  }
-  static float gate_dot(const float* gc, const float* u, const float* sg, float s, int64_t n) {
-    return gate_dot_f(gc, u, sg, s, n);
-  }
-  static void specialist_grad_row(const float* gc, const float* u, const float* sg, float s, float g, float* du,
-                                  int64_t n) {
-    specialist_grad_row_f(gc, u, sg, s, g, du, n);
-  }
-  static void cam_epilogue(const float* h, const float* a, const float* z, const float* sgz, const float* spec,
-                           float* out, int64_t n, int64_t pl) {
-    cam_epilogue_f(h, a, z, sgz, spec, out, n, pl);
-  }
-  static void cam_backward_epilogue(const float* go, const float* h, const float* a, const float* z,
-                                    const float* sgz, const float* spec, float* d_main, float* dz, float* gc,
-                                    int64_t n, int64_t pl) {
-    cam_backward_epilogue_f(go, h, a, z, sgz, spec, d_main, dz, gc, n, pl);
-  }
-};
-
 // Rank-n updates Y[i, :] += sum_q C[q, i] * X[q, :] (i < m) gathered over a block of up to `cap`
 // rows and applied by flush(), so each row of Y is read and written once per block instead of once
 // per token. Rows are applied in the order they were pushed: the result is deterministic.
@@ -416,11 +322,12 @@ struct BlockedRankUpdate {
   void flush(T* Y, T* ysum) {
     if (n == 0) return;
     for (int64_t i = 0; i < m; i += kExpandBlock)  // kExpandBlock rows of Y per pass over X
-      R<T>::expand_block(X.data(), nullptr, C.data() + i * cap, cap, std::min(kExpandBlock, m - i), n, d, Y + i * d, d);
-    if (ysum) R<T>::gemv_t(X.data(), d, ones.data(), n, ysum, d);
+      expand_block<T>(X.data(), nullptr, C.data() + i * cap, cap, std::min(kExpandBlock, m - i), n, d, Y + i * d, d);
+    if (ysum) gemv_t(X.data(), d, ones.data(), n, ysum, d);
     n = 0;
   }
 };
 
 }  // namespace rows
+}  // namespace HYCAM_CPU_ISA
 }  // namespace hycam

@@ -1,14 +1,25 @@
-// Small helpers of the CPU kernels: fixed token chunking (deterministic reductions) and widening of half/bfloat16 operands to the accumulation type.
+// Small helpers of the CPU kernels: fixed token chunking (deterministic reductions) and widening
+// of half/bfloat16 operands to the accumulation type. Compiled once per instruction-set variant
+// (csrc/cpu/isa.h), into hycam::<variant>::cpu.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include "../cpu/kernel_includes.h"
+#include "../cpu/isa.h"
 
-#include <algorithm>
-#include <type_traits>
-#include <vector>
+// The dtype switch of the kernels' entry points: float64 only in the variant that serves it
+// (baseline, see csrc/cpu/isa.h); the others never see it.
+#if HYCAM_CPU_FLOAT64
+#define HYCAM_CPU_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+#else
+#define HYCAM_CPU_DISPATCH(TYPE, NAME, ...)                                                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#endif
 
 namespace hycam {
+namespace HYCAM_CPU_ISA {
 namespace cpu {
 
 // Token chunks whose boundaries depend only on T (never on the thread count): reductions over
@@ -55,4 +66,5 @@ inline void reduce_partials(const std::vector<acc_t>& part, int64_t n, int64_t m
 }
 
 }  // namespace cpu
+}  // namespace HYCAM_CPU_ISA
 }  // namespace hycam

@@ -1,18 +1,17 @@
 // Grouped specialist GEMMs on CPU: the shrink x -> p = A x + a -> w = N p + n for all K
 // specialists reading each x row once, and its backward (dx, dA, da, dN, dn) with per-chunk
 // partial reductions over tokens. Specialists whose dw row is all zero (not routed under hard
-// routing) are skipped.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-
+// routing) are skipped. Compiled once per instruction-set variant (csrc/cpu/isa.h): on its own as
+// the baseline, by csrc/cpu/kernels_avx2_cpu.cpp as avx2.
+#include "../cpu/kernel_includes.h"  // std/ATen headers: only through this list (see there)
+#include "../cpu/isa.h"
 #include "../common/cpu_rows.h"
 #include "../common/cpu_utils.h"
 #include "../common/hycam_math.h"
 #include "../kernels.h"
 
 namespace hycam {
+namespace HYCAM_CPU_ISA {  // one copy per instruction-set variant (csrc/cpu/isa.h)
 namespace {
 
 constexpr int64_t kTokenBlock = 4;  // tokens sharing one pass over each row of A (rows::dots4)
@@ -44,7 +43,7 @@ void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bi
       for (int64_t q = 0; q < nt; ++q) cpu::widen_row(xp + (t0 + q) * d, xb.data() + q * d, d);
       for (int64_t q = nt; q < kTokenBlock; ++q) std::fill(xb.begin() + q * d, xb.begin() + (q + 1) * d, acc_t(0));
       std::fill(pacc.begin(), pacc.end(), acc_t(0));
-      rows::R<acc_t>::dots4(xb.data(), d, Aw.ptr, d, KR, d, pacc.data());  // each row of A read once per block
+      rows::dots4(xb.data(), d, Aw.ptr, d, KR, d, pacc.data());  // each row of A read once per block
       for (int64_t q = 0; q < nt; ++q) {
         const int64_t t = t0 + q;
         for (int64_t k = 0; k < K; ++k) {
@@ -55,7 +54,7 @@ void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bi
             pk[i] = static_cast<acc_t>(static_cast<scalar_t>(v));
           }
           for (int64_t i = 0; i < r; ++i) wk[i] = nbp ? static_cast<acc_t>(nbp[k * r + i]) : acc_t(0);
-          rows::R<acc_t>::gemv_t(Nt.data() + k * r * r, r, pk.data(), r, wk.data(), r);
+          rows::gemv_t(Nt.data() + k * r * r, r, pk.data(), r, wk.data(), r);
           for (int64_t i = 0; i < r; ++i) wp[idx_tkr(t, k, i, K, r)] = static_cast<scalar_t>(wk[i]);
         }
       }
@@ -85,7 +84,7 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
     constexpr int64_t kEB = rows::kExpandBlock;
     // DP [kEB, KR]: dp of a block of tokens (zero where unrouted); DX [kEB, d]: their dx, summed
     // over the specialists routed for any of them, one pass over A_k per specialist
-    std::vector<acc_t> DP(kEB * KR), DX(kEB * d), dwk(r);
+    std::vector<acc_t> DP(kEB * KR), DX(kEB * d), dwk(r), prod(r * r);
     std::vector<int64_t> routed(K);            // tokens of the block routed to k
     std::vector<char> routed_mask(kEB * K);
     // dA_k += dp_k x^T, gathered per specialist over blocks of tokens
@@ -111,13 +110,21 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
             if (!any) continue;  // specialist k not routed for token t
             ++routed[k];
             routed_mask[q * K + k] = 1;
+            // dN_k += dw_k p_k^T and dp_k = N_k^T dw_k, the products stored before they are summed:
+            // no variant can fuse them into FMAs, so dN, dn and da (no row kernel in their path)
+            // are bitwise the same in every instruction-set variant
             const scalar_t* ptk = pp + idx_tkr(t, k, 0, K, r);
-            for (int64_t i = 0; i < r; ++i) {
-              dnc[k * r + i] += dwk[i];
-              for (int64_t m = 0; m < r; ++m) dNc[(k * r + i) * r + m] += dwk[i] * static_cast<acc_t>(ptk[m]);
-            }
+            const scalar_t* Nk = Np + k * r * r;
             acc_t* dp = DP.data() + q * KR + k * r;
-            mix_rank_backward<scalar_t, acc_t>(Np + k * r * r, dwk.data(), dp, r);
+            for (int64_t i = 0; i < r; ++i) dnc[k * r + i] += dwk[i];
+            for (int64_t i = 0; i < r; ++i)
+              for (int64_t m = 0; m < r; ++m) prod[i * r + m] = dwk[i] * static_cast<acc_t>(ptk[m]);
+            for (int64_t i = 0; i < r * r; ++i) dNc[k * r * r + i] += prod[i];
+            for (int64_t i = 0; i < r; ++i)
+              for (int64_t m = 0; m < r; ++m) prod[i * r + m] = static_cast<acc_t>(Nk[i * r + m]) * dwk[i];
+            for (int64_t m = 0; m < r; ++m) dp[m] = acc_t(0);
+            for (int64_t i = 0; i < r; ++i)
+              for (int64_t m = 0; m < r; ++m) dp[m] += prod[i * r + m];
             for (int64_t i = 0; i < r; ++i) dac[k * r + i] += dp[i];
             cpu::widen_row(xp + t * d, dAk[k].push(dp), d);  // the x row, straight into the block
             if (dAk[k].full()) dAk[k].flush(dAc + k * r * d, nullptr);
@@ -127,13 +134,13 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
         for (int64_t k = 0; k < K; ++k) {
           const acc_t* Ak = Aw.ptr + k * r * d;
           if (routed[k] == nt) {  // every token of the block (soft routing): one pass over A_k
-            rows::R<acc_t>::expand_block(Ak, nullptr, DP.data() + k * r, KR, nt, r, d, DX.data(), d);
+            rows::expand_block<acc_t>(Ak, nullptr, DP.data() + k * r, KR, nt, r, d, DX.data(), d);
           } else if (routed[k] > 0) {  // hard routing: only the tokens routed to k, one by one
             // (the same kernel with nq = 1: a token's dx never depends on its neighbours)
             for (int64_t q = 0; q < nt; ++q)
               if (routed_mask[q * K + k])
-                rows::R<acc_t>::expand_block(Ak, nullptr, DP.data() + q * KR + k * r, KR, 1, r, d, DX.data() + q * d,
-                                             d);
+                rows::expand_block<acc_t>(Ak, nullptr, DP.data() + q * KR + k * r, KR, 1, r, d,
+                                          DX.data() + q * d, d);
           }
         }
         for (int64_t q = 0; q < nt; ++q)
@@ -163,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> shrink_cpu(const at::Tensor& x, const at::Ten
   auto p = at::empty({T, K, r}, x.options());
   auto w = at::empty({T, K, r}, x.options());
   if (T == 0) return {p, w};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_cpu", [&] {
+  HYCAM_CPU_DISPATCH(x.scalar_type(), "hycam_shrink_cpu", [&] {
     shrink_impl<scalar_t>(x, A, A_bias, N, N_bias, p, w);
   });
   return {p, w};
@@ -178,10 +185,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   auto dN = at::zeros_like(N);
   auto dNb = at::zeros({K, r}, N.options());
   if (x.size(0) == 0) return {dx, dA, dAb, dN, dNb};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_backward_cpu", [&] {
+  HYCAM_CPU_DISPATCH(x.scalar_type(), "hycam_shrink_backward_cpu", [&] {
     shrink_backward_impl<scalar_t>(dw, x, p, A, N, dx, dA, dAb, dN, dNb);
   });
   return {dx, dA, dAb, dN, dNb};
 }
 
+// the entry points csrc/cpu/dispatch_cpu.cpp collects
+static_assert(std::is_same_v<decltype(shrink_cpu), ShrinkFn>, "shrink_cpu: see kernels.h");
+static_assert(std::is_same_v<decltype(shrink_backward_cpu), ShrinkBackwardFn>, "shrink_backward_cpu: see kernels.h");
+
+}  // namespace HYCAM_CPU_ISA
 }  // namespace hycam
