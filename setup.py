@@ -107,14 +107,12 @@ else:
 def build_info():
     """What the binary was built against: hycam_ext/__init__.py refuses to load it into another
     torch (major.minor or CUDA-ness) and `python -m hycam_ext` prints it."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
     return {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "with_cuda": with_cuda,
         "cuda_toolkit": _nvcc_version(cuda_home) if with_cuda else None,
         "cuda_archs": [{"sm": a, "sass": True, "ptx": ptx} for a, ptx in cuda_archs],
-        "cpu_isa_variants": ["x86-64-v3", "x86-64"] if x86 else [platform.machine()],
         "python": platform.python_version(),
         "platform": f"{platform.system()}-{platform.machine()}",
         "built": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -187,6 +187,7 @@ TORCH_LIBRARY(hycam, m) {
         "Tensor g, float scale, int placement) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", tags);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_isa_variants() -> str[]", &cpu_isa_variants);
 }
 
 // One checked entry point per op serves both backends; a CUDA tensor in a CPU-only build gets

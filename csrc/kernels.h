@@ -3,7 +3,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace hycam {
 
@@ -34,6 +36,8 @@ struct CpuKernels {
 
 // The variant that runs tensors of `dtype` in this process (csrc/cpu/dispatch_cpu.cpp).
 const CpuKernels& cpu_kernels(at::ScalarType dtype);
+// The instruction-set variants this binary holds, best last ("baseline", then "avx2" where built).
+std::vector<std::string> cpu_isa_variants();
 
 #ifdef HYCAM_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,

@@ -3,4 +3,8 @@ import sys
 
 from ._selftest import main
 
-sys.exit(main())
+try:
+    sys.exit(main())
+except BrokenPipeError:  # `python -m hycam_ext | head`: the reader left, nothing to report
+    sys.stderr.close()
+    sys.exit(1)

@@ -77,8 +77,8 @@ def environment() -> Dict[str, object]:
     }
     if ops.kernels_available():
         env["cuda_kernels"] = ops.cuda_kernels_available()
-        if hasattr(torch.ops.hycam, "cpu_isa"):
-            env["cpu_isa_selected"] = torch.ops.hycam.cpu_isa()
+        env["cpu_isa_variants"] = list(torch.ops.hycam.cpu_isa_variants())
+        env["cpu_isa_selected"] = torch.ops.hycam.cpu_isa()
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -105,13 +105,15 @@ def describe(env: Dict[str, object]) -> List[str]:
     ]
     if info:
         lines.append(f"binary: built {info.get('built', '?')} against torch {info.get('torch', '?')}"
-                     f" on {info.get('platform', '?')}; CPU kernels for {', '.join(info.get('cpu_isa_variants', []))}"
-                     + (f" (selected here: {env['cpu_isa_selected']})" if env.get("cpu_isa_selected") else ""))
+                     f" on {info.get('platform', '?')}")
         lines.append(f"binary: CUDA kernels {_archs_text(info)}"
                      + (f", toolkit {info['cuda_toolkit']}" if info.get("cuda_toolkit") else ""))
     else:
         lines.append("binary: no build record (_build_info.json) next to the package")
-    if not env["kernels_loaded"]:
+    if env["kernels_loaded"]:
+        lines.append(f"binary: CPU kernel variants {', '.join(env['cpu_isa_variants'])}; this CPU runs "
+                     f"{env['cpu_isa_selected']} (HYCAM_CPU_ISA overrides; float64 always runs baseline)")
+    else:
         lines.append("kernels: NOT LOADED")
     for g in env["gpus"]:
         lines.append(f"gpu {g['index']}: {g['name']} (compute capability {g['capability']}, {g['memory_gib']} GiB)")

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "../kernels.h"
 #include "isa.h"
@@ -65,6 +66,14 @@ const CpuKernels& choose() {
 const CpuKernels& cpu_kernels(at::ScalarType dtype) {
   static const CpuKernels& chosen = choose();
   return dtype == at::kDouble ? baseline::kernels : chosen;  // float64: baseline only (isa.h)
+}
+
+std::vector<std::string> cpu_isa_variants() {
+  std::vector<std::string> names{baseline::kernels.isa};
+#if HYCAM_CPU_HAS_AVX2
+  names.emplace_back(avx2::kernels.isa);
+#endif
+  return names;
 }
 
 }  // namespace hycam
