@@ -24,7 +24,7 @@
 // call site by the lanes of a warp is one request (exact when the lanes of a warp execute a site
 // equally often, or drop out only at the end of a loop, as in grid-stride and tail loops). Per
 // launch: requests, 32-byte sectors, 128-byte lines (L1 wavefronts), bytes requested, unique bytes
-// touched, tensor-core mma count. See docs/gpu-cost-model.md.
+// touched, and per warp the tensor-core mma and shuffle instructions. See docs/gpu-cost-model.md.
 //
 // Under ThreadSanitizer (-fsanitize=thread) each fiber is a TSan fiber switched without implied
 // synchronisation; only the emulated barriers and collectives create happens-before edges, so a
@@ -104,7 +104,7 @@ struct Traffic {
 };
 struct Counters {
   std::string kernel;
-  uint64_t blocks = 0, threads_per_block = 0, smem_bytes = 0, mma = 0;
+  uint64_t blocks = 0, threads_per_block = 0, smem_bytes = 0, mma = 0, shfl = 0;  // mma, shfl: per warp
   Traffic load, store;
 };
 
@@ -141,7 +141,9 @@ struct Emu {
   bool counting = false;
   std::vector<Loc> sites;
   std::unordered_map<std::string, uint32_t> site_ids;
-  std::unordered_map<uint64_t, uint32_t> occ;
+  std::unordered_map<uint64_t, uint32_t> site_fast;
+  std::vector<uint32_t> occ;  // [thread][site]: executions of the site by the thread in this block
+  uint32_t occ_sites = 0;
   std::vector<Access> acc;
   std::unordered_map<uint64_t, uint32_t> load_mask, store_mask;  // sector -> touched byte mask
   Counters counters;
@@ -351,13 +353,22 @@ inline void exit_thread() {
 // ---- memory-traffic counters ------------------------------------------------------------------
 
 inline uint32_t site_id(const Loc& loc) {
-  std::string key = std::string(loc.file_name()) + ":" + std::to_string(loc.line()) + ":" +
-                    std::to_string(loc.column());
-  auto it = g.site_ids.find(key);
-  if (it != g.site_ids.end()) return it->second;
-  const uint32_t id = uint32_t(g.sites.size());
-  g.sites.push_back(loc);
-  g.site_ids.emplace(std::move(key), id);
+  const uint64_t key = (uint64_t(reinterpret_cast<uintptr_t>(loc.file_name())) << 24) ^ (uint64_t(loc.line()) << 10) ^
+                       uint64_t(loc.column());
+  auto it = g.site_fast.find(key);
+  if (it != g.site_fast.end() && same_site(g.sites[it->second], loc)) return it->second;
+  std::string name = std::string(loc.file_name()) + ":" + std::to_string(loc.line()) + ":" +
+                     std::to_string(loc.column());
+  auto jt = g.site_ids.find(name);
+  uint32_t id;
+  if (jt != g.site_ids.end()) {
+    id = jt->second;
+  } else {
+    id = uint32_t(g.sites.size());
+    g.sites.push_back(loc);
+    g.site_ids.emplace(std::move(name), id);
+  }
+  g.site_fast[key] = id;
   return id;
 }
 
@@ -366,7 +377,15 @@ inline void record(const void* p, unsigned bytes, bool store, const Loc& loc) {
   if (!g.counting) return;
   Quiet q;
   const uint32_t s = site_id(loc), t = g.cur;
-  const uint32_t o = g.occ[(uint64_t(t) << 32) | s]++;
+  if (s >= g.occ_sites) {  // a new call site: widen the per-thread occurrence table
+    const uint32_t n = s + 16;
+    std::vector<uint32_t> o(size_t(g.nt) * n, 0);
+    for (uint32_t u = 0; u < g.nt; ++u)
+      for (uint32_t k = 0; k < g.occ_sites; ++k) o[size_t(u) * n + k] = g.occ[size_t(u) * g.occ_sites + k];
+    g.occ.swap(o);
+    g.occ_sites = n;
+  }
+  const uint32_t o = g.occ[size_t(t) * g.occ_sites + s]++;
   g.acc.push_back(Access{reinterpret_cast<uint64_t>(p), s, t, o, uint16_t(bytes), uint8_t(store)});
 }
 
@@ -413,7 +432,7 @@ inline void flush_block_accesses() {
     i = j;
   }
   A.clear();
-  g.occ.clear();
+  std::fill(g.occ.begin(), g.occ.end(), 0u);
 }
 
 // ---- launch --------------------------------------------------------------------------------------
@@ -504,7 +523,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F f, const char* name = "k
   g.load_mask.clear();
   g.store_mask.clear();
   g.acc.clear();
-  g.occ.clear();
+  g.occ.assign(size_t(nt) * g.occ_sites, 0u);
 #if HYCAM_EMU_ASAN
   g.fake.assign(nt, nullptr);
 #endif
@@ -625,6 +644,7 @@ T __shfl_down_sync(unsigned mask, T v, int off, const std::source_location& loc 
   const unsigned t = threadIdx.x, w = t >> 5;
   hycam_emu::g.lane_in[t] = static_cast<double>(v);
   hycam_emu::warp_collective(mask, loc, "__shfl_down_sync", [w, mask, off] {
+    ++hycam_emu::g.counters.shfl;
     for (unsigned l = 0; l < 32; ++l) {
       const unsigned src = l + unsigned(off);
       const bool ok = src < 32 && ((mask >> src) & 1u);
