@@ -17,8 +17,9 @@ What is modelled (constants and sources in MACHINES below and in benchmarks/READ
 bytes = unique sectors touched x 32 (each sector moved once; L2 reuse assumed perfect within a
 kernel, none between kernels); time of one kernel = max(DRAM bytes / copy bandwidth, L1 lines /
 (SMs x 1 line per clock), shuffles / (SMs x 1 warp shuffle per clock), FP32 FLOPs / FP32 peak,
-tensor FLOPs / tensor peak) / wave efficiency + launch overhead, where wave efficiency = blocks /
-(waves x SMs x resident blocks per SM). FP32 FLOPs are analytic (formulas in fp32_flops). The
+tensor FLOPs / tensor peak) / SM balance + launch overhead, where SM balance = (blocks / SMs) /
+ceil(blocks / SMs) (the busiest SM sets the time) and the DRAM term is divided by the share of
+memory parallelism the resident warps provide (MLP_WARPS). FP32 FLOPs are analytic (formulas in fp32_flops). The
 three d x d GEMMs of the shared projection are modelled at the matmul rate only. docs/gpu-cost-model.md
 explains the model and its limits.
 """
@@ -66,17 +67,24 @@ REVIEW_US = {
     "small_reductions_kernel": (40, 80), "layer": (4000, 6500),
 }
 
-# Emulated token counts per op group: (T1, T2) full and quick. The launch configuration of each
-# group must not change between T1, T2 and the full T (the token-split counts S saturate from
-# T = 160 on at d = 4096, K = 4, r = 16), which fit() checks through the block counts.
+# Emulated token counts per op group: (T1, T2) full and quick. Counts are exactly linear in T only
+# when the launch configuration does not change between T1, T2 and the full T and every tile
+# boundary falls on the same place: T multiples of each group's token tile (cam_fwd 16,
+# cam_bwd_rows 8, shrink 64), and for the token-split kernels (S = 5 splits at d = 4096, K = 4,
+# r = 16 from T = 160 on) splits of a multiple of 32 tokens (cam_bwd_cols: T multiple of 160;
+# shrink_bwd: of lcm(64, 160) = 320).
 GROUPS = {
     "shrink_fwd": ((128, 256), (64, 128)),
     "cam_fwd": ((32, 64), (16, 32)),
-    "cam_bwd_rows": ((16, 32), (8, 16)),
-    "cam_bwd_cols": ((160, 320), (160, 192)),
-    "shrink_bwd": ((320, 640), (160, 192)),
+    "cam_bwd_rows": ((32, 64), (8, 16)),
+    "cam_bwd_cols": ((160, 320), (160, 320)),
+    "shrink_bwd": ((320, 640), (320, 640)),
 }
 COUNTERS = ("blocks", "mma", "shfl")
+# Resident warps per SM that saturate DRAM (assumption, Little's law): ~3.0 TB/s x ~600 ns latency
+# = 1.8 MB in flight, / 132 SMs = 13.6 KB per SM, at ~1 KB in flight per warp (32 lanes x 16 B x 2
+# loads) -> ~14, rounded to 16 warps (25% occupancy).
+MLP_WARPS = 16
 TRAFFIC = ("requests", "sectors", "lines", "bytes", "request_unique_bytes", "unique_bytes", "unique_sectors")
 
 # cubin name of each emulated launch (bf16 storage, fp32 accumulation)
@@ -91,7 +99,7 @@ CUBIN_NAME = {
 
 
 def _cubin_name(kernel: str) -> str:
-    return "sum_partials_kernel<fp32>" if kernel.startswith("sum_partials_kernel") else CUBIN_NAME[kernel]
+    return "sum_partials_kernel<fp32>" if kernel.startswith("sum_partials_kernel") else CUBIN_NAME.get(kernel, kernel)
 
 
 def build_driver(cache_dir: str | None = None) -> str:
@@ -192,7 +200,8 @@ class Row:
     occupancy: float
     blocks_per_sm: int
     waves: int
-    wave_eff: float
+    sm_balance: float
+    mlp: float
     fp32_flops: float
     tensor_flops: float
     shfl: float
@@ -214,10 +223,17 @@ def model_kernel(rec, m, code, T, d, K, r, routed):
     regs = kc.regs if kc else 0
     static_smem = kc.static_smem if kc else 0
     o = occ.occupancy(m["arch"], rec["threads"], max(regs, 1), static_smem, int(rec["smem"]))
-    blocks = rec["blocks"]
+    blocks = max(1.0, round(rec["blocks"]))
     slots = m["sms"] * o.blocks_per_sm
-    waves = max(1, math.ceil(blocks / slots - 1e-9)) if slots else 0
-    wave_eff = blocks / (waves * slots) if slots else 0.0
+    waves = max(1, math.ceil(blocks / slots)) if slots else 0
+    # SM balance: the SM with the most blocks sets the time of every per-SM resource (wave
+    # quantisation, tails, grids smaller than the GPU)
+    per_sm = math.ceil(blocks / m["sms"])
+    bal = (blocks / m["sms"]) / per_sm
+    # memory parallelism: DRAM bandwidth needs ~MLP_WARPS resident warps per SM (assumption, see
+    # MLP_WARPS); fewer resident warps get a proportional share of it
+    warps_resident = min(per_sm, o.blocks_per_sm) * math.ceil(rec["threads"] / 32)
+    mlp = min(1.0, warps_resident / MLP_WARPS)
     dram = 32 * (rec["load.unique_sectors"] + rec["store.unique_sectors"])
     sectors = rec["load.sectors"] + rec["store.sectors"]
     used = rec["load.request_unique_bytes"] + rec["store.request_unique_bytes"]
@@ -231,12 +247,18 @@ def model_kernel(rec, m, code, T, d, K, r, routed):
         "FP32": f32 / m["fp32"],
         "tensor": tf / m["tensor"],
     }
+    parts["DRAM"] /= mlp
     lim = max(parts, key=parts.get)
-    t = parts[lim] / wave_eff + m["launch_s"] if wave_eff > 0 else float("inf")
+    t = parts[lim] / bal + m["launch_s"] if o.blocks_per_sm > 0 else float("inf")
+    note = lim
+    if lim == "DRAM" and mlp < 1:
+        note += f" ({warps_resident} warps/SM: {mlp:.0%} of bandwidth)"
+    if bal < 0.9:
+        note += f", SM balance {bal:.0%}"
     return Row(name, rec["group"], blocks, rec["threads"], min_bytes(name, T, d, K, r), dram,
-               used / (32 * sectors) if sectors else 1.0, o.occupancy, o.blocks_per_sm, waves, wave_eff, f32, tf,
+               used / (32 * sectors) if sectors else 1.0, o.occupancy, o.blocks_per_sm, waves, bal, mlp, f32, tf,
                rec["shfl"], lines, parts["DRAM"], parts["L1"], parts["shuffle"], parts["FP32"], parts["tensor"],
-               lim if wave_eff >= 0.5 else f"{lim}, {o.limiter}-limited fill {wave_eff:.0%}", t)
+               note, t)
 
 
 def layer(rows, m, T, d, K, e=2):

@@ -5,6 +5,8 @@
 //
 //   gpu_model_driver GROUP T d K r hard|soft
 //   GROUP: shrink_fwd | cam_fwd | cam_bwd_rows | cam_bwd_cols | shrink_bwd
+//          configs: only print every launch's grid, block and dynamic shared memory (nothing runs),
+//          for 4- and 8-byte accumulators (bf16/half/float and double)
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -77,6 +79,20 @@ int main(int argc, char** argv) {
   Buf<M> g(T * K);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < K; ++k) g.p[t * K + k] = M(hard ? (k == (t * 7 + 3) % K ? 1.f : 0.f) : 0.25f + 0.1f * k);
+  if (group == "configs") {
+    auto pr = [](const char* k, int acc, dim3 gr, unsigned th, size_t smem) {
+      std::printf("{\"kernel\": \"%s\", \"acc_bytes\": %d, \"grid\": [%u, %u, %u], \"threads\": %u, \"smem\": %zu}\n",
+                  k, acc, gr.x, gr.y, gr.z, th, smem);
+    };
+    for (int acc : {4, 8}) {
+      const auto f = cam_kernels::cam_forward_config(T, d, K, r, acc);
+      pr("cam_forward_kernel", acc, f.grid, f.block.x, f.smem);
+      const auto b = cam_kernels::cam_backward_config(T, d, K, r, acc, kSMs);
+      pr("cam_backward_rows_kernel", acc, b.grid_rows, b.block_rows.x, b.smem_rows);
+      pr("cam_backward_cols_kernel", acc, b.grid_cols, b.block_cols.x, b.smem_cols);
+    }
+    return 0;
+  }
   hycam_emu::set_counting(true);
   if (group == "shrink_fwd") {
     using namespace shrink_kernels;
