@@ -77,14 +77,27 @@ inline void zero(FragC& c) {
 }
 template <typename FA, typename FB>
 inline void mma(FragC& c, const FA& a, const FB& b HYCAM_SITE_PARAM) {
-  // warp-collective: every lane must be here; counted once per warp for the cost model
-  hycam_emu::warp_collective(0xffffffffu, site, "wmma::mma_sync", [] { ++hycam_emu::g.counters.mma; });
-  for (int m = 0; m < kTile; ++m)
-    for (int n = 0; n < kTile; ++n) {
-      float s = c.v[m][n];
-      for (int k = 0; k < kTile; ++k) s += a.v[m][k] * b.v[k][n];
-      c.v[m][n] = s;
-    }
+  // Warp-collective: every lane must be here; counted once per warp for the cost model. Every
+  // lane holds the same tiles (loads take warp-uniform pointers), so the product is computed once,
+  // by the last lane to arrive, and copied to the other lanes' accumulators.
+  const unsigned t = threadIdx.x, w = t >> 5;
+  hycam_emu::g.lane_p[0][t] = &c;
+  hycam_emu::g.lane_p[1][t] = const_cast<FA*>(&a);
+  hycam_emu::g.lane_p[2][t] = const_cast<FB*>(&b);
+  hycam_emu::warp_collective(0xffffffffu, site, "wmma::mma_sync", [w] {
+    ++hycam_emu::g.counters.mma;
+    auto& P = hycam_emu::g.lane_p;
+    FragC& c0 = *static_cast<FragC*>(P[0][w * 32]);
+    const FA& a0 = *static_cast<const FA*>(P[1][w * 32]);
+    const FB& b0 = *static_cast<const FB*>(P[2][w * 32]);
+    for (int m = 0; m < kTile; ++m)
+      for (int n = 0; n < kTile; ++n) {
+        float s = c0.v[m][n];
+        for (int k = 0; k < kTile; ++k) s += a0.v[m][k] * b0.v[k][n];
+        c0.v[m][n] = s;
+      }
+    for (unsigned l = 1; l < 32; ++l) *static_cast<FragC*>(P[0][w * 32 + l]) = c0;
+  });
 }
 // Row-major float store.
 inline void store(float* p, const FragC& c, unsigned ldm HYCAM_SITE_PARAM) {

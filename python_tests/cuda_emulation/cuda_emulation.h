@@ -33,6 +33,7 @@
 
 #include <signal.h>
 #include <sys/mman.h>
+#include <setjmp.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -49,6 +50,12 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
 #define HYCAM_EMU_ASAN 1
+#endif
+// Without sanitizers, fibers switch with _setjmp/_longjmp after their first entry (swapcontext
+// makes a signal-mask system call per switch); the sanitizers are told about every switch and
+// keep swapcontext, which they understand.
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#define HYCAM_EMU_JMP 1
 #endif
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
@@ -123,6 +130,14 @@ struct Emu {
   std::vector<Loc> wait_loc;
   std::vector<ucontext_t> ctx;
   ucontext_t sched;
+#if HYCAM_EMU_JMP
+  struct Jmp {
+    jmp_buf b;
+  };
+  std::vector<Jmp> jb;
+  std::vector<char> started;
+  jmp_buf sched_jb;
+#endif
   char* stacks = nullptr;
   size_t stacks_len = 0;
   unsigned cur = 0;
@@ -132,6 +147,7 @@ struct Emu {
   std::vector<Collective> warp;
   std::vector<double> lane_in, lane_out;
   std::vector<uintptr_t> lane_u;
+  std::vector<void*> lane_p[3];  // per-thread pointers for warp collectives on fragments
   // dynamic shared memory: [smem, smem + smem_bytes) then canary bytes up to the guard page
   unsigned char* map = nullptr;
   size_t map_len = 0, smem_bytes = 0;
@@ -215,7 +231,11 @@ inline void yield() {
 #if HYCAM_EMU_TSAN
   __tsan_switch_to_fiber(g.tsan_main, __tsan_switch_to_fiber_no_sync);
 #endif
+#if HYCAM_EMU_JMP
+  if (_setjmp(g.jb[t].b) == 0) _longjmp(g.sched_jb, 1);
+#else
   swapcontext(&g.ctx[t], &g.sched);
+#endif
   on_fiber_entry(t);
 }
 
@@ -347,7 +367,11 @@ inline void exit_thread() {
 #if HYCAM_EMU_TSAN
   __tsan_switch_to_fiber(g.tsan_main, __tsan_switch_to_fiber_no_sync);
 #endif
+#if HYCAM_EMU_JMP
+  _longjmp(g.sched_jb, 1);
+#else
   setcontext(&g.sched);
+#endif
 }
 
 // ---- memory-traffic counters ------------------------------------------------------------------
@@ -389,49 +413,56 @@ inline void record(const void* p, unsigned bytes, bool store, const Loc& loc) {
   g.acc.push_back(Access{reinterpret_cast<uint64_t>(p), s, t, o, uint16_t(bytes), uint8_t(store)});
 }
 
-inline void mark_bytes(std::unordered_map<uint64_t, uint32_t>& m, uint64_t addr, unsigned bytes) {
-  for (uint64_t a = addr; a < addr + bytes;) {
-    const uint64_t sec = a >> 5, end = std::min<uint64_t>(addr + bytes, (sec + 1) << 5);
-    uint32_t bits = 0;
-    for (uint64_t b = a; b < end; ++b) bits |= 1u << (b & 31);
-    m[sec] |= bits;
-    a = end;
-  }
-}
-
 // Groups the block's accesses into warp requests and adds them to the launch's counters.
 inline void flush_block_accesses() {
-  auto& A = g.acc;
-  std::sort(A.begin(), A.end(), [](const Access& x, const Access& y) {
-    const uint32_t wx = x.tid >> 5, wy = y.tid >> 5;
-    if (wx != wy) return wx < wy;
-    if (x.site != y.site) return x.site < y.site;
-    if (x.occ != y.occ) return x.occ < y.occ;
-    return x.tid < y.tid;
-  });
-  std::unordered_map<uint64_t, uint32_t> req;  // sector -> byte mask within one request
+  const auto& A = g.acc;
+  // sort by (warp, site, occurrence); the index keeps the lanes of a request in thread order
+  std::vector<std::pair<uint64_t, uint32_t>> order(A.size());
+  for (size_t i = 0; i < A.size(); ++i) {
+    const Access& x = A[i];
+    order[i] = {(uint64_t(x.tid >> 5) << 48) | (uint64_t(x.site) << 32) | x.occ, uint32_t(i)};
+  }
+  std::sort(order.begin(), order.end());
+  uint64_t sec[64 * 2];
+  uint32_t msk[64 * 2];
   std::vector<uint64_t> lines;
-  for (size_t i = 0; i < A.size();) {
+  for (size_t i = 0; i < order.size();) {
     size_t j = i;
-    req.clear();
+    int nsec = 0;
     lines.clear();
-    Traffic& tr = A[i].store ? g.counters.store : g.counters.load;
-    auto& global_mask = A[i].store ? g.store_mask : g.load_mask;
-    while (j < A.size() && (A[j].tid >> 5) == (A[i].tid >> 5) && A[j].site == A[i].site && A[j].occ == A[i].occ) {
-      mark_bytes(req, A[j].addr, A[j].bytes);
-      mark_bytes(global_mask, A[j].addr, A[j].bytes);
-      for (uint64_t l = A[j].addr >> 7; l <= (A[j].addr + A[j].bytes - 1) >> 7; ++l) lines.push_back(l);
-      tr.bytes += A[j].bytes;
-      ++j;
+    const Access& first = A[order[i].second];
+    Traffic& tr = first.store ? g.counters.store : g.counters.load;
+    auto& global_mask = first.store ? g.store_mask : g.load_mask;
+    for (; j < order.size() && order[j].first == order[i].first; ++j) {
+      const Access& x = A[order[j].second];
+      for (uint64_t a = x.addr; a < x.addr + x.bytes;) {  // bytes of this lane, sector by sector
+        const uint64_t s = a >> 5, end = std::min<uint64_t>(x.addr + x.bytes, (s + 1) << 5);
+        uint32_t bits = 0;
+        for (uint64_t b = a; b < end; ++b) bits |= 1u << (b & 31);
+        int k = 0;
+        while (k < nsec && sec[k] != s) ++k;
+        if (k == nsec) {
+          if (nsec == 128) fail("internal: more than 128 sectors in one warp request");
+          sec[nsec] = s;
+          msk[nsec++] = 0;
+        }
+        msk[k] |= bits;
+        a = end;
+      }
+      for (uint64_t l = x.addr >> 7; l <= (x.addr + x.bytes - 1) >> 7; ++l) lines.push_back(l);
+      tr.bytes += x.bytes;
     }
     std::sort(lines.begin(), lines.end());
     tr.lines += uint64_t(std::unique(lines.begin(), lines.end()) - lines.begin());
     tr.requests += 1;
-    tr.sectors += req.size();
-    for (const auto& kv : req) tr.request_unique_bytes += uint64_t(__builtin_popcount(kv.second));
+    tr.sectors += uint64_t(nsec);
+    for (int k = 0; k < nsec; ++k) {
+      tr.request_unique_bytes += uint64_t(__builtin_popcount(msk[k]));
+      global_mask[sec[k]] |= msk[k];
+    }
     i = j;
   }
-  A.clear();
+  g.acc.clear();
   std::fill(g.occ.begin(), g.occ.end(), 0u);
 }
 
@@ -501,10 +532,15 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F f, const char* name = "k
   g.st.assign(nt, St::kRun);
   g.wait_loc.assign(nt, Loc());
   g.ctx.assign(nt, ucontext_t{});
+#if HYCAM_EMU_JMP
+  g.jb.resize(nt);
+  g.started.assign(nt, 0);
+#endif
   g.warp.assign(nt / 32, Collective{});
   g.lane_in.assign(nt, 0.0);
   g.lane_out.assign(nt, 0.0);
   g.lane_u.assign(nt, 0);
+  for (auto& v : g.lane_p) v.assign(nt, nullptr);
   g.body = &f;
   g.call = [](void* p) { (*static_cast<F*>(p))(); };
   const size_t need = size_t(nt) * kStackBytes;
@@ -545,7 +581,12 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F f, const char* name = "k
     for (auto& c : g.warp) c = Collective{};
     for (unsigned t = 0; t < nt; ++t) {
       g.st[t] = St::kRun;
+#if HYCAM_EMU_JMP
+      g.started[t] = 0;
+      if (b == 0) getcontext(&g.ctx[t]);  // once per launch: makecontext reuses it
+#else
       getcontext(&g.ctx[t]);
+#endif
       g.ctx[t].uc_stack.ss_sp = stack_of(t);
       g.ctx[t].uc_stack.ss_size = kStackBytes;
       g.ctx[t].uc_link = nullptr;
@@ -572,7 +613,18 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F f, const char* name = "k
 #if HYCAM_EMU_TSAN
         __tsan_switch_to_fiber(g.tsan_fiber[t], __tsan_switch_to_fiber_no_sync);
 #endif
+#if HYCAM_EMU_JMP
+        if (_setjmp(g.sched_jb) == 0) {  // the fiber comes back with _longjmp(sched_jb)
+          if (!g.started[t]) {
+            g.started[t] = 1;
+            swapcontext(&g.sched, &g.ctx[t]);
+          } else {
+            _longjmp(g.jb[t].b, 1);
+          }
+        }
+#else
         swapcontext(&g.sched, &g.ctx[t]);
+#endif
 #if HYCAM_EMU_ASAN
         __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
