@@ -47,6 +47,8 @@ def kernel_code():
                     "kernel headers: the machine-code checks need one of them")
     if occ.tool("cuobjdump") is None:
         pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel)")
+    if shutil.which("c++filt") is None:
+        pytest.skip("no c++filt (binutils) to demangle kernel names")
     ks, src = occ.kernel_code((80, 90), so)
     assert ks, f"no hycam kernels found in {src}"
     return {(k.name, k.arch): k for k in ks}
