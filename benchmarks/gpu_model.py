@@ -70,13 +70,14 @@ REVIEW_US = {
 # Emulated token counts per op group: (T1, T2) full and quick. Counts are exactly linear in T only
 # when the launch configuration does not change between T1, T2 and the full T and every tile
 # boundary falls on the same place: T multiples of each group's token tile (cam_fwd 16,
-# cam_bwd_rows 8, shrink 64), and for the token-split kernels (S = 5 splits at d = 4096, K = 4,
+# cam_bwd_rows 8; 64 in the full run, so that its sum_partials grid of T * K * (r + 1) / 256 blocks
+# is exact too; shrink 64), and for the token-split kernels (S = 5 splits at d = 4096, K = 4,
 # r = 16 from T = 160 on) splits of a multiple of 32 tokens (cam_bwd_cols: T multiple of 160;
 # shrink_bwd: of lcm(64, 160) = 320).
 GROUPS = {
     "shrink_fwd": ((128, 256), (64, 128)),
     "cam_fwd": ((32, 64), (16, 32)),
-    "cam_bwd_rows": ((32, 64), (8, 16)),
+    "cam_bwd_rows": ((64, 128), (8, 16)),
     "cam_bwd_cols": ((160, 320), (160, 320)),
     "shrink_bwd": ((320, 640), (320, 640)),
 }
