@@ -153,11 +153,12 @@ def _torch_include() -> str:
 
 def compile_kernels(arch: int, cache_dir: str | None = None) -> str:
     """nvcc -cubin of the kernel headers for one arch with the extension's device flags (setup.py:
-    -O3 -lineinfo --expt-relaxed-constexpr). Cached by the content of csrc/."""
+    -O3 -lineinfo --expt-relaxed-constexpr, C++20 as torch builds extensions). Cached by the content of csrc/."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise RuntimeError("nvcc not found")
-    h = hashlib.sha256(_INSTANTIATIONS.encode())
+    flags = ["-std=c++20", "-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    h = hashlib.sha256((_INSTANTIATIONS + " ".join(flags)).encode())
     for p in sorted((ROOT / "csrc").rglob("*")):
         if p.suffix in (".cuh", ".h"):
             h.update(p.read_bytes())
@@ -168,7 +169,7 @@ def compile_kernels(arch: int, cache_dir: str | None = None) -> str:
         return str(out)
     src = cache / f"kernels_{h.hexdigest()[:16]}.cu"
     src.write_text(_INSTANTIATIONS)
-    cmd = [nvcc, "-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-cubin",
+    cmd = [nvcc, *flags, "-cubin",
            "-gencode", f"arch=compute_{arch},code=sm_{arch}", f"-I{ROOT / 'csrc'}", f"-I{_torch_include()}",
            str(src), "-o", str(out) + ".tmp"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
