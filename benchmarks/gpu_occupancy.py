@@ -22,7 +22,6 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -90,9 +89,9 @@ def tool(name: str) -> str | None:
         if cand.exists():
             return str(cand)
     try:
-        import triton  # noqa: F401
+        import triton
 
-        cand = pathlib.Path(sys.modules["triton"].__file__).parent / "backends" / "nvidia" / "bin" / name
+        cand = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
         if cand.exists():
             return str(cand)
     except Exception:

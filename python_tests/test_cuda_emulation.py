@@ -55,7 +55,7 @@ def test_cuda_kernels_in_emulation(tmp_path):
     assert proc.returncode == 0 and "failures: 0" in out, out[-6000:]
     # the CAM kernels ran with the 16-bit storage types the .cu files instantiate
     for dtype in ("half", "bfloat16"):
-        assert f"cam    T=" in out and f"{dtype} acc float" in out, out[-3000:]
+        assert "cam    T=" in out and f"{dtype} acc float" in out, out[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,8 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
   acc_t* gs = ws + tile * K * r;                   // [tile, K]
   const int64_t t0 = blockIdx.x * tile;
   const int64_t nt = min(tile, T - t0);
-  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x) ws[q] = static_cast<acc_t>(cuda::ld(w + t0 * K * r + q));
+  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x)
+    ws[q] = static_cast<acc_t>(cuda::ld(w + t0 * K * r + q));
   for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
   __syncthreads();
   const int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -75,7 +76,8 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
   acc_t* red = gs + tile * K;                      // [nwarps, tile, K, R1]
   const int64_t t0 = blockIdx.x * tile;
   const int64_t nt = min(tile, T - t0);
-  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x) ws[q] = static_cast<acc_t>(cuda::ld(w + t0 * K * r + q));
+  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x)
+    ws[q] = static_cast<acc_t>(cuda::ld(w + t0 * K * r + q));
   for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
   __syncthreads();
   const int64_t jbase = blockIdx.y * static_cast<int64_t>(blockDim.x) * kChanPerThread + threadIdx.x;
@@ -191,7 +193,8 @@ HYCAM_GLOBAL void cam_backward_cols_kernel(const scalar_t* __restrict__ go, cons
       if (gk == acc_t(0)) continue;  // hard routing: only tokens routed to k contribute
       const int64_t e = idx_td(t0 + tt, j, d);
       const acc_t av = a ? static_cast<acc_t>(cuda::ld(a + e)) : acc_t(0);
-      const acc_t gc = gate_grad(placement, static_cast<acc_t>(cuda::ld(go + e)), static_cast<acc_t>(cuda::ld(h_in + e)), av);
+      const acc_t gc =
+          gate_grad(placement, static_cast<acc_t>(cuda::ld(go + e)), static_cast<acc_t>(cuda::ld(h_in + e)), av);
       cuda::will_load(B + idx_kdr(k, j, 0, d, r), r);
       const acc_t u = expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + tt * r, bias, r);
       const acc_t du = specialist_grad(gc, gk, s, u);

@@ -127,7 +127,8 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
       for (int64_t k = 0; k < K; ++k)
         if (as_double(g[t * K + k]) != 0) spec += as_double(g[t * K + k]) * sil(scale * u[k * d + j]);
       const int64_t e = t * d + j;
-      const double c = 1 + sil(as_double(z[e])) + spec, hv = as_double(h[e]), av = ap ? as_double(ap[e]) : 0, gov = as_double(go[e]);
+      const double c = 1 + sil(as_double(z[e])) + spec, hv = as_double(h[e]), av = ap ? as_double(ap[e]) : 0;
+      const double gov = as_double(go[e]);
       out[e] = placement == 0 ? (hv + av) * c : hv + av * c;
       gc[j] = placement == 0 ? gov * (hv + av) : gov * av;
       dm[e] = gov * c;
@@ -157,8 +158,8 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
     const auto cfg = cam_forward_config(T, d, K, r, sizeof(Acc));
     auto o = poisoned<S>(T * d);
     launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_forward_kernel<S, Acc>(h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r, Acc(scale),
-                               placement, cfg.tile);
+      cam_forward_kernel<S, Acc>(h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r,
+                                 Acc(scale), placement, cfg.tile);
     }, "cam_forward_kernel");
     cmp("out", o.data(), out, out_tol);
   }
@@ -168,8 +169,9 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
     auto d_main = poisoned<S>(T * d), dzg = poisoned<S>(T * d);
     auto prow = poisoned<Acc>(cfg.nJ * T * K * R1), pB = poisoned<Acc>(cfg.S * K * d * R1);
     launch(cfg.grid_rows, cfg.block_rows, cfg.smem_rows, [&] {
-      cam_backward_rows_kernel<S, Acc>(go.data(), h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(), d_main.data(),
-                                     dzg.data(), prow.data(), T, d, K, r, Acc(scale), placement, cfg.tile);
+      cam_backward_rows_kernel<S, Acc>(go.data(), h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(),
+                                       d_main.data(), dzg.data(), prow.data(), T, d, K, r, Acc(scale), placement,
+                                       cfg.tile);
     }, "cam_backward_rows_kernel");
     launch(cfg.grid_cols, cfg.block_cols, cfg.smem_cols, [&] {
       cam_backward_cols_kernel<S, Acc>(go.data(), h.data(), ap, w.data(), B.data(), bp, g.data(), pB.data(), T, d, K, r,
@@ -238,7 +240,8 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
         dA[o * d + j] += dp[t * KR + o] * double(x[t * d + j]);
       }
       const int64_t k = o / r, i = o % r;
-      for (int64_t m = 0; m < r; ++m) dN[(k * r + i) * r + m] += double(dw[t * KR + o]) * double(pg[t * KR + k * r + m]);
+      for (int64_t m = 0; m < r; ++m)
+        dN[(k * r + i) * r + m] += double(dw[t * KR + o]) * double(pg[t * KR + k * r + m]);
     }
   const auto cfg = shrink_backward_config(T, d, K, r, kSMs);
   auto dpg = poisoned<S>(T * KR), pA = poisoned<S>(cfg.S * KR * d), pS = poisoned<S>(cfg.S * cfg.nq);
