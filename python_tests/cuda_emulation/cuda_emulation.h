@@ -153,6 +153,7 @@ struct Emu {
   size_t map_len = 0, smem_bytes = 0;
   unsigned char* smem = nullptr;
   unsigned char* guard = nullptr;
+  struct sigaction old_segv {}, old_bus {};
   // counters
   bool counting = false;
   std::vector<Loc> sites;
@@ -498,8 +499,8 @@ inline void map_smem(size_t bytes) {
   struct sigaction sa {};
   sa.sa_sigaction = on_segv;
   sa.sa_flags = SA_SIGINFO;
-  sigaction(SIGSEGV, &sa, nullptr);
-  sigaction(SIGBUS, &sa, nullptr);
+  sigaction(SIGSEGV, &sa, &g.old_segv);  // restored after the launch (ASan's handler, say)
+  sigaction(SIGBUS, &sa, &g.old_bus);
 }
 
 inline void check_smem_canary() {
@@ -661,6 +662,8 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F f, const char* name = "k
   if (g.counting) g.history.push_back(g.counters);
   munmap(g.map, g.map_len);
   g.map = g.smem = g.guard = nullptr;
+  sigaction(SIGSEGV, &g.old_segv, nullptr);
+  sigaction(SIGBUS, &g.old_bus, nullptr);
 }
 
 // A warp barrier of the calling warp (warp-collective operations: wmma, __syncwarp).
