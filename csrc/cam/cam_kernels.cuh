@@ -2,8 +2,10 @@
 // j of a tile of tokens; the per-token reductions over channels (dg, dw) go through warp shuffles
 // and shared memory in a fixed order, the reductions over tokens (dB, db) through per-split
 // partials. No atomics: results are bitwise reproducible. The element maths is hycam_math.h,
-// shared with the CPU kernels (cam_cpu.cpp). Compiles with nvcc, and with a C++ compiler under
-// HYCAM_CUDA_EMULATION for python_tests/test_cuda_emulation.py.
+// shared with the CPU kernels (cam_cpu.cpp). Global memory is read and written only through
+// cuda::ld / cuda::st (cuda::will_load before expand_channel, whose loads are in hycam_math.h),
+// plain accesses under nvcc, counted under the emulation. Compiles with nvcc, and with a C++
+// compiler under HYCAM_CUDA_EMULATION (python_tests/test_cuda_emulation.py, benchmarks/gpu_model.py).
 #pragma once
 
 #include "../common/cuda_device.cuh"
@@ -31,8 +33,9 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
   acc_t* gs = ws + tile * K * r;                   // [tile, K]
   const int64_t t0 = blockIdx.x * tile;
   const int64_t nt = min(tile, T - t0);
-  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x) ws[q] = static_cast<acc_t>(w[t0 * K * r + q]);
-  for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(g[t0 * K + q]);
+  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x)
+    ws[q] = static_cast<acc_t>(cuda::ld(w + t0 * K * r + q));
+  for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
   __syncthreads();
   const int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (j >= d) return;
@@ -41,14 +44,15 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
     for (int64_t k = 0; k < K; ++k) {
       const acc_t gk = gs[tt * K + k];
       if (gk == acc_t(0)) continue;  // hard routing: only the routed specialist
-      const acc_t bias = b ? static_cast<acc_t>(b[k * d + j]) : acc_t(0);
+      const acc_t bias = b ? static_cast<acc_t>(cuda::ld(b + k * d + j)) : acc_t(0);
+      cuda::will_load(B + idx_kdr(k, j, 0, d, r), r);
       const acc_t u = expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + (tt * K + k) * r, bias, r);
       spec += gk * silu(s * u);
     }
     const int64_t e = idx_td(t0 + tt, j, d);
-    const acc_t c = cam_value(static_cast<acc_t>(z[e]), spec);
-    const acc_t av = a ? static_cast<acc_t>(a[e]) : acc_t(0);
-    out[e] = static_cast<scalar_t>(modulate(placement, static_cast<acc_t>(h_in[e]), av, c));
+    const acc_t c = cam_value(static_cast<acc_t>(cuda::ld(z + e)), spec);
+    const acc_t av = a ? static_cast<acc_t>(cuda::ld(a + e)) : acc_t(0);
+    cuda::st(out + e, static_cast<scalar_t>(modulate(placement, static_cast<acc_t>(cuda::ld(h_in + e)), av, c)));
   }
 }
 
@@ -72,8 +76,9 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
   acc_t* red = gs + tile * K;                      // [nwarps, tile, K, R1]
   const int64_t t0 = blockIdx.x * tile;
   const int64_t nt = min(tile, T - t0);
-  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x) ws[q] = static_cast<acc_t>(w[t0 * K * r + q]);
-  for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(g[t0 * K + q]);
+  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x)
+    ws[q] = static_cast<acc_t>(cuda::ld(w + t0 * K * r + q));
+  for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
   __syncthreads();
   const int64_t jbase = blockIdx.y * static_cast<int64_t>(blockDim.x) * kChanPerThread + threadIdx.x;
 
@@ -88,9 +93,9 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
       gov[c] = gcv[c] = spec[c] = 0;
       if (j < d) {
         const int64_t e = idx_td(t, j, d);
-        const acc_t av = a ? static_cast<acc_t>(a[e]) : acc_t(0);
-        gov[c] = static_cast<acc_t>(go[e]);
-        gcv[c] = gate_grad(placement, gov[c], static_cast<acc_t>(h_in[e]), av);
+        const acc_t av = a ? static_cast<acc_t>(cuda::ld(a + e)) : acc_t(0);
+        gov[c] = static_cast<acc_t>(cuda::ld(go + e));
+        gcv[c] = gate_grad(placement, gov[c], static_cast<acc_t>(cuda::ld(h_in + e)), av);
       }
     }
     for (int64_t k = 0; k < K; ++k) {
@@ -102,7 +107,8 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
         const int64_t j = jbase + static_cast<int64_t>(c) * blockDim.x;
         duv[c] = 0;
         if (j < d) {
-          const acc_t bias = b ? static_cast<acc_t>(b[k * d + j]) : acc_t(0);
+          const acc_t bias = b ? static_cast<acc_t>(cuda::ld(b + k * d + j)) : acc_t(0);
+          cuda::will_load(B + idx_kdr(k, j, 0, d, r), r);
           const acc_t v = s * expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + (tt * K + k) * r,
                                                                bias, r);
           const acc_t sg = sigmoid(v);
@@ -123,7 +129,7 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
 #pragma unroll
           for (int c = 0; c < kChanPerThread; ++c) {
             const int64_t j = jbase + static_cast<int64_t>(c) * blockDim.x;
-            if (j < d) v += duv[c] * static_cast<acc_t>(B[idx_kdr(k, j, i, d, r)]);
+            if (j < d) v += duv[c] * static_cast<acc_t>(cuda::ld(B + idx_kdr(k, j, i, d, r)));
           }
           v = cuda::warp_sum(v);
         }
@@ -135,9 +141,9 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
       const int64_t j = jbase + static_cast<int64_t>(c) * blockDim.x;
       if (j < d) {
         const int64_t e = idx_td(t, j, d);
-        const acc_t zv = static_cast<acc_t>(z[e]), sz = sigmoid(zv);
-        d_main[e] = static_cast<scalar_t>(gov[c] * (acc_t(1) + silu_from_sigmoid(zv, sz) + spec[c]));
-        dz[e] = static_cast<scalar_t>(gcv[c] * silu_grad_from_sigmoid(zv, sz));
+        const acc_t zv = static_cast<acc_t>(cuda::ld(z + e)), sz = sigmoid(zv);
+        cuda::st(d_main + e, static_cast<scalar_t>(gov[c] * (acc_t(1) + silu_from_sigmoid(zv, sz) + spec[c])));
+        cuda::st(dz + e, static_cast<scalar_t>(gcv[c] * silu_grad_from_sigmoid(zv, sz)));
       }
     }
   }
@@ -147,7 +153,7 @@ HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, cons
   for (int64_t q = threadIdx.x; q < nt * K * R1; q += blockDim.x) {
     acc_t v = 0;
     for (int wi = 0; wi < nwarps; ++wi) v += red[wi * per_warp + q];  // fixed order
-    dst[q] = v;
+    cuda::st(dst + q, v);
   }
 }
 
@@ -171,23 +177,25 @@ HYCAM_GLOBAL void cam_backward_cols_kernel(const scalar_t* __restrict__ go, cons
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   for (int64_t i = 0; i < R1; ++i) acc[i * blockDim.x + threadIdx.x] = 0;
   const int64_t ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
-  const acc_t bias = (b && j < d) ? static_cast<acc_t>(b[k * d + j]) : acc_t(0);
+  const acc_t bias = (b && j < d) ? static_cast<acc_t>(cuda::ld(b + k * d + j)) : acc_t(0);
   for (int64_t t0 = ts0; t0 < ts1; t0 += tile) {
     const int64_t nt = min(tile, ts1 - t0);
     __syncthreads();
     for (int64_t q = threadIdx.x; q < nt * r; q += blockDim.x) {
       const int64_t tt = q / r, i = q % r;
-      ws[q] = static_cast<acc_t>(w[idx_tkr(t0 + tt, k, i, K, r)]);
+      ws[q] = static_cast<acc_t>(cuda::ld(w + idx_tkr(t0 + tt, k, i, K, r)));
     }
-    for (int64_t q = threadIdx.x; q < nt; q += blockDim.x) gs[q] = static_cast<acc_t>(g[(t0 + q) * K + k]);
+    for (int64_t q = threadIdx.x; q < nt; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + (t0 + q) * K + k));
     __syncthreads();
     if (j >= d) continue;
     for (int64_t tt = 0; tt < nt; ++tt) {
       const acc_t gk = gs[tt];
       if (gk == acc_t(0)) continue;  // hard routing: only tokens routed to k contribute
       const int64_t e = idx_td(t0 + tt, j, d);
-      const acc_t av = a ? static_cast<acc_t>(a[e]) : acc_t(0);
-      const acc_t gc = gate_grad(placement, static_cast<acc_t>(go[e]), static_cast<acc_t>(h_in[e]), av);
+      const acc_t av = a ? static_cast<acc_t>(cuda::ld(a + e)) : acc_t(0);
+      const acc_t gc =
+          gate_grad(placement, static_cast<acc_t>(cuda::ld(go + e)), static_cast<acc_t>(cuda::ld(h_in + e)), av);
+      cuda::will_load(B + idx_kdr(k, j, 0, d, r), r);
       const acc_t u = expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + tt * r, bias, r);
       const acc_t du = specialist_grad(gc, gk, s, u);
       for (int64_t i = 0; i < r; ++i) acc[i * blockDim.x + threadIdx.x] += du * ws[tt * r + i];
@@ -196,7 +204,7 @@ HYCAM_GLOBAL void cam_backward_cols_kernel(const scalar_t* __restrict__ go, cons
   }
   if (j >= d) return;
   acc_t* dst = pB + ((split * K + k) * d + j) * R1;
-  for (int64_t i = 0; i < R1; ++i) dst[i] = acc[i * blockDim.x + threadIdx.x];
+  for (int64_t i = 0; i < R1; ++i) cuda::st(dst + i, acc[i * blockDim.x + threadIdx.x]);
 }
 
 // ---------------------------------------------------------------------------------------

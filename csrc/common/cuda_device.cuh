@@ -1,8 +1,9 @@
 // Device-side helpers of the CUDA kernels and the qualifiers they are written with. The kernel
 // headers (csrc/*/*_kernels.cuh) include only this file and hycam_math.h, so that besides nvcc
-// they also compile with a plain C++ compiler under HYCAM_CUDA_EMULATION (cuda_emulation.h: one
-// host thread per CUDA thread), which python_tests/test_cuda_emulation.py uses to run every
-// kernel on machines without a GPU.
+// they also compile with a plain C++ compiler under HYCAM_CUDA_EMULATION (the test-only
+// python_tests/cuda_emulation/cuda_emulation.h, on the include path only there: one fiber per
+// CUDA thread), which python_tests/test_cuda_emulation.py uses to run every kernel on machines
+// without a GPU and benchmarks/gpu_model.py to count their memory traffic.
 #pragma once
 
 #include <cstdint>
@@ -13,11 +14,17 @@
 #define HYCAM_DEVICE inline
 #define HYCAM_SHARED static  // one block runs at a time: its threads share it
 #define HYCAM_DYNAMIC_SMEM(name) unsigned char* name = ::hycam_emu::block_smem()
+// Emulation only: helpers take their caller's source location, so that error messages and traffic
+// counters name the line in the kernel rather than the line in the helper.
+#define HYCAM_SITE_PARAM , const std::source_location& site = std::source_location::current()
+#define HYCAM_SITE_ARG , site
 #else
 #define HYCAM_GLOBAL __global__
 #define HYCAM_DEVICE __device__ __forceinline__
 #define HYCAM_SHARED __shared__
 #define HYCAM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define HYCAM_SITE_PARAM
+#define HYCAM_SITE_ARG
 #endif
 
 namespace hycam {
@@ -26,10 +33,44 @@ namespace cuda {
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename acc_t>
-HYCAM_DEVICE acc_t warp_sum(acc_t v) {
+HYCAM_DEVICE acc_t warp_sum(acc_t v HYCAM_SITE_PARAM) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off HYCAM_SITE_ARG);
   return v;  // lane 0 holds the sum
+}
+
+// Every global-memory load and store of the kernels goes through ld / st: a plain access under
+// nvcc (the generated code is the same as writing *p), and under the emulation an access that the
+// memory-traffic counters record with its lane, width and call site.
+template <typename T>
+HYCAM_DEVICE T ld(const T* p HYCAM_SITE_PARAM) {
+#if defined(HYCAM_CUDA_EMULATION)
+  ::hycam_emu::record(p, sizeof(T), false, site);
+#endif
+  return *p;
+}
+template <typename T>
+struct NoDeduce {
+  using type = T;
+};
+template <typename T>
+HYCAM_DEVICE void st(T* p, typename NoDeduce<T>::type v HYCAM_SITE_PARAM) {
+#if defined(HYCAM_CUDA_EMULATION)
+  ::hycam_emu::record(p, sizeof(T), true, site);
+#endif
+  *p = v;
+}
+// The loads of p[0..n) that a shared helper of hycam_math.h (common to the CPU kernels, so it
+// cannot call ld) is about to make, one element per load, in that order: recorded under the
+// emulation, nothing under nvcc.
+template <typename T>
+HYCAM_DEVICE void will_load(const T* p, int64_t n HYCAM_SITE_PARAM) {
+#if defined(HYCAM_CUDA_EMULATION)
+  for (int64_t i = 0; i < n; ++i) ::hycam_emu::record(p + i, sizeof(T), false, site);
+#else
+  (void)p;
+  (void)n;
+#endif
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -39,8 +80,8 @@ template <typename acc_t>
 HYCAM_GLOBAL void sum_partials_kernel(const acc_t* __restrict__ part, int64_t S, int64_t n, acc_t* __restrict__ out) {
   for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < n; q += (int64_t)gridDim.x * blockDim.x) {
     acc_t s = 0;
-    for (int64_t c = 0; c < S; ++c) s += part[c * n + q];
-    out[q] = s;
+    for (int64_t c = 0; c < S; ++c) s += ld(part + c * n + q);
+    st(out + q, s);
   }
 }
 

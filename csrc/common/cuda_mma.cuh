@@ -4,7 +4,8 @@
 // shared memory, multiply-accumulate, and store whole float tiles back. Under
 // HYCAM_CUDA_EMULATION every lane holds the whole tile and the calls check what the hardware
 // requires (256-bit aligned pointers, ldm a multiple of 16 bytes, the same arguments on all 32
-// lanes, every lane present).
+// lanes, every lane present: each call is a warp collective of the emulator, so a lane that
+// has exited or waits elsewhere is reported with the kernel and the call site).
 #pragma once
 
 #include <cstdint>
@@ -52,46 +53,64 @@ struct FragC {
 };
 
 template <bool kRowMajor, typename T, typename F>
-inline void emu_load(F& f, const T* p, unsigned ldm) {
-  if (reinterpret_cast<uintptr_t>(p) % 32) hycam_emu::fail("wmma::load_matrix_sync: pointer not 256-bit aligned");
-  if ((ldm * sizeof(T)) % 16) hycam_emu::fail("wmma::load_matrix_sync: ldm not a multiple of 16 bytes");
-  hycam_emu::warp_uniform(reinterpret_cast<uintptr_t>(p), "wmma::load_matrix_sync: pointer differs across lanes");
-  hycam_emu::warp_uniform(ldm, "wmma::load_matrix_sync: ldm differs across lanes");
+inline void emu_load(F& f, const T* p, unsigned ldm, const std::source_location& site) {
+  if (reinterpret_cast<uintptr_t>(p) % 32)
+    hycam_emu::fail("wmma::load_matrix_sync at " + hycam_emu::where(site) + ": pointer not 256-bit aligned");
+  if ((ldm * sizeof(T)) % 16)
+    hycam_emu::fail("wmma::load_matrix_sync at " + hycam_emu::where(site) + ": ldm not a multiple of 16 bytes");
+  hycam_emu::warp_uniform(reinterpret_cast<uintptr_t>(p), "wmma::load_matrix_sync (pointer)", site);
+  hycam_emu::warp_uniform(ldm, "wmma::load_matrix_sync (ldm)", site);
   for (int i = 0; i < kTile; ++i)
     for (int j = 0; j < kTile; ++j) f.v[i][j] = static_cast<float>(kRowMajor ? p[i * ldm + j] : p[j * ldm + i]);
 }
 template <bool kRowMajor, typename T>
-inline void load_a(FragA<T, kRowMajor>& f, const T* p, unsigned ldm) {
-  emu_load<kRowMajor>(f, p, ldm);
+inline void load_a(FragA<T, kRowMajor>& f, const T* p, unsigned ldm HYCAM_SITE_PARAM) {
+  emu_load<kRowMajor>(f, p, ldm, site);
 }
 template <bool kRowMajor, typename T>
-inline void load_b(FragB<T, kRowMajor>& f, const T* p, unsigned ldm) {
-  emu_load<kRowMajor>(f, p, ldm);
+inline void load_b(FragB<T, kRowMajor>& f, const T* p, unsigned ldm HYCAM_SITE_PARAM) {
+  emu_load<kRowMajor>(f, p, ldm, site);
 }
 inline void zero(FragC& c) {
   for (auto& row : c.v)
     for (float& x : row) x = 0.f;
 }
 template <typename FA, typename FB>
-inline void mma(FragC& c, const FA& a, const FB& b) {
-  hycam_emu::warp_sync();  // warp-collective: every lane must be here
-  for (int m = 0; m < kTile; ++m)
-    for (int n = 0; n < kTile; ++n) {
-      float s = c.v[m][n];
-      for (int k = 0; k < kTile; ++k) s += a.v[m][k] * b.v[k][n];
-      c.v[m][n] = s;
-    }
+inline void mma(FragC& c, const FA& a, const FB& b HYCAM_SITE_PARAM) {
+  // Warp-collective: every lane must be here; counted once per warp for the cost model. Every
+  // lane holds the same tiles (loads take warp-uniform pointers), so the product is computed once,
+  // by the last lane to arrive, and copied to the other lanes' accumulators.
+  const unsigned t = threadIdx.x, w = t >> 5;
+  hycam_emu::g.lane_p[0][t] = &c;
+  hycam_emu::g.lane_p[1][t] = const_cast<FA*>(&a);
+  hycam_emu::g.lane_p[2][t] = const_cast<FB*>(&b);
+  hycam_emu::warp_collective(0xffffffffu, site, "wmma::mma_sync", [w] {
+    ++hycam_emu::g.counters.mma;
+    auto& P = hycam_emu::g.lane_p;
+    FragC& c0 = *static_cast<FragC*>(P[0][w * 32]);
+    const FA& a0 = *static_cast<const FA*>(P[1][w * 32]);
+    const FB& b0 = *static_cast<const FB*>(P[2][w * 32]);
+    for (int m = 0; m < kTile; ++m)
+      for (int n = 0; n < kTile; ++n) {
+        float s = c0.v[m][n];
+        for (int k = 0; k < kTile; ++k) s += a0.v[m][k] * b0.v[k][n];
+        c0.v[m][n] = s;
+      }
+    for (unsigned l = 1; l < 32; ++l) *static_cast<FragC*>(P[0][w * 32 + l]) = c0;
+  });
 }
 // Row-major float store.
-inline void store(float* p, const FragC& c, unsigned ldm) {
-  if (reinterpret_cast<uintptr_t>(p) % 32) hycam_emu::fail("wmma::store_matrix_sync: pointer not 256-bit aligned");
-  if (ldm % 4) hycam_emu::fail("wmma::store_matrix_sync: ldm not a multiple of 16 bytes");
-  hycam_emu::warp_uniform(reinterpret_cast<uintptr_t>(p), "wmma::store_matrix_sync: pointer differs across lanes");
-  hycam_emu::warp_uniform(ldm, "wmma::store_matrix_sync: ldm differs across lanes");
+inline void store(float* p, const FragC& c, unsigned ldm HYCAM_SITE_PARAM) {
+  if (reinterpret_cast<uintptr_t>(p) % 32)
+    hycam_emu::fail("wmma::store_matrix_sync at " + hycam_emu::where(site) + ": pointer not 256-bit aligned");
+  if (ldm % 4)
+    hycam_emu::fail("wmma::store_matrix_sync at " + hycam_emu::where(site) + ": ldm not a multiple of 16 bytes");
+  hycam_emu::warp_uniform(reinterpret_cast<uintptr_t>(p), "wmma::store_matrix_sync (pointer)", site);
+  hycam_emu::warp_uniform(ldm, "wmma::store_matrix_sync (ldm)", site);
   if ((threadIdx.x & 31) == 0)
     for (int i = 0; i < kTile; ++i)
       for (int j = 0; j < kTile; ++j) p[i * ldm + j] = c.v[i][j];
-  hycam_emu::warp_sync();
+  hycam_emu::warp_sync("wmma::store_matrix_sync", 0xffffffffu, site);
 }
 
 #elif HYCAM_MMA_AVAILABLE
@@ -122,11 +141,13 @@ HYCAM_DEVICE void store(float* p, const FragC& c, unsigned ldm) { wm::store_matr
 
 #endif
 
-// 16 bytes global -> shared (both 16-byte aligned; the emulation checks it like the hardware would).
-HYCAM_DEVICE void copy16(void* dst, const void* src) {
+// 16 bytes global -> shared (both 16-byte aligned; the emulation checks it like the hardware would,
+// and records the global load for the traffic counters).
+HYCAM_DEVICE void copy16(void* dst, const void* src HYCAM_SITE_PARAM) {
 #if defined(HYCAM_CUDA_EMULATION)
   if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
-    hycam_emu::fail("misaligned 16-byte access");
+    hycam_emu::fail("misaligned 16-byte access at " + hycam_emu::where(site));
+  hycam_emu::record(src, 16, false, site);
   std::memcpy(dst, src, 16);
 #else
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);

@@ -1,7 +1,9 @@
 // Kernels of the grouped specialist GEMMs (launched by shrink_cuda.cu). All K specialists are one
 // [K*r, d] weight, so the shrink reads x once as a shared-memory tiled GEMM; the backward's
-// reductions over tokens write per-split partials summed in a fixed order (no atomics). Compiles
-// with nvcc, and with a C++ compiler under HYCAM_CUDA_EMULATION (python_tests/test_cuda_emulation.py).
+// reductions over tokens write per-split partials summed in a fixed order (no atomics). Global
+// memory is read and written only through cuda::ld / cuda::st / mma::copy16 (plain accesses under
+// nvcc, counted under the emulation). Compiles with nvcc, and with a C++ compiler under
+// HYCAM_CUDA_EMULATION (python_tests/test_cuda_emulation.py, benchmarks/gpu_model.py).
 #pragma once
 
 #include "../common/cuda_device.cuh"
@@ -59,13 +61,15 @@ HYCAM_GLOBAL void shrink_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   acc_t acc[2][4] = {};
   tile_gemm<acc_t, /*kRByQ=*/true>(
       t0, o0, 0, d,
-      [&](int64_t t, int64_t j) { return t < T ? static_cast<acc_t>(x[t * d + j]) : acc_t(0); },
-      [&](int64_t j, int64_t o) { return o < KR ? static_cast<acc_t>(A[o * d + j]) : acc_t(0); }, acc);
+      [&](int64_t t, int64_t j) { return t < T ? static_cast<acc_t>(cuda::ld(x + t * d + j)) : acc_t(0); },
+      [&](int64_t j, int64_t o) { return o < KR ? static_cast<acc_t>(cuda::ld(A + o * d + j)) : acc_t(0); }, acc);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   for (int m = 0; m < 2; ++m)
     for (int c = 0; c < 4; ++c) {
       const int64_t t = t0 + ty + 16 * m, o = o0 + tx + 16 * c;
-      if (t < T && o < KR) p[t * KR + o] = static_cast<scalar_t>((ab ? static_cast<acc_t>(ab[o]) : acc_t(0)) + acc[m][c]);
+      if (t < T && o < KR)
+        cuda::st(p + t * KR + o,
+                 static_cast<scalar_t>((ab ? static_cast<acc_t>(cuda::ld(ab + o)) : acc_t(0)) + acc[m][c]));
     }
 }
 
@@ -78,9 +82,10 @@ HYCAM_GLOBAL void mix_kernel(const scalar_t* __restrict__ p, const scalar_t* __r
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = q % r, tk = q / r, k = tk % K;
-    acc_t v = nb ? static_cast<acc_t>(nb[k * r + i]) : acc_t(0);
-    for (int64_t m = 0; m < r; ++m) v += static_cast<acc_t>(N[(k * r + i) * r + m]) * static_cast<acc_t>(p[tk * r + m]);
-    w[q] = static_cast<scalar_t>(v);
+    acc_t v = nb ? static_cast<acc_t>(cuda::ld(nb + k * r + i)) : acc_t(0);
+    for (int64_t m = 0; m < r; ++m)
+      v += static_cast<acc_t>(cuda::ld(N + (k * r + i) * r + m)) * static_cast<acc_t>(cuda::ld(p + tk * r + m));
+    cuda::st(w + q, static_cast<scalar_t>(v));
   }
 }
 
@@ -94,9 +99,10 @@ HYCAM_GLOBAL void dp_kernel(const scalar_t* __restrict__ dw, const scalar_t* __r
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = q % r, tk = q / r, k = tk % K;
     acc_t v = 0;
-    for (int64_t i = 0; i < r; ++i) v += static_cast<acc_t>(N[(k * r + i) * r + m]) * static_cast<acc_t>(dw[tk * r + i]);
-    dp[q] = v;
-    if (dp_lo) dp_lo[q] = static_cast<scalar_t>(v);
+    for (int64_t i = 0; i < r; ++i)
+      v += static_cast<acc_t>(cuda::ld(N + (k * r + i) * r + m)) * static_cast<acc_t>(cuda::ld(dw + tk * r + i));
+    cuda::st(dp + q, v);
+    if (dp_lo) cuda::st(dp_lo + q, static_cast<scalar_t>(v));
   }
 }
 
@@ -107,13 +113,13 @@ HYCAM_GLOBAL void dx_kernel(const acc_t* __restrict__ dp, const scalar_t* __rest
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kTM), j0 = blockIdx.y * static_cast<int64_t>(kTN);
   acc_t acc[2][4] = {};
   tile_gemm<acc_t>(
-      t0, j0, 0, KR, [&](int64_t t, int64_t o) { return t < T ? dp[t * KR + o] : acc_t(0); },
-      [&](int64_t o, int64_t j) { return j < d ? static_cast<acc_t>(A[o * d + j]) : acc_t(0); }, acc);
+      t0, j0, 0, KR, [&](int64_t t, int64_t o) { return t < T ? cuda::ld(dp + t * KR + o) : acc_t(0); },
+      [&](int64_t o, int64_t j) { return j < d ? static_cast<acc_t>(cuda::ld(A + o * d + j)) : acc_t(0); }, acc);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   for (int m = 0; m < 2; ++m)
     for (int c = 0; c < 4; ++c) {
       const int64_t t = t0 + ty + 16 * m, j = j0 + tx + 16 * c;
-      if (t < T && j < d) dx[t * d + j] = static_cast<scalar_t>(acc[m][c]);
+      if (t < T && j < d) cuda::st(dx + t * d + j, static_cast<scalar_t>(acc[m][c]));
     }
 }
 
@@ -125,13 +131,13 @@ HYCAM_GLOBAL void dA_kernel(const acc_t* __restrict__ dp, const scalar_t* __rest
   const int64_t split = blockIdx.z, ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
   acc_t acc[2][4] = {};
   tile_gemm<acc_t>(
-      o0, j0, ts0, ts1, [&](int64_t o, int64_t t) { return o < KR ? dp[t * KR + o] : acc_t(0); },
-      [&](int64_t t, int64_t j) { return j < d ? static_cast<acc_t>(x[t * d + j]) : acc_t(0); }, acc);
+      o0, j0, ts0, ts1, [&](int64_t o, int64_t t) { return o < KR ? cuda::ld(dp + t * KR + o) : acc_t(0); },
+      [&](int64_t t, int64_t j) { return j < d ? static_cast<acc_t>(cuda::ld(x + t * d + j)) : acc_t(0); }, acc);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   for (int m = 0; m < 2; ++m)
     for (int c = 0; c < 4; ++c) {
       const int64_t o = o0 + ty + 16 * m, j = j0 + tx + 16 * c;
-      if (o < KR && j < d) part[(split * KR + o) * d + j] = acc[m][c];
+      if (o < KR && j < d) cuda::st(part + (split * KR + o) * d + j, acc[m][c]);
     }
 }
 
@@ -146,17 +152,17 @@ HYCAM_GLOBAL void small_reductions_kernel(const acc_t* __restrict__ dp, const sc
   const int64_t split = blockIdx.y, ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
   acc_t v = 0;
   if (q < KR) {
-    for (int64_t t = ts0; t < ts1; ++t) v += dp[t * KR + q];
+    for (int64_t t = ts0; t < ts1; ++t) v += cuda::ld(dp + t * KR + q);
   } else if (q < KR + K * r * r) {
     const int64_t e = q - KR, m = e % r, ki = e / r;  // ki = k * r + i
     const int64_t k = ki / r;
     for (int64_t t = ts0; t < ts1; ++t)
-      v += static_cast<acc_t>(dw[t * KR + ki]) * static_cast<acc_t>(p[t * KR + k * r + m]);
+      v += static_cast<acc_t>(cuda::ld(dw + t * KR + ki)) * static_cast<acc_t>(cuda::ld(p + t * KR + k * r + m));
   } else {
     const int64_t o = q - KR - K * r * r;
-    for (int64_t t = ts0; t < ts1; ++t) v += static_cast<acc_t>(dw[t * KR + o]);
+    for (int64_t t = ts0; t < ts1; ++t) v += static_cast<acc_t>(cuda::ld(dw + t * KR + o));
   }
-  part[split * nq + q] = v;
+  cuda::st(part + split * nq + q, v);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -185,7 +191,7 @@ HYCAM_DEVICE void load_window(T* s, const T* __restrict__ g, int64_t ld, int64_t
     } else {
       for (int u = 0; u < 8; ++u) {
         if (row < r_end && col + u < c_end) {
-          dst[u] = g[row * ld + col + u];
+          dst[u] = cuda::ld(g + row * ld + col + u);
         } else {
           mma::from_float(0.f, dst[u]);
         }
@@ -283,7 +289,9 @@ HYCAM_GLOBAL void shrink_tc_kernel(Operand<T> x, Operand<T> A, const T* __restri
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kMM), o0 = blockIdx.y * static_cast<int64_t>(kMN);
   const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/true>(x, A, t0, T_, o0, KR, 0, d);
   tile_epilogue(C, t0, T_, o0, KR, [&](int64_t t, int64_t o, float v) {
-    mma::from_float(v + (ab ? mma::to_float(ab[o]) : 0.f), p[t * KR + o]);
+    T out;
+    mma::from_float(v + (ab ? mma::to_float(cuda::ld(ab + o)) : 0.f), out);
+    cuda::st(p + t * KR + o, out);
   });
 #endif
 }
@@ -294,7 +302,11 @@ HYCAM_GLOBAL void dx_tc_kernel(Operand<T> dp, Operand<T> A, T* __restrict__ dx, 
 #if HYCAM_MMA_AVAILABLE
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kMM), j0 = blockIdx.y * static_cast<int64_t>(kMN);
   const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/false>(dp, A, t0, T_, j0, d, 0, KR);
-  tile_epilogue(C, t0, T_, j0, d, [&](int64_t t, int64_t j, float v) { mma::from_float(v, dx[t * d + j]); });
+  tile_epilogue(C, t0, T_, j0, d, [&](int64_t t, int64_t j, float v) {
+    T out;
+    mma::from_float(v, out);
+    cuda::st(dx + t * d + j, out);
+  });
 #endif
 }
 
@@ -306,7 +318,7 @@ HYCAM_GLOBAL void dA_tc_kernel(Operand<T> dp, Operand<T> x, float* __restrict__ 
   const int64_t o0 = blockIdx.x * static_cast<int64_t>(kMM), j0 = blockIdx.y * static_cast<int64_t>(kMN);
   const int64_t split = blockIdx.z, ts0 = split * per_split, ts1 = min(T_, ts0 + per_split);
   const float* C = tc_gemm</*kLmq=*/false, /*kRnq=*/false>(dp, x, o0, KR, j0, d, ts0, ts1);
-  tile_epilogue(C, o0, KR, j0, d, [&](int64_t o, int64_t j, float v) { part[(split * KR + o) * d + j] = v; });
+  tile_epilogue(C, o0, KR, j0, d, [&](int64_t o, int64_t j, float v) { cuda::st(part + (split * KR + o) * d + j, v); });
 #endif
 }
 

@@ -1,4 +1,4 @@
-// Runs every CUDA kernel of csrc/ on the CPU (HYCAM_CUDA_EMULATION, see csrc/common/cuda_emulation.h)
+// Runs every CUDA kernel of csrc/ on the CPU (HYCAM_CUDA_EMULATION, see cuda_emulation.h here)
 // with the launch configurations of the real launchers, and compares against a naive float64
 // computation of ../shared/KERNELS.md. Built and run by python_tests/test_cuda_emulation.py
 // (with AddressSanitizer/UBSan where available). Prints "failures: N" and exits non-zero on any.
@@ -83,18 +83,27 @@ std::vector<double> dp_reference(const std::vector<S>& N, const std::vector<S>& 
 }
 
 template <class S>
-std::vector<S> sum_partials(const std::vector<S>& part, int64_t S_, int64_t n) {
-  std::vector<S> out(n, S(0));
-  launch(dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>(cuda::ceil_div(n, 256), 65535)))), dim3(256), 0,
-         [&] { cuda::sum_partials_kernel<S>(part.data(), S_, n, out.data()); });
-  return out;
+const char* type_name() {
+  if constexpr (std::is_same_v<S, float>) return "float";
+  if constexpr (std::is_same_v<S, double>) return "double";
+  if constexpr (std::is_same_v<S, __half>) return "half";
+  return "bfloat16";
 }
 
 template <class S>
+std::vector<S> sum_partials(const std::vector<S>& part, int64_t S_, int64_t n) {
+  std::vector<S> out(n, S(0));
+  launch(dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>(cuda::ceil_div(n, 256), 65535)))), dim3(256), 0,
+         [&] { cuda::sum_partials_kernel<S>(part.data(), S_, n, out.data()); }, "sum_partials_kernel");
+  return out;
+}
+
+// S: storage type, Acc: accumulation type (at::opmath_type<S> in cam_cuda.cu: float for the 16-bit types).
+template <class S, class Acc = S>
 void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool has_a, bool has_b, bool hard) {
   using namespace cam_kernels;
-  std::printf("cam    T=%ld d=%ld K=%ld r=%ld placement=%d a=%d b=%d hard=%d %s\n", long(T), long(d), long(K),
-              long(r), placement, has_a, has_b, hard, sizeof(S) == 4 ? "float" : "double");
+  std::printf("cam    T=%ld d=%ld K=%ld r=%ld placement=%d a=%d b=%d hard=%d %s acc %s\n", long(T), long(d), long(K),
+              long(r), placement, has_a, has_b, hard, type_name<S>(), type_name<Acc>());
   const double scale = 0.7;
   auto h = rnd<S>(T * d), a = rnd<S>(has_a ? T * d : 0), z = rnd<S>(T * d), w = rnd<S>(T * K * r);
   auto B = rnd<S>(K * d * r, 0.5), b = rnd<S>(has_b ? K * d : 0), g = rnd<S>(T * K), go = rnd<S>(T * d);
@@ -102,30 +111,31 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
   const S* bp = has_b ? b.data() : nullptr;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < K; ++k)
-      g[t * K + k] = hard ? S(k == (t * 7 + 3) % K ? 1.0 : 0.0) : S(0.5 + 0.5 * std::fabs(double(g[t * K + k])));
+      g[t * K + k] = hard ? S(k == (t * 7 + 3) % K ? 1.0 : 0.0) : S(0.5 + 0.5 * std::fabs(as_double(g[t * K + k])));
   // float64 reference
   std::vector<double> out(T * d), dm(T * d), dz(T * d), dg(T * K), dw(T * K * r, 0), dB(K * d * r, 0), db(K * d, 0);
   std::vector<double> u(K * d), gc(d);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < d; ++j) {
-        double v = bp ? double(bp[k * d + j]) : 0;
-        for (int64_t i = 0; i < r; ++i) v += double(B[(k * d + j) * r + i]) * double(w[(t * K + k) * r + i]);
+        double v = bp ? as_double(bp[k * d + j]) : 0;
+        for (int64_t i = 0; i < r; ++i) v += as_double(B[(k * d + j) * r + i]) * as_double(w[(t * K + k) * r + i]);
         u[k * d + j] = v;
       }
     for (int64_t j = 0; j < d; ++j) {
       double spec = 0;
       for (int64_t k = 0; k < K; ++k)
-        if (double(g[t * K + k]) != 0) spec += double(g[t * K + k]) * sil(scale * u[k * d + j]);
+        if (as_double(g[t * K + k]) != 0) spec += as_double(g[t * K + k]) * sil(scale * u[k * d + j]);
       const int64_t e = t * d + j;
-      const double c = 1 + sil(double(z[e])) + spec, hv = h[e], av = ap ? double(ap[e]) : 0, gov = go[e];
+      const double c = 1 + sil(as_double(z[e])) + spec, hv = as_double(h[e]), av = ap ? as_double(ap[e]) : 0;
+      const double gov = as_double(go[e]);
       out[e] = placement == 0 ? (hv + av) * c : hv + av * c;
       gc[j] = placement == 0 ? gov * (hv + av) : gov * av;
       dm[e] = gov * c;
-      dz[e] = gc[j] * silg(double(z[e]));
+      dz[e] = gc[j] * silg(as_double(z[e]));
     }
     for (int64_t k = 0; k < K; ++k) {
-      const double gk = g[t * K + k];
+      const double gk = as_double(g[t * K + k]);
       double sum = 0;
       for (int64_t j = 0; j < d; ++j) sum += gc[j] * sil(scale * u[k * d + j]);
       dg[t * K + k] = sum;
@@ -134,37 +144,41 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
         const double du = gc[j] * gk * scale * silg(scale * u[k * d + j]);
         db[k * d + j] += du;
         for (int64_t i = 0; i < r; ++i) {
-          dw[(t * K + k) * r + i] += du * double(B[(k * d + j) * r + i]);
-          dB[(k * d + j) * r + i] += du * double(w[(t * K + k) * r + i]);
+          dw[(t * K + k) * r + i] += du * as_double(B[(k * d + j) * r + i]);
+          dB[(k * d + j) * r + i] += du * as_double(w[(t * K + k) * r + i]);
         }
       }
     }
   }
-  const double tol = sizeof(S) == 4 ? 2e-5 : 1e-11;
+  // 16-bit storage: the elementwise outputs are rounded once to S; the reductions stay in Acc
+  const double tol = sizeof(Acc) == 4 ? 2e-5 : 1e-11;
+  const double out_tol = std::is_same_v<S, __nv_bfloat16> ? 8e-3 : (std::is_same_v<S, __half> ? 1e-3 : tol);
+  const double red_tol = sizeof(S) == 2 ? 1e-4 : tol;
   {  // forward, as cam_forward_cuda launches it
-    const auto cfg = cam_forward_config(T, d, K, r, sizeof(S));
+    const auto cfg = cam_forward_config(T, d, K, r, sizeof(Acc));
     auto o = poisoned<S>(T * d);
     launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_forward_kernel<S, S>(h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r, S(scale),
-                               placement, cfg.tile);
-    });
-    cmp("out", o.data(), out, tol);
+      cam_forward_kernel<S, Acc>(h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r,
+                                 Acc(scale), placement, cfg.tile);
+    }, "cam_forward_kernel");
+    cmp("out", o.data(), out, out_tol);
   }
   {  // backward, as cam_backward_cuda launches it
     const int64_t R1 = r + 1;
-    const auto cfg = cam_backward_config(T, d, K, r, sizeof(S), kSMs);
+    const auto cfg = cam_backward_config(T, d, K, r, sizeof(Acc), kSMs);
     auto d_main = poisoned<S>(T * d), dzg = poisoned<S>(T * d);
-    auto prow = poisoned<S>(cfg.nJ * T * K * R1), pB = poisoned<S>(cfg.S * K * d * R1);
+    auto prow = poisoned<Acc>(cfg.nJ * T * K * R1), pB = poisoned<Acc>(cfg.S * K * d * R1);
     launch(cfg.grid_rows, cfg.block_rows, cfg.smem_rows, [&] {
-      cam_backward_rows_kernel<S, S>(go.data(), h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(), d_main.data(),
-                                     dzg.data(), prow.data(), T, d, K, r, S(scale), placement, cfg.tile);
-    });
+      cam_backward_rows_kernel<S, Acc>(go.data(), h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(),
+                                       d_main.data(), dzg.data(), prow.data(), T, d, K, r, Acc(scale), placement,
+                                       cfg.tile);
+    }, "cam_backward_rows_kernel");
     launch(cfg.grid_cols, cfg.block_cols, cfg.smem_cols, [&] {
-      cam_backward_cols_kernel<S, S>(go.data(), h.data(), ap, w.data(), B.data(), bp, g.data(), pB.data(), T, d, K, r,
-                                     S(scale), placement, cfg.per_split, cfg.col_tile);
-    });
+      cam_backward_cols_kernel<S, Acc>(go.data(), h.data(), ap, w.data(), B.data(), bp, g.data(), pB.data(), T, d, K, r,
+                                     Acc(scale), placement, cfg.per_split, cfg.col_tile);
+    }, "cam_backward_cols_kernel");
     const auto rs = sum_partials(prow, cfg.nJ, T * K * R1), cs = sum_partials(pB, cfg.S, K * d * R1);
-    std::vector<S> gdw(T * K * r), gdg(T * K), gdB(K * d * r), gdb(K * d);
+    std::vector<Acc> gdw(T * K * r), gdg(T * K), gdB(K * d * r), gdb(K * d);
     for (int64_t q = 0; q < T * K; ++q) {
       for (int64_t i = 0; i < r; ++i) gdw[q * r + i] = rs[q * R1 + i];
       gdg[q] = rs[q * R1 + r];
@@ -173,12 +187,12 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
       for (int64_t i = 0; i < r; ++i) gdB[q * r + i] = cs[q * R1 + i];
       gdb[q] = cs[q * R1 + r];
     }
-    cmp("d_main", d_main.data(), dm, tol);
-    cmp("dz", dzg.data(), dz, tol);
-    cmp("dg", gdg.data(), dg, tol);
-    cmp("dw", gdw.data(), dw, tol);
-    cmp("dB", gdB.data(), dB, tol);
-    cmp("db", gdb.data(), db, tol);
+    cmp("d_main", d_main.data(), dm, out_tol);
+    cmp("dz", dzg.data(), dz, out_tol);
+    cmp("dg", gdg.data(), dg, red_tol);
+    cmp("dw", gdw.data(), dw, red_tol);
+    cmp("dB", gdB.data(), dB, red_tol);
+    cmp("db", gdb.data(), db, red_tol);
   }
 }
 
@@ -209,9 +223,9 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
   const double tol = sizeof(S) == 4 ? 2e-5 : 1e-11;
   auto pg = poisoned<S>(T * KR), wg = poisoned<S>(T * KR);
   launch(dim3(unsigned(cuda::ceil_div(T, kTM)), unsigned(cuda::ceil_div(KR, kTN))), dim3(kThreads), 0,
-         [&] { shrink_kernel<S, S>(x.data(), A.data(), abp, pg.data(), T, d, KR); });
+         [&] { shrink_kernel<S, S>(x.data(), A.data(), abp, pg.data(), T, d, KR); }, "shrink_kernel");
   launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
-         [&] { mix_kernel<S, S>(pg.data(), N.data(), nbp, wg.data(), T, K, r); });
+         [&] { mix_kernel<S, S>(pg.data(), N.data(), nbp, wg.data(), T, K, r); }, "mix_kernel");
   cmp("p", pg.data(), p, tol);
   cmp("w", wg.data(), w, tol);
   // backward reference (p as stored, like the op)
@@ -226,22 +240,23 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
         dA[o * d + j] += dp[t * KR + o] * double(x[t * d + j]);
       }
       const int64_t k = o / r, i = o % r;
-      for (int64_t m = 0; m < r; ++m) dN[(k * r + i) * r + m] += double(dw[t * KR + o]) * double(pg[t * KR + k * r + m]);
+      for (int64_t m = 0; m < r; ++m)
+        dN[(k * r + i) * r + m] += double(dw[t * KR + o]) * double(pg[t * KR + k * r + m]);
     }
   const auto cfg = shrink_backward_config(T, d, K, r, kSMs);
   auto dpg = poisoned<S>(T * KR), pA = poisoned<S>(cfg.S * KR * d), pS = poisoned<S>(cfg.S * cfg.nq);
   auto dxg = poisoned<S>(T * d);
   launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
-         [&] { dp_kernel<S, S>(dw.data(), N.data(), dpg.data(), nullptr, T, K, r); });
+         [&] { dp_kernel<S, S>(dw.data(), N.data(), dpg.data(), nullptr, T, K, r); }, "dp_kernel");
   if (d > 0) {
     launch(dim3(unsigned(cuda::ceil_div(T, kTM)), unsigned(cfg.nJ)), dim3(kThreads), 0,
-           [&] { dx_kernel<S, S>(dpg.data(), A.data(), dxg.data(), T, d, KR); });
+           [&] { dx_kernel<S, S>(dpg.data(), A.data(), dxg.data(), T, d, KR); }, "dx_kernel");
     launch(dim3(unsigned(cfg.nO), unsigned(cfg.nJ), unsigned(cfg.S)), dim3(kThreads), 0,
-           [&] { dA_kernel<S, S>(dpg.data(), x.data(), pA.data(), T, d, KR, cfg.per_split); });
+           [&] { dA_kernel<S, S>(dpg.data(), x.data(), pA.data(), T, d, KR, cfg.per_split); }, "dA_kernel");
   }
   launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S)), dim3(256), 0, [&] {
     small_reductions_kernel<S, S>(dpg.data(), dw.data(), pg.data(), pS.data(), T, K, r, cfg.per_split);
-  });
+  }, "small_reductions_kernel");
   const auto sA = sum_partials(pA, cfg.S, KR * d), sS = sum_partials(pS, cfg.S, cfg.nq);
   cmp("dx", dxg.data(), dx, tol);
   cmp("dA", sA.data(), dA, tol);
@@ -284,7 +299,7 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
   std::vector<M> pg(T * KR, M(NAN)), wg(T * KR, M(NAN));
   launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cuda::ceil_div(KR, kMN))), dim3(kMThreads), 0, [&] {
     shrink_tc_kernel<M>(make_operand(x, d), make_operand(A.data(), d), abp, pg.data(), T, d, KR);
-  });
+  }, "shrink_tc_kernel");
   cmp("p", pg.data(), p, out_tol);
   std::vector<double> w(T * KR);
   for (int64_t t = 0; t < T; ++t)
@@ -295,14 +310,14 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
         w[t * KR + k * r + i] = v;
       }
   launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
-         [&] { mix_kernel<M, float>(pg.data(), N.data(), nbp, wg.data(), T, K, r); });
+         [&] { mix_kernel<M, float>(pg.data(), N.data(), nbp, wg.data(), T, K, r); }, "mix_kernel");
   cmp("w", wg.data(), w, out_tol);
   // backward
   const auto cfg = shrink_backward_config(T, d, K, r, kSMs, /*tensor_cores=*/true);
   std::vector<float> dpg(T * KR, NAN), pA(cfg.S * KR * d, NAN), pS(cfg.S * cfg.nq, NAN);
   std::vector<M> dplo(T * KR, M(NAN)), dxg(T * d, M(NAN));
   launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
-         [&] { dp_kernel<M, float>(dw.data(), N.data(), dpg.data(), dplo.data(), T, K, r); });
+         [&] { dp_kernel<M, float>(dw.data(), N.data(), dpg.data(), dplo.data(), T, K, r); }, "dp_kernel");
   const std::vector<double> dp = dp_reference(N, dw, T, K, r);
   std::vector<double> dpr(T * KR);
   cmp("dp", dpg.data(), dp, 1e-5);
@@ -318,15 +333,15 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
   if (d > 0) {
     const auto dpo = make_operand<M>(dplo.data(), KR);
     launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cfg.nJ)), dim3(kMThreads), 0,
-           [&] { dx_tc_kernel<M>(dpo, make_operand(A.data(), d), dxg.data(), T, d, KR); });
+           [&] { dx_tc_kernel<M>(dpo, make_operand(A.data(), d), dxg.data(), T, d, KR); }, "dx_tc_kernel");
     launch(dim3(unsigned(cfg.nO), unsigned(cfg.nJ), unsigned(cfg.S)), dim3(kMThreads), 0,
-           [&] { dA_tc_kernel<M>(dpo, make_operand(x, d), pA.data(), T, d, KR, cfg.per_split); });
+           [&] { dA_tc_kernel<M>(dpo, make_operand(x, d), pA.data(), T, d, KR, cfg.per_split); }, "dA_tc_kernel");
     cmp("dx", dxg.data(), dx, out_tol);
     cmp("dA", sum_partials(pA, cfg.S, KR * d).data(), dA, 1e-5);
   }
   launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S)), dim3(256), 0, [&] {
     small_reductions_kernel<M, float>(dpg.data(), dw.data(), pg.data(), pS.data(), T, K, r, cfg.per_split);
-  });
+  }, "small_reductions_kernel");
   const auto sS = sum_partials(pS, cfg.S, cfg.nq);
   std::vector<double> da(KR, 0), dN(K * r * r, 0), dn(KR, 0);
   for (int64_t t = 0; t < T; ++t)
@@ -350,6 +365,9 @@ int main(int argc, char** argv) {
   test_cam<float>(1, 1, 1, 1, 0, false, false, false);
   test_cam<float>(3, 33, 1, 1, 1, true, true, true);
   test_cam<double>(3, 130, 8, 64, 1, true, true, true);  // large K*r: smallest tiles
+  // the 16-bit storage types cam_cuda.cu instantiates (float accumulation)
+  test_cam<__nv_bfloat16, float>(37, 1100, 3, 5, 0, true, true, false);
+  test_cam<__half, float>(19, 300, 4, 16, 1, true, true, true);
   test_shrink<float>(37, 100, 3, 5, true);
   test_shrink<float>(1, 1, 1, 1, false);
   test_shrink<float>(100, 257, 4, 16, true);

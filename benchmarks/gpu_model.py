@@ -1,0 +1,415 @@
+"""A cost model of the CUDA kernels for GPUs we cannot run on: every time it prints is MODELLED.
+
+    python -m benchmarks.gpu_model                 # SPEC shape, H100 SXM and A100, a few minutes
+    python -m benchmarks.gpu_model --quick         # H100 only, smaller emulated T (CI)
+    python -m benchmarks.gpu_model --out DIR       # also writes DIR/model.json, model.txt, model.png
+
+What is measured (counted exactly, on the CPU): each op's kernels run in the CUDA emulation
+(python_tests/cuda_emulation/cuda_emulation.h, via benchmarks/gpu_model_driver.cpp) with the
+launch configurations and the bf16 tensor-core path the launchers choose, at two reduced token
+counts T1 < T2 (d, K, r at full size); per launch: warp requests, 32-byte sectors, 128-byte L1
+lines, bytes requested, unique bytes touched, tensor-core mma and shuffle instructions per warp,
+grid size. Each count is fitted as fixed + per_token * T (exact here: the launch configurations
+do not change between T1, T2 and the full T) and evaluated at the full T. Registers and static
+shared memory come from the machine code (benchmarks/gpu_occupancy.py).
+
+What is modelled (constants and sources in MACHINES below and in benchmarks/README.md): DRAM
+bytes = unique sectors touched x 32 (each sector moved once; L2 reuse assumed perfect within a
+kernel, none between kernels); time of one kernel = max(DRAM bytes / copy bandwidth, L1 lines /
+(SMs x 1 line per clock), shuffles / (SMs x 1 warp shuffle per clock), FP32 FLOPs / FP32 peak,
+tensor FLOPs / tensor peak) / SM balance + launch overhead, where SM balance = (blocks / SMs) /
+ceil(blocks / SMs) (the busiest SM sets the time) and the DRAM term is divided by the share of
+memory parallelism the resident warps provide (MLP_WARPS). FP32 FLOPs are analytic (formulas in fp32_flops). The
+three d x d GEMMs of the shared projection are modelled at the matmul rate only. docs/gpu-cost-model.md
+explains the model and its limits.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DRIVER = ROOT / "benchmarks" / "gpu_model_driver.cpp"
+EMU_INC = ROOT / "python_tests" / "cuda_emulation"
+
+# Machine constants. H100 SXM: 132 SMs, 50 MB L2, ~3.0 TB/s device-to-device copy and ~790 TFLOP/s
+# dense bf16 cuBLAS are readings of H100s in this workplace (SPEC.md section 5); 1.98 GHz boost
+# clock, 66.9 TFLOP/s FP32 (132 SMs x 128 FP32 lanes x 2 x 1.98 GHz) and 989 TFLOP/s dense bf16
+# tensor peak: NVIDIA H100 datasheet / Hopper whitepaper. A100 SXM4 80 GB: 108 SMs, 1.41 GHz,
+# 19.5 TFLOP/s FP32, 312 TFLOP/s dense bf16, 2.04 TB/s HBM2e (NVIDIA A100 datasheet); its copy
+# bandwidth (1.7 TB/s, ~83% of peak, the H100 reading's ratio 3.0/3.35 ~ 0.9 rounded down) and
+# matmul rate (250 TFLOP/s, 80% of peak) are assumptions. Per SM and clock on both: one 128-byte
+# L1 line (wavefront) per clock (128 B/clk/SM L1 bandwidth, Ampere and Hopper tuning guides), one
+# warp shuffle per clock (32 results/clk/SM, CUDA C++ Programming Guide, arithmetic instruction
+# throughput, cc 8.0 and 9.0). Launch overhead 2 us per kernel: an assumption (typical gap
+# between back-to-back launches of small kernels from PyTorch eager on a busy stream).
+MACHINES = {
+    "H100 SXM": dict(arch=90, sms=132, clock=1.98e9, dram_bw=3.0e12, fp32=66.9e12, tensor=989e12, gemm=790e12,
+                     l1_lines_per_clk=1.0, shfl_per_clk=1.0, launch_s=2e-6),
+    "A100 SXM": dict(arch=80, sms=108, clock=1.41e9, dram_bw=1.7e12, fp32=19.5e12, tensor=312e12, gemm=250e12,
+                     l1_lines_per_clk=1.0, shfl_per_clk=1.0, launch_s=2e-6),
+}
+
+# The review's hand estimates (H100 SXM, same shape), microseconds: (low, high), for comparison.
+REVIEW_US = {
+    "shrink_tc_kernel": (100, 160), "cam_forward_kernel": (400, 700), "cam_backward_rows_kernel": (1500, 3000),
+    "cam_backward_cols_kernel": (400, 800), "dx_tc_kernel": (35, 80), "dA_tc_kernel": (35, 80),
+    "small_reductions_kernel": (40, 80), "layer": (4000, 6500),
+}
+
+# Emulated token counts per op group: (T1, T2) full and quick. Counts are exactly linear in T only
+# when the launch configuration does not change between T1, T2 and the full T and every tile
+# boundary falls on the same place: T multiples of each group's token tile (cam_fwd 16,
+# cam_bwd_rows 8; 64 in the full run, so that its sum_partials grid of T * K * (r + 1) / 256 blocks
+# is exact too; shrink 64), and for the token-split kernels (S = 5 splits at d = 4096, K = 4,
+# r = 16 from T = 160 on) splits of a multiple of 32 tokens (cam_bwd_cols: T multiple of 160;
+# shrink_bwd: of lcm(64, 160) = 320).
+GROUPS = {
+    "shrink_fwd": ((128, 256), (64, 128)),
+    "cam_fwd": ((32, 64), (16, 32)),
+    "cam_bwd_rows": ((64, 128), (8, 16)),
+    "cam_bwd_cols": ((160, 320), (160, 320)),
+    "shrink_bwd": ((320, 640), (320, 640)),
+}
+COUNTERS = ("blocks", "mma", "shfl")
+# Resident warps per SM that saturate DRAM (assumption, Little's law): ~3.0 TB/s x ~600 ns latency
+# = 1.8 MB in flight, / 132 SMs = 13.6 KB per SM, at ~1 KB in flight per warp (32 lanes x 16 B x 2
+# loads) -> ~14, rounded to 16 warps (25% occupancy).
+MLP_WARPS = 16
+TRAFFIC = ("requests", "sectors", "lines", "bytes", "request_unique_bytes", "unique_bytes", "unique_sectors")
+
+# cubin name of each emulated launch (bf16 storage, fp32 accumulation)
+CUBIN_NAME = {
+    "shrink_tc_kernel": "shrink_tc_kernel<bf16>", "mix_kernel": "mix_kernel<bf16,fp32>",
+    "cam_forward_kernel": "cam_forward_kernel<bf16,fp32>",
+    "cam_backward_rows_kernel": "cam_backward_rows_kernel<bf16,fp32>",
+    "cam_backward_cols_kernel": "cam_backward_cols_kernel<bf16,fp32>", "dp_kernel": "dp_kernel<bf16,fp32>",
+    "dx_tc_kernel": "dx_tc_kernel<bf16>", "dA_tc_kernel": "dA_tc_kernel<bf16>",
+    "small_reductions_kernel": "small_reductions_kernel<bf16,fp32>",
+}
+
+
+def _cubin_name(kernel: str) -> str:
+    return "sum_partials_kernel<fp32>" if kernel.startswith("sum_partials_kernel") else CUBIN_NAME.get(kernel, kernel)
+
+
+def build_driver(cache_dir: str | None = None) -> str:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"needs a C++20 compiler ({cxx})")
+    h = hashlib.sha256()
+    for p in [DRIVER, EMU_INC / "cuda_emulation.h", *sorted((ROOT / "csrc").rglob("*.cuh")),
+              *sorted((ROOT / "csrc").rglob("*.h"))]:
+        h.update(p.read_bytes())
+    cache = pathlib.Path(cache_dir or os.path.join(tempfile.gettempdir(), "hycam_model"))
+    cache.mkdir(parents=True, exist_ok=True)
+    exe = cache / f"gpu_model_driver_{h.hexdigest()[:16]}"
+    if not exe.exists():
+        cmd = [cxx, "-std=c++20", "-O2", "-DHYCAM_CUDA_EMULATION", f"-I{ROOT / 'csrc'}", f"-I{EMU_INC}",
+               str(DRIVER), "-o", str(exe) + ".tmp"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"building the model driver failed:\n{r.stderr[-3000:]}")
+        os.replace(str(exe) + ".tmp", exe)
+    return str(exe)
+
+
+def run_group(exe, group, T, d, K, r, routing):
+    p = subprocess.run([exe, group, str(T), str(d), str(K), str(r), routing], capture_output=True, text=True,
+                       timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"{group} T={T}: emulation failed:\n{p.stderr[-3000:]}")
+    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+
+
+def _flat(rec):
+    out = {k: rec[k] for k in COUNTERS}
+    for kind in ("load", "store"):
+        for k in TRAFFIC:
+            out[f"{kind}.{k}"] = rec[kind][k]
+    return out
+
+
+def fit(runs1, runs2, T1, T2, T):
+    """Per launch: every counter c(T) = fixed + per_token * T from the two runs, evaluated at T."""
+    out = []
+    for a, b in zip(runs1, runs2):
+        assert a["kernel"] == b["kernel"]
+        fa, fb = _flat(a), _flat(b)
+        rec = {"kernel": a["kernel"], "group": a["group"], "threads": a["threads"], "smem": a["smem"]}
+        for k in fa:
+            slope = (fb[k] - fa[k]) / (T2 - T1)
+            rec[k] = max(0.0, fa[k] + slope * (T - T1))
+        out.append(rec)
+    return out
+
+
+def fp32_flops(kernel, T, d, K, r, routed):
+    """Analytic FP32 work (FLOPs, an FMA = 2) of the CUDA-core kernels: expand 2r per channel and
+    specialist, ~12 per sigmoid-based activation (exp + reciprocal + FMAs), a few per element for
+    gates and conversions. Approximate by design: it only has to show whether FP32 can limit."""
+    KR = K * r
+    if kernel == "cam_forward_kernel":
+        return T * d * (routed * (2 * r + 14) + 18)
+    if kernel == "cam_backward_rows_kernel":
+        return T * d * (K * (2 * r + 16) + routed * (2 * r + 8) + 24)
+    if kernel == "cam_backward_cols_kernel":
+        return T * d * routed * (4 * r + 20)
+    if kernel in ("mix_kernel", "dp_kernel"):
+        return T * KR * 2 * r
+    if kernel == "small_reductions_kernel":
+        return T * (2 * KR + 2 * K * r * r)
+    return 0.0
+
+
+def min_bytes(kernel, T, d, K, r, e=2):
+    """The minimum bytes of what each kernel must do (each input read once, each output written
+    once); partial buffers and their reductions are avoidable (0)."""
+    KR = K * r
+    return {
+        "shrink_tc_kernel": T * d * e + KR * d * e + T * KR * e,
+        "mix_kernel": 2 * T * KR * e,
+        "cam_forward_kernel": 3 * T * d * e + T * KR * e + K * d * r * e,
+        "cam_backward_rows_kernel": 5 * T * d * e + T * KR * e + K * d * r * e + T * K * (r + 1) * e,
+        "cam_backward_cols_kernel": K * d * (r + 1) * e,
+        "dp_kernel": T * KR * e,
+        "dx_tc_kernel": T * d * e + T * KR * e + KR * d * e,
+        "dA_tc_kernel": T * d * e + KR * d * e,
+        "small_reductions_kernel": 2 * T * KR * e,
+    }.get(kernel, 0)
+
+
+@dataclasses.dataclass
+class Row:
+    kernel: str
+    group: str
+    blocks: float
+    threads: int
+    min_bytes: float
+    dram_bytes: float
+    sector_eff: float
+    occupancy: float
+    blocks_per_sm: int
+    waves: int
+    sm_balance: float
+    mlp: float
+    fp32_flops: float
+    tensor_flops: float
+    shfl: float
+    l1_lines: float
+    t_dram: float
+    t_l1: float
+    t_shfl: float
+    t_fp32: float
+    t_tensor: float
+    limiter: str
+    time: float  # modelled seconds
+
+
+def model_kernel(rec, m, code, T, d, K, r, routed):
+    from benchmarks import gpu_occupancy as occ
+
+    name = rec["kernel"]
+    kc = code.get((_cubin_name(name), m["arch"]))
+    regs = kc.regs if kc else 0
+    static_smem = kc.static_smem if kc else 0
+    o = occ.occupancy(m["arch"], rec["threads"], max(regs, 1), static_smem, int(rec["smem"]))
+    blocks = max(1.0, round(rec["blocks"]))
+    slots = m["sms"] * o.blocks_per_sm
+    waves = max(1, math.ceil(blocks / slots)) if slots else 0
+    # SM balance: the SM with the most blocks sets the time of every per-SM resource (wave
+    # quantisation, tails, grids smaller than the GPU)
+    per_sm = math.ceil(blocks / m["sms"])
+    bal = (blocks / m["sms"]) / per_sm
+    # memory parallelism: DRAM bandwidth needs ~MLP_WARPS resident warps per SM (assumption, see
+    # MLP_WARPS); fewer resident warps get a proportional share of it
+    warps_resident = min(per_sm, o.blocks_per_sm) * math.ceil(rec["threads"] / 32)
+    mlp = min(1.0, warps_resident / MLP_WARPS)
+    dram = 32 * (rec["load.unique_sectors"] + rec["store.unique_sectors"])
+    sectors = rec["load.sectors"] + rec["store.sectors"]
+    used = rec["load.request_unique_bytes"] + rec["store.request_unique_bytes"]
+    lines = rec["load.lines"] + rec["store.lines"]
+    f32 = fp32_flops(name, T, d, K, r, routed)
+    tf = rec["mma"] * 2 * 16 ** 3
+    parts = {
+        "DRAM": dram / m["dram_bw"],
+        "L1": lines / (m["sms"] * m["clock"] * m["l1_lines_per_clk"]),
+        "shuffle": rec["shfl"] / (m["sms"] * m["clock"] * m["shfl_per_clk"]),
+        "FP32": f32 / m["fp32"],
+        "tensor": tf / m["tensor"],
+    }
+    parts["DRAM"] /= mlp
+    lim = max(parts, key=parts.get)
+    t = parts[lim] / bal + m["launch_s"] if o.blocks_per_sm > 0 else float("inf")
+    note = lim
+    if lim == "DRAM" and mlp < 1:
+        note += f" ({warps_resident} warps/SM: {mlp:.0%} of bandwidth)"
+    if bal < 0.9:
+        note += f", SM balance {bal:.0%}"
+    return Row(name, rec["group"], blocks, rec["threads"], min_bytes(name, T, d, K, r), dram,
+               used / (32 * sectors) if sectors else 1.0, o.occupancy, o.blocks_per_sm, waves, bal, mlp, f32, tf,
+               rec["shfl"], lines, parts["DRAM"], parts["L1"], parts["shuffle"], parts["FP32"], parts["tensor"],
+               note, t)
+
+
+def layer(rows, m, T, d, K, e=2):
+    """The whole HyCAM layer (HyCAM.forward(x, h) + backward, bf16): our kernels as modelled, the
+    three d x d GEMMs at the matmul rate, and PyTorch's other ops at their minimum bytes at the
+    copy bandwidth plus one launch each."""
+    gemm = 3 * 2 * T * d * d / m["gemm"]
+    td = T * d * e
+    torch_ops = {  # bytes, launches
+        "router linear fwd (x @ W_r^T)": (td, 1),
+        "routing (softmax, argmax, one-hot, straight-through)": (0, 6),
+        "router backward (dl @ W_r, dl^T @ x)": (2 * td, 2),
+        "db_s = dz.sum(0)": (td, 1),
+        "autograd: dx of 3 producers summed (2 adds)": (6 * td, 2),
+        "gradient copies (.to of dw/dg/dB/db/dA/da/dN/dn)": (0, 8),
+    }
+    torch_t = {k: b / m["dram_bw"] + n * m["launch_s"] for k, (b, n) in torch_ops.items()}
+    ours = sum(rw.time for rw in rows)
+    floor = gemm + sum(rw.min_bytes for rw in rows) / m["dram_bw"]
+    total = ours + gemm + sum(torch_t.values())
+    return dict(gemm_s=gemm, ours_s=ours, torch_ops_s=torch_t, total_s=total, floor_s=floor,
+                vs_floor=total / floor)
+
+
+def run(quick=False, T=8192, d=4096, K=4, r=16, routing="hard", machines=None, jobs=2, log=print):
+    from benchmarks import gpu_occupancy as occ
+
+    machines = machines or (["H100 SXM"] if quick else list(MACHINES))
+    exe = build_driver()
+    tasks = []
+    for g, (full, qk) in GROUPS.items():
+        T1, T2 = qk if quick else full
+        tasks += [(g, T1), (g, T2)]
+    res = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as ex:
+        futs = {ex.submit(run_group, exe, g, t, d, K, r, routing): (g, t) for g, t in tasks}
+        for f in concurrent.futures.as_completed(futs):
+            res[futs[f]] = f.result()
+    fitted = []
+    for g, (full, qk) in GROUPS.items():
+        T1, T2 = qk if quick else full
+        a, b = res[(g, T1)], res[(g, T2)]
+        fitted += fit(a, b, T1, T2, T)
+    archs = sorted({MACHINES[n]["arch"] for n in machines})
+    try:
+        ks, code_src = occ.kernel_code(tuple(archs))
+        code = {(k.name, k.arch): k for k in ks}
+    except Exception as exc:  # no nvcc and no CUDA build: occupancy from threads and smem only
+        code, code_src = {}, f"none ({exc}); occupancy ignores registers and static shared memory"
+    routed = 1 if routing == "hard" else K
+    out = {"shape": dict(T=T, d=d, K=K, r=r, dtype="bf16", routing=routing), "quick": quick,
+           "emulated_T": {g: (qk if quick else full) for g, (full, qk) in GROUPS.items()},
+           "machine_code": code_src, "machines": {}, "label": "modelled"}
+    for name in machines:
+        m = MACHINES[name]
+        rows = [model_kernel(rec, m, code, T, d, K, r, routed) for rec in fitted]
+        out["machines"][name] = {"constants": m, "kernels": [dataclasses.asdict(rw) for rw in rows],
+                                 "layer": layer(rows, m, T, d, K)}
+    return out
+
+
+def format_table(out) -> str:
+    s = out["shape"]
+    hard = s["routing"] == "hard"  # the review's estimates are for hard routing
+    lines = [f"MODELLED (not measured) GPU times, bf16 T={s['T']} d={s['d']} K={s['K']} r={s['r']} "
+             f"{s['routing']} routing; counts from the CPU emulation at T={out['emulated_T']} scaled to T; "
+             f"machine code: {out['machine_code']}"]
+    for name, mo in out["machines"].items():
+        lines.append("")
+        lines.append(f"== {name} (modelled) ==")
+        lines.append(f"{'kernel':28s} {'blocks':>7s} {'occ':>4s} {'waves':>5s} {'min MB':>7s} {'DRAM MB':>8s} "
+                     f"{'sect.eff':>8s} {'L1 Mlines':>9s} {'shfl M':>7s} {'FP32 GF':>7s} {'TC GF':>6s} "
+                     f"{'model us':>8s} {'floor us':>8s}  limiter")
+        for k in mo["kernels"]:
+            floor_us = k["min_bytes"] / mo["constants"]["dram_bw"] * 1e6
+            review = REVIEW_US.get(k["kernel"])
+            lines.append(
+                f"{k['kernel'][:28]:28s} {k['blocks']:7.0f} {k['occupancy']:4.0%} {k['waves']:5d} "
+                f"{k['min_bytes'] / 1e6:7.1f} {k['dram_bytes'] / 1e6:8.1f} {k['sector_eff']:8.1%} "
+                f"{k['l1_lines'] / 1e6:9.2f} {k['shfl'] / 1e6:7.2f} {k['fp32_flops'] / 1e9:7.1f} "
+                f"{k['tensor_flops'] / 1e9:6.1f} {k['time'] * 1e6:8.1f} {floor_us:8.1f}  {k['limiter']}"
+                + (f"  [review: {review[0]}-{review[1]} us]" if review and name == "H100 SXM" and hard else ""))
+        L = mo["layer"]
+        lines.append(f"{'our kernels (modelled)':28s} {L['ours_s'] * 1e6:>93.1f}")
+        lines.append(f"{'3 d x d GEMMs at matmul rate':28s} {L['gemm_s'] * 1e6:>93.1f}")
+        for k, v in L["torch_ops_s"].items():
+            lines.append(f"  torch: {k[:52]:52s} {v * 1e6:>68.1f}")
+        rv = REVIEW_US["layer"]
+        lines.append(f"LAYER fwd+bwd (modelled): {L['total_s'] * 1e3:.2f} ms; floor (GEMMs + minimum bytes at "
+                     f"{mo['constants']['dram_bw'] / 1e12:.1f} TB/s): {L['floor_s'] * 1e3:.2f} ms; "
+                     f"{L['vs_floor']:.2f}x the floor (SPEC target <= 1.2x measured, <= 1.3x modelled)"
+                     + (f"; review's hand estimate {rv[0] / 1e3:.1f}-{rv[1] / 1e3:.1f} ms"
+                        if name == "H100 SXM" and hard else ""))
+    return "\n".join(lines)
+
+
+def plot(out, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(out["machines"])
+    fig, axes = plt.subplots(1, len(names), figsize=(8 * len(names), 5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mo = out["machines"][name]
+        ks = mo["kernels"]
+        labels = [k["kernel"].replace("_kernel", "") for k in ks] + ["3 GEMMs", "torch ops", "LAYER"]
+        L = mo["layer"]
+        model = [k["time"] * 1e6 for k in ks] + [L["gemm_s"] * 1e6, sum(L["torch_ops_s"].values()) * 1e6,
+                                                  L["total_s"] * 1e6]
+        floor = [k["min_bytes"] / mo["constants"]["dram_bw"] * 1e6 for k in ks] + [L["gemm_s"] * 1e6, 0,
+                                                                                  L["floor_s"] * 1e6]
+        y = range(len(labels))
+        ax.barh([i + 0.2 for i in y], model, height=0.4, label="modelled time")
+        ax.barh([i - 0.2 for i in y], floor, height=0.4, label="floor (minimum bytes / GEMM roofline)")
+        ax.set_yticks(list(y))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("microseconds (MODELLED, not measured)")
+        s = out["shape"]
+        ax.set_title(f"{name}: MODELLED, bf16 T={s['T']} d={s['d']} K={s['K']} r={s['r']} {s['routing']}",
+                     fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="H100 only, smaller emulated T (CI)")
+    ap.add_argument("--shape", default="8192x4096x4x16", help="T x d x K x r (default: the SPEC shape)")
+    ap.add_argument("--routing", choices=("hard", "soft"), default="hard")
+    ap.add_argument("--jobs", type=int, default=2, help="emulation processes in parallel")
+    ap.add_argument("--out", help="directory for model.json, model.txt, model.png")
+    args = ap.parse_args(argv)
+    T, d, K, r = (int(v) for v in args.shape.lower().split("x"))
+    out = run(quick=args.quick, T=T, d=d, K=K, r=r, routing=args.routing, jobs=args.jobs)
+    out["command"] = "python -m benchmarks.gpu_model " + " ".join(argv if argv is not None else sys.argv[1:])
+    table = format_table(out)
+    print(table)
+    if args.out:
+        o = pathlib.Path(args.out)
+        o.mkdir(parents=True, exist_ok=True)
+        (o / "model.json").write_text(json.dumps(out, indent=1))
+        (o / "model.txt").write_text(table + "\n")
+        plot(out, o / "model.png")
+        print(f"wrote {o}/model.json, model.txt, model.png")
+
+
+if __name__ == "__main__":
+    main()

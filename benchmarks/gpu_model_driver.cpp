@@ -1,0 +1,155 @@
+// Runs one op's CUDA kernels in the test-only CPU emulation (python_tests/cuda_emulation/
+// cuda_emulation.h) with the memory-traffic counters on, with the launch configurations and the
+// bfloat16 / tensor-core path the launchers (csrc/*/*_cuda.cu) choose for an H100 (132 SMs), and
+// prints one JSON object per launch. Used by benchmarks/gpu_model.py; the counts are not timings.
+//
+//   gpu_model_driver GROUP T d K r hard|soft
+//   GROUP: shrink_fwd | cam_fwd | cam_bwd_rows | cam_bwd_cols | shrink_bwd
+//          configs: only print every launch's grid, block and dynamic shared memory (nothing runs),
+//          for 4- and 8-byte accumulators (bf16/half/float and double)
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cam/cam_kernels.cuh"
+#include "shrink/shrink_kernels.cuh"
+
+using namespace hycam;
+using hycam_emu::launch;
+using M = __nv_bfloat16;
+
+static const int64_t kSMs = 132;
+
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+static float urand() {
+  rng ^= rng << 13;
+  rng ^= rng >> 7;
+  rng ^= rng << 17;
+  return float((rng >> 11) * (1.0 / 9007199254740992.0) * 2.0 - 1.0);
+}
+// 256-byte aligned buffers, like the caching allocator's
+template <class T>
+struct Buf {
+  T* p = nullptr;
+  int64_t n = 0;
+  explicit Buf(int64_t n_) : n(n_) {
+    p = static_cast<T*>(std::aligned_alloc(256, ((n_ > 0 ? n_ : 1) * sizeof(T) + 255) / 256 * 256));
+    for (int64_t i = 0; i < n; ++i) p[i] = T(urand() * 0.5f);
+  }
+  ~Buf() { std::free(p); }
+  Buf(const Buf&) = delete;
+};
+
+static void print(const hycam_emu::Counters& c, const char* group) {
+  auto tr = [](const char* name, const hycam_emu::Traffic& t) {
+    std::printf("\"%s\": {\"requests\": %llu, \"sectors\": %llu, \"lines\": %llu, \"bytes\": %llu, "
+                "\"request_unique_bytes\": %llu, \"unique_bytes\": %llu, \"unique_sectors\": %llu}",
+                name, (unsigned long long)t.requests, (unsigned long long)t.sectors, (unsigned long long)t.lines,
+                (unsigned long long)t.bytes, (unsigned long long)t.request_unique_bytes,
+                (unsigned long long)t.unique_bytes, (unsigned long long)t.unique_sectors);
+  };
+  std::printf("{\"group\": \"%s\", \"kernel\": \"%s\", \"blocks\": %llu, \"threads\": %llu, \"smem\": %llu, "
+              "\"mma\": %llu, \"shfl\": %llu, ",
+              group, c.kernel.c_str(), (unsigned long long)c.blocks, (unsigned long long)c.threads_per_block,
+              (unsigned long long)c.smem_bytes, (unsigned long long)c.mma, (unsigned long long)c.shfl);
+  tr("load", c.load);
+  std::printf(", ");
+  tr("store", c.store);
+  std::printf("}\n");
+}
+
+template <class S>
+static void sum_partials(const S* part, int64_t S_, int64_t n, S* out, const char* name) {
+  launch(dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>(cuda::ceil_div(n, 256), 65535)))), dim3(256), 0,
+         [&] { cuda::sum_partials_kernel<S>(part, S_, n, out); }, name);
+}
+
+int main(int argc, char** argv) {
+  if (argc != 7) {
+    std::fprintf(stderr, "usage: %s GROUP T d K r hard|soft\n", argv[0]);
+    return 2;
+  }
+  const std::string group = argv[1];
+  const int64_t T = std::atoll(argv[2]), d = std::atoll(argv[3]), K = std::atoll(argv[4]), r = std::atoll(argv[5]);
+  const bool hard = std::string(argv[6]) == "hard";
+  const int64_t KR = K * r, R1 = r + 1;
+  const float scale = 0.5f;
+  const int64_t placement = 0;  // HyCAM.forward(x, h): residual placement, no attention output
+  Buf<M> g(T * K);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) g.p[t * K + k] = M(hard ? (k == (t * 7 + 3) % K ? 1.f : 0.f) : 0.25f + 0.1f * k);
+  if (group == "configs") {
+    auto pr = [](const char* k, int acc, dim3 gr, unsigned th, size_t smem) {
+      std::printf("{\"kernel\": \"%s\", \"acc_bytes\": %d, \"grid\": [%u, %u, %u], \"threads\": %u, \"smem\": %zu}\n",
+                  k, acc, gr.x, gr.y, gr.z, th, smem);
+    };
+    for (int acc : {4, 8}) {
+      const auto f = cam_kernels::cam_forward_config(T, d, K, r, acc);
+      pr("cam_forward_kernel", acc, f.grid, f.block.x, f.smem);
+      const auto b = cam_kernels::cam_backward_config(T, d, K, r, acc, kSMs);
+      pr("cam_backward_rows_kernel", acc, b.grid_rows, b.block_rows.x, b.smem_rows);
+      pr("cam_backward_cols_kernel", acc, b.grid_cols, b.block_cols.x, b.smem_cols);
+    }
+    return 0;
+  }
+  hycam_emu::set_counting(true);
+  if (group == "shrink_fwd") {
+    using namespace shrink_kernels;
+    Buf<M> x(T * d), A(KR * d), ab(KR), N(K * r * r), nb(KR), p(T * KR), w(T * KR);
+    launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cuda::ceil_div(KR, kMN))), dim3(kMThreads), 0, [&] {
+      shrink_tc_kernel<M>(make_operand<M>(x.p, d), make_operand<M>(A.p, d), ab.p, p.p, T, d, KR);
+    }, "shrink_tc_kernel");
+    launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+           [&] { mix_kernel<M, float>(p.p, N.p, nb.p, w.p, T, K, r); }, "mix_kernel");
+  } else if (group == "cam_fwd") {
+    using namespace cam_kernels;
+    Buf<M> h(T * d), z(T * d), w(T * KR), B(K * d * r), b(K * d), out(T * d);
+    const auto cfg = cam_forward_config(T, d, K, r, sizeof(float));
+    launch(cfg.grid, cfg.block, cfg.smem, [&] {
+      cam_forward_kernel<M, float>(h.p, nullptr, z.p, w.p, B.p, b.p, g.p, out.p, T, d, K, r, scale, placement,
+                                   cfg.tile);
+    }, "cam_forward_kernel");
+  } else if (group == "cam_bwd_rows" || group == "cam_bwd_cols") {
+    using namespace cam_kernels;
+    Buf<M> go(T * d), h(T * d), z(T * d), w(T * KR), B(K * d * r), b(K * d), dm(T * d), dz(T * d);
+    const auto cfg = cam_backward_config(T, d, K, r, sizeof(float), kSMs);
+    if (group == "cam_bwd_rows") {
+      Buf<float> prow(cfg.nJ * T * K * R1), rs(T * K * R1);
+      launch(cfg.grid_rows, cfg.block_rows, cfg.smem_rows, [&] {
+        cam_backward_rows_kernel<M, float>(go.p, h.p, nullptr, z.p, w.p, B.p, b.p, g.p, dm.p, dz.p, prow.p, T, d, K, r,
+                                           scale, placement, cfg.tile);
+      }, "cam_backward_rows_kernel");
+      sum_partials(prow.p, cfg.nJ, T * K * R1, rs.p, "sum_partials_kernel(prow)");
+    } else {
+      Buf<float> pB(cfg.S * K * d * R1), cs(K * d * R1);
+      launch(cfg.grid_cols, cfg.block_cols, cfg.smem_cols, [&] {
+        cam_backward_cols_kernel<M, float>(go.p, h.p, nullptr, w.p, B.p, b.p, g.p, pB.p, T, d, K, r, scale, placement,
+                                           cfg.per_split, cfg.col_tile);
+      }, "cam_backward_cols_kernel");
+      sum_partials(pB.p, cfg.S, K * d * R1, cs.p, "sum_partials_kernel(pB)");
+    }
+  } else if (group == "shrink_bwd") {
+    using namespace shrink_kernels;
+    Buf<M> dw(T * KR), x(T * d), A(KR * d), N(K * r * r), p(T * KR), dplo(T * KR), dx(T * d);
+    const auto cfg = shrink_backward_config(T, d, K, r, kSMs, /*tensor_cores=*/true);
+    Buf<float> dp(T * KR), pA(cfg.S * KR * d), pS(cfg.S * cfg.nq), sA(KR * d), sS(cfg.nq);
+    launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+           [&] { dp_kernel<M, float>(dw.p, N.p, dp.p, dplo.p, T, K, r); }, "dp_kernel");
+    const auto dpo = make_operand<M>(dplo.p, KR);
+    launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cfg.nJ)), dim3(kMThreads), 0,
+           [&] { dx_tc_kernel<M>(dpo, make_operand<M>(A.p, d), dx.p, T, d, KR); }, "dx_tc_kernel");
+    launch(dim3(unsigned(cfg.nO), unsigned(cfg.nJ), unsigned(cfg.S)), dim3(kMThreads), 0,
+           [&] { dA_tc_kernel<M>(dpo, make_operand<M>(x.p, d), pA.p, T, d, KR, cfg.per_split); }, "dA_tc_kernel");
+    launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S)), dim3(256), 0, [&] {
+      small_reductions_kernel<M, float>(dp.p, dw.p, p.p, pS.p, T, K, r, cfg.per_split);
+    }, "small_reductions_kernel");
+    sum_partials(pA.p, cfg.S, KR * d, sA.p, "sum_partials_kernel(pA)");
+    sum_partials(pS.p, cfg.S, cfg.nq, sS.p, "sum_partials_kernel(pSmall)");
+  } else {
+    std::fprintf(stderr, "unknown group %s\n", group.c_str());
+    return 2;
+  }
+  for (const auto& c : hycam_emu::take_history()) print(c, group.c_str());
+  return 0;
+}
