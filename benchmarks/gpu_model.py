@@ -1,6 +1,6 @@
 """A cost model of the CUDA kernels for GPUs we cannot run on: every time it prints is MODELLED.
 
-    python -m benchmarks.gpu_model                 # SPEC shape, H100 SXM and A100, a few minutes
+    python -m benchmarks.gpu_model                 # target shape, H100 SXM and A100, a few minutes
     python -m benchmarks.gpu_model --quick         # H100 only, smaller emulated T (CI)
     python -m benchmarks.gpu_model --out DIR       # also writes DIR/model.json, model.txt, model.png
 
@@ -43,7 +43,7 @@ DRIVER = ROOT / "benchmarks" / "gpu_model_driver.cpp"
 EMU_INC = ROOT / "python_tests" / "cuda_emulation"
 
 # Machine constants. H100 SXM: 132 SMs, 50 MB L2, ~3.0 TB/s device-to-device copy and ~790 TFLOP/s
-# dense bf16 cuBLAS are readings of H100s in this workplace (SPEC.md section 5); 1.98 GHz boost
+# dense bf16 cuBLAS are readings of H100s in this workplace (docs/kernels.md, Performance targets); 1.98 GHz boost
 # clock, 66.9 TFLOP/s FP32 (132 SMs x 128 FP32 lanes x 2 x 1.98 GHz) and 989 TFLOP/s dense bf16
 # tensor peak: NVIDIA H100 datasheet / Hopper whitepaper. A100 SXM4 80 GB: 108 SMs, 1.41 GHz,
 # 19.5 TFLOP/s FP32, 312 TFLOP/s dense bf16, 2.04 TB/s HBM2e (NVIDIA A100 datasheet); its copy
@@ -60,7 +60,8 @@ MACHINES = {
                      l1_lines_per_clk=1.0, shfl_per_clk=1.0, launch_s=2e-6),
 }
 
-# The review's hand estimates (H100 SXM, same shape), microseconds: (low, high), for comparison.
+# Hand estimates of an independent read of the kernels (code review of 2026-11-23, by reading the
+# sm_90 SASS; no GPU), H100 SXM, same shape, microseconds: (low, high), for comparison.
 REVIEW_US = {
     "shrink_tc_kernel": (100, 160), "cam_forward_kernel": (400, 700), "cam_backward_rows_kernel": (1500, 3000),
     "cam_backward_cols_kernel": (400, 800), "dx_tc_kernel": (35, 80), "dA_tc_kernel": (35, 80),
@@ -350,7 +351,7 @@ def format_table(out) -> str:
         rv = REVIEW_US["layer"]
         lines.append(f"LAYER fwd+bwd (modelled): {L['total_s'] * 1e3:.2f} ms; floor (GEMMs + minimum bytes at "
                      f"{mo['constants']['dram_bw'] / 1e12:.1f} TB/s): {L['floor_s'] * 1e3:.2f} ms; "
-                     f"{L['vs_floor']:.2f}x the floor (SPEC target <= 1.2x measured, <= 1.3x modelled)"
+                     f"{L['vs_floor']:.2f}x the floor (target <= 1.2x measured, <= 1.3x modelled)"
                      + (f"; review's hand estimate {rv[0] / 1e3:.1f}-{rv[1] / 1e3:.1f} ms"
                         if name == "H100 SXM" and hard else ""))
     return "\n".join(lines)
@@ -392,7 +393,7 @@ def plot(out, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="H100 only, smaller emulated T (CI)")
-    ap.add_argument("--shape", default="8192x4096x4x16", help="T x d x K x r (default: the SPEC shape)")
+    ap.add_argument("--shape", default="8192x4096x4x16", help="T x d x K x r (default: the target shape)")
     ap.add_argument("--routing", choices=("hard", "soft"), default="hard")
     ap.add_argument("--jobs", type=int, default=2, help="emulation processes in parallel")
     ap.add_argument("--out", help="directory for model.json, model.txt, model.png")

@@ -1,7 +1,7 @@
 """The CUDA kernels, run on the CPU: csrc/*/*_kernels.cuh compiled with a C++ compiler under
 HYCAM_CUDA_EMULATION (python_tests/cuda_emulation/cuda_emulation.h: one fiber per CUDA thread,
 real barriers and warp collectives with the GPU's rules enforced) with the launch configurations
-of the real launchers, against a float64 computation of KERNELS.md, under AddressSanitizer/UBSan
+of the real launchers, against a float64 computation of docs/formulas.md, under AddressSanitizer/UBSan
 where the toolchain has them.
 
 Also here: each bug class the emulator must reject, seeded in a small kernel of

@@ -78,7 +78,7 @@ def test_low_precision_property(T, d, K, r, dtype, hard):
         assert err(o) <= 1e-5 * scale + 1e-7
     else:
         # on a handful of elements the max error is one or two roundings of the output: floor the
-        # rule at 2 ulps of the largest value (the SPEC's 2x rule is checked at size in test_ops)
+        # rule at 2 ulps of the largest value (the 2x rule of docs/kernels.md is checked at size in test_ops)
         assert err(o) <= max(2 * err(rb), 2 * torch.finfo(dtype).eps * scale) + 1e-6
 
 

@@ -177,7 +177,7 @@ def test_shrink_float32_vector_paths(device, hard, T, d, K, r):
 @pytest.mark.parametrize("T,d,K,r", [(130, 264, 4, 16), (37, 100, 3, 5), (66, 136, 8, 16)])
 def test_shrink_half_forward_backward_both_cuda_paths(monkeypatch, dtype, tensor_cores, T, d, K, r):
     """The tensor-core kernels (HYCAM_TENSOR_CORES=1, sm_80+) and the CUDA-core ones (=0) for
-    half types, forward and every gradient, by the SPEC dtype rule; d=100 stages operands element
+    half types, forward and every gradient, by the half-precision rule of docs/kernels.md; d=100 stages operands element
     by element, d=264 with 16-byte copies, K*r=128 spans two tiles."""
     monkeypatch.setenv("HYCAM_TENSOR_CORES", tensor_cores)
     args64 = shrink_inputs(T=T, d=d, K=K, r=r, device="cuda", rg=True)

@@ -1,6 +1,6 @@
 // The per-element and per-row maths of HyCAM, shared verbatim by the CPU kernels (tested on
 // every machine) and the CUDA kernels (which differ only in how rows and channels map to
-// threads). Formulas: ../shared/KERNELS.md. acc_t is float for half/bfloat16/float, double
+// threads). Formulas: docs/formulas.md. acc_t is float for half/bfloat16/float, double
 // for double.
 #pragma once
 
