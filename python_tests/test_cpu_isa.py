@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import hycam_ext
 from hycam_ext import ops
 
 pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="hycam_ext._C not built")
@@ -202,7 +203,7 @@ def test_no_avx_code_outside_the_avx2_variant(runs):
     objdump = shutil.which("objdump")
     if objdump is None or platform.machine() != "x86_64":
         pytest.skip("needs objdump on x86-64")
-    lib = pathlib.Path(ops._C.__file__)
+    lib = pathlib.Path(hycam_ext._C.__file__)
     asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
                          check=True).stdout
     fn, avx_fns, leaks = None, set(), set()
