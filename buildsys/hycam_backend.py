@@ -23,7 +23,6 @@ uv's ``match-runtime`` build option solves the same problem the same way.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

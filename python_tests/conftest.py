@@ -1,14 +1,8 @@
-import pathlib
-import sys
-
+"""python_tests is a package (each folder mirrors a part of hycam_ext), so pytest puts the
+repository root on sys.path: the tests import the checkout's hycam_ext (with its in-place build)
+and their helpers as python_tests.*; no test edits sys.path."""
 import pytest
 import torch
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-SHARED = ROOT.parent / "shared"
 
 
 def pytest_configure(config):

@@ -1,4 +1,8 @@
-"""Shared test helpers: random (non-identity) HyCAM parameters and an independent float64 oracle."""
+"""Shared test helpers: random (non-identity) HyCAM parameters and an independent float64 oracle;
+where the repository is and how worker processes find it."""
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -68,3 +72,15 @@ def cam_oracle(h_in, a, z, w, B, b, g, scale, placement):
 def shrink_oracle(x, A, A_bias, N, N_bias):
     p = torch.einsum("krd,td->tkr", A, x) + (A_bias if A_bias is not None else 0)
     return torch.einsum("kir,tkr->tki", N, p) + (N_bias if N_bias is not None else 0)
+
+
+ROOT = Path(__file__).resolve().parents[1]   # the repository root
+SHARED_DATA = ROOT.parent / "shared" / "data"  # data files beside the repository (CI has them)
+
+
+def worker_env(**extra):
+    """Environment for a worker started as `python -m python_tests.<area>.<worker>` (cwd=ROOT):
+    the checkout first on its path, one OpenMP thread per process unless told otherwise."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return env

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import hycam_ext
-from helpers import gumbel, make_pair, oracle
+from python_tests.helpers import gumbel, make_pair, oracle
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -2,7 +2,6 @@
 gradients equal the single-process gradients on the same global batch, and the global-scope
 load-balancing loss equals the single-process value on the concatenated batch."""
 import json
-import os
 import subprocess
 import sys
 
@@ -10,8 +9,8 @@ import pytest
 import torch
 
 import hycam_ext
+from python_tests.helpers import ROOT, worker_env
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not hycam_ext.ops.kernels_available(),
                                 reason="needs torch.distributed and the built kernels")
 
@@ -19,9 +18,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not hyca
 def _run(mode, tmp_path):
     out = tmp_path / f"{mode}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "dist_worker.py"), str(out), mode]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+           "-m", "python_tests.distributed.dist_worker", str(out), mode]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=worker_env(OMP_NUM_THREADS="1"),
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -1,7 +1,6 @@
 """HyCAM in Hugging Face causal LMs (hycam_ext.integrations.transformers)."""
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from hycam_ext.integrations.transformers import (  # noqa: E402
     ADAPTER_CONFIG_NAME, HyCAMMergeError, HyCAMModel, UnsupportedArchitectureError,
     get_hycam_model)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_tiny import ARCHS, perturb_hycam, tiny_model  # noqa: E402
+from python_tests.hf_tiny import ARCHS, perturb_hycam, tiny_model  # noqa: E402
+from python_tests.helpers import ROOT, worker_env  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -317,14 +316,12 @@ def test_two_forwards_then_backward_reentrant():
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_ddp_global_aux_scope(tmp_path):
-    import os
     import subprocess
     out = tmp_path / "ddp.json"
-    worker = Path(__file__).resolve().parent / "hf_dist_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(out)]
+           "-m", "python_tests.integrations.hf_dist_worker", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=worker_env(OMP_NUM_THREADS="1"), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert abs(rep["aux"] - rep["ref_aux"]) < 1e-6

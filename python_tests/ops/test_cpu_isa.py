@@ -5,7 +5,6 @@ HYCAM_CPU_ISA override, and no AVX code leaking out of the avx2 variant.
 
 The variant is chosen once per process, so each variant runs in its own process
 (cpu_isa_worker.py)."""
-import os
 import pathlib
 import platform
 import re
@@ -18,11 +17,10 @@ import torch
 
 import hycam_ext
 from hycam_ext import ops
+from python_tests.helpers import ROOT, worker_env
 
 pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="hycam_ext._C not built")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORKER = pathlib.Path(__file__).with_name("cpu_isa_worker.py")
 LOW = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}  # relative to the largest |value|
 SHAPES = [(37, 203, 3, 5, 0, True), (70, 72, 4, 16, 1, True), (5, 7, 2, 3, 0, False)]  # T, d, K, r, placement, bias
@@ -60,11 +58,11 @@ def _run_worker(tmp, isa):
     src, dst = tmp / "cases.pt", tmp / f"out-{isa}.pt"
     if not src.exists():
         torch.save(_cases(), src)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = worker_env()
     env.pop("HYCAM_CPU_ISA", None)
     if isa is not None:
         env["HYCAM_CPU_ISA"] = isa
-    proc = subprocess.run([sys.executable, str(WORKER), str(src), str(dst)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "python_tests.ops.cpu_isa_worker", str(src), str(dst)], capture_output=True, text=True,
                           timeout=600, env=env, cwd=ROOT)
     if proc.returncode != 0:
         m = re.search(r"HYCAM_CPU_ISA=\w+, but [^;]*", proc.stderr)
@@ -168,8 +166,7 @@ def test_results_without_row_kernels_are_bitwise_the_same_in_every_variant(runs)
 
 
 def test_bad_override_is_an_error_naming_the_variable():
-    env = dict(os.environ, HYCAM_CPU_ISA="sse9",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = worker_env(HYCAM_CPU_ISA="sse9")
     code = ("import torch, hycam_ext\n"
             "x = torch.randn(3, 5); A = torch.randn(2, 4, 5); N = torch.randn(2, 4, 4)\n"
             "try:\n    torch.ops.hycam.shrink(x, A, None, N, None)\n"

@@ -24,11 +24,9 @@ from hycam_ext import finetune  # noqa: E402
 from hycam_ext.integrations.transformers import (  # noqa: E402
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, HyCAMModel, get_hycam_model)
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from hf_tiny import perturb_hycam, save_tiny_checkpoint, tiny_model  # noqa: E402
+from python_tests.hf_tiny import perturb_hycam, save_tiny_checkpoint, tiny_model  # noqa: E402
+from python_tests.helpers import ROOT, worker_env  # noqa: E402
 
-REPO = HERE.parent
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 needs_dist = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="needs torch.distributed")
@@ -57,11 +55,10 @@ def _torchrun_cli(tmp_path, ckpt, out, *extra):
     report = tmp_path / f"report_{out.name}"
     report.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "finetune_dist_worker.py"), str(report), "--no-noise",
+           "-m", "python_tests.distributed.finetune_dist_worker", str(report), "--no-noise",
            *_cli_args(ckpt, out, *extra)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(REPO))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=worker_env(OMP_NUM_THREADS="1"),
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(2)]
     return ranks, proc.stdout

@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 EMU = ROOT / "python_tests" / "cuda_emulation"
 DRIVER = EMU / "driver.cpp"
 CASES = EMU / "cases.cpp"

@@ -2,20 +2,16 @@
 converted tiny Llama under DDP (2 gloo ranks, aux_loss_scope='global') gives the gradients of a
 single process on the concatenated batch. Gumbel noise is switched off so both see the same routes."""
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
 import hycam_ext  # noqa: E402
 import hycam_ext._base as hycam_base  # noqa: E402  (sample_gumbel lives there)
 import hycam_ext.integrations.transformers as integ  # noqa: E402
-from hf_tiny import perturb_hycam, tiny_model  # noqa: E402
+from python_tests.hf_tiny import perturb_hycam, tiny_model  # noqa: E402
 
 
 def build(scope):

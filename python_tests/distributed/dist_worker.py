@@ -1,14 +1,12 @@
 """Worker for test_distributed.py, started with torchrun (gloo, CPU). Rank 0 writes a JSON report."""
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hycam_ext  # noqa: E402
+import hycam_ext
 
 
 class TwoLayer(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import hycam_ext
 from hycam_ext import ops
 from hycam_ext.routing_stats import RoutingStats
-from helpers import DEVICES, gumbel, make_pair
+from python_tests.helpers import DEVICES, gumbel, make_pair
 
 needs_kernels = pytest.mark.skipif(not ops.kernels_available(), reason="hycam_ext._C not built")
 

@@ -5,7 +5,7 @@ import torch
 
 import hycam_ext
 from hycam_ext import ops
-from helpers import DEVICES, cam_oracle, op_inputs, shrink_oracle
+from python_tests.helpers import DEVICES, cam_oracle, op_inputs, shrink_oracle
 
 pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="hycam_ext._C not built")
 SCALE = 1.7

@@ -7,7 +7,7 @@ import torch
 
 import hycam_ext
 from hycam_ext import ops
-from helpers import gumbel, make_pair
+from python_tests.helpers import gumbel, make_pair
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
