@@ -26,7 +26,7 @@ namespace cpu {
 // tokens sum per-chunk partials in chunk order, so every result is bitwise reproducible.
 struct Chunks {
   int64_t T, n;
-  explicit Chunks(int64_t T_) : T(T_), n(std::max<int64_t>(1, std::min<int64_t>(16, (T_ + 63) / 64))) {}
+  explicit Chunks(int64_t tokens) : T(tokens), n(std::max<int64_t>(1, std::min<int64_t>(16, (tokens + 63) / 64))) {}
   int64_t begin(int64_t c) const { return c * T / n; }
   int64_t end(int64_t c) const { return (c + 1) * T / n; }
 };

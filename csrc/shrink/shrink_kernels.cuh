@@ -284,11 +284,11 @@ HYCAM_DEVICE void tile_epilogue(const float* C, int64_t m0, int64_t m_end, int64
 // p[t, o] = a[o] + sum_j x[t, j] A[o, j]; grid (ceil(T / kMM), ceil(KR / kMN)).
 template <typename T>
 HYCAM_GLOBAL void shrink_tc_kernel(Operand<T> x, Operand<T> A, const T* __restrict__ ab, T* __restrict__ p,
-                                   int64_t T_, int64_t d, int64_t KR) {
+                                   int64_t num_tokens, int64_t d, int64_t KR) {
 #if HYCAM_MMA_AVAILABLE
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kMM), o0 = blockIdx.y * static_cast<int64_t>(kMN);
-  const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/true>(x, A, t0, T_, o0, KR, 0, d);
-  tile_epilogue(C, t0, T_, o0, KR, [&](int64_t t, int64_t o, float v) {
+  const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/true>(x, A, t0, num_tokens, o0, KR, 0, d);
+  tile_epilogue(C, t0, num_tokens, o0, KR, [&](int64_t t, int64_t o, float v) {
     T out;
     mma::from_float(v + (ab ? mma::to_float(cuda::ld(ab + o)) : 0.f), out);
     cuda::st(p + t * KR + o, out);
@@ -298,11 +298,11 @@ HYCAM_GLOBAL void shrink_tc_kernel(Operand<T> x, Operand<T> A, const T* __restri
 
 // dx[t, j] = sum_o dp[t, o] A[o, j] with dp rounded to T; grid (ceil(T / kMM), ceil(d / kMN)).
 template <typename T>
-HYCAM_GLOBAL void dx_tc_kernel(Operand<T> dp, Operand<T> A, T* __restrict__ dx, int64_t T_, int64_t d, int64_t KR) {
+HYCAM_GLOBAL void dx_tc_kernel(Operand<T> dp, Operand<T> A, T* __restrict__ dx, int64_t num_tokens, int64_t d, int64_t KR) {
 #if HYCAM_MMA_AVAILABLE
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kMM), j0 = blockIdx.y * static_cast<int64_t>(kMN);
-  const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/false>(dp, A, t0, T_, j0, d, 0, KR);
-  tile_epilogue(C, t0, T_, j0, d, [&](int64_t t, int64_t j, float v) {
+  const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/false>(dp, A, t0, num_tokens, j0, d, 0, KR);
+  tile_epilogue(C, t0, num_tokens, j0, d, [&](int64_t t, int64_t j, float v) {
     T out;
     mma::from_float(v, out);
     cuda::st(dx + t * d + j, out);
@@ -312,11 +312,11 @@ HYCAM_GLOBAL void dx_tc_kernel(Operand<T> dp, Operand<T> A, T* __restrict__ dx, 
 
 // partial dA[split, o, j] = sum_{t in split} dp[t, o] x[t, j]; grid (ceil(KR / kMM), ceil(d / kMN), S).
 template <typename T>
-HYCAM_GLOBAL void dA_tc_kernel(Operand<T> dp, Operand<T> x, float* __restrict__ part, int64_t T_, int64_t d,
+HYCAM_GLOBAL void dA_tc_kernel(Operand<T> dp, Operand<T> x, float* __restrict__ part, int64_t num_tokens, int64_t d,
                                int64_t KR, int64_t per_split) {
 #if HYCAM_MMA_AVAILABLE
   const int64_t o0 = blockIdx.x * static_cast<int64_t>(kMM), j0 = blockIdx.y * static_cast<int64_t>(kMN);
-  const int64_t split = blockIdx.z, ts0 = split * per_split, ts1 = min(T_, ts0 + per_split);
+  const int64_t split = blockIdx.z, ts0 = split * per_split, ts1 = min(num_tokens, ts0 + per_split);
   const float* C = tc_gemm</*kLmq=*/false, /*kRnq=*/false>(dp, x, o0, KR, j0, d, ts0, ts1);
   tile_epilogue(C, o0, KR, j0, d, [&](int64_t o, int64_t j, float v) { cuda::st(part + (split * KR + o) * d + j, v); });
 #endif
