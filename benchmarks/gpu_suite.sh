@@ -37,6 +37,10 @@ $PY -c 'import hycam_ext, sys; sys.exit(0 if hycam_ext.ops.cuda_kernels_availabl
   || { note "CUDA kernels did not load"; exit 1; }
 
 status=0
+# first the user's one-command check: every op on the GPU in fp32/fp16/bf16 against float64
+(repo=$PWD; cd "$OUT" && PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" $PY -m hycam_ext --json selftest.json >selftest.txt 2>&1); rc=$?
+note "python -m hycam_ext: rc=$rc | $(tail -n 1 "$OUT/selftest.txt")"
+[ $rc -eq 0 ] || status=1
 $PY -m pytest -q -rs python_tests >"$OUT/pytest.txt" 2>&1; rc=$?
 note "tests (all, CUDA included): rc=$rc | $(tail -n 1 "$OUT/pytest.txt")"
 [ $rc -eq 0 ] || status=1
