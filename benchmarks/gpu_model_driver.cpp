@@ -42,13 +42,7 @@ struct Buf {
 };
 
 static void print(const hycam_emu::Counters& c, const char* group) {
-  auto tr = [](const char* name, const hycam_emu::Traffic& t) {
-    std::printf("\"%s\": {\"requests\": %llu, \"sectors\": %llu, \"lines\": %llu, \"bytes\": %llu, "
-                "\"request_unique_bytes\": %llu, \"unique_bytes\": %llu, \"unique_sectors\": %llu}",
-                name, (unsigned long long)t.requests, (unsigned long long)t.sectors, (unsigned long long)t.lines,
-                (unsigned long long)t.bytes, (unsigned long long)t.request_unique_bytes,
-                (unsigned long long)t.unique_bytes, (unsigned long long)t.unique_sectors);
-  };
+  const auto tr = hycam_emu::print_traffic_json;
   std::printf("{\"group\": \"%s\", \"kernel\": \"%s\", \"blocks\": %llu, \"threads\": %llu, \"smem\": %llu, "
               "\"mma\": %llu, \"shfl\": %llu, ",
               group, c.kernel.c_str(), (unsigned long long)c.blocks, (unsigned long long)c.threads_per_block,

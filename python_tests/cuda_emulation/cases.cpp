@@ -15,13 +15,7 @@ using hycam_emu::launch;
 using namespace hycam;
 
 static void print_counters(const hycam_emu::Counters& c) {
-  auto tr = [](const char* name, const hycam_emu::Traffic& t) {
-    std::printf("\"%s\": {\"requests\": %llu, \"sectors\": %llu, \"lines\": %llu, \"bytes\": %llu, "
-                "\"request_unique_bytes\": %llu, \"unique_bytes\": %llu, \"unique_sectors\": %llu}",
-                name, (unsigned long long)t.requests, (unsigned long long)t.sectors, (unsigned long long)t.lines,
-                (unsigned long long)t.bytes, (unsigned long long)t.request_unique_bytes,
-                (unsigned long long)t.unique_bytes, (unsigned long long)t.unique_sectors);
-  };
+  const auto tr = hycam_emu::print_traffic_json;
   std::printf("{\"kernel\": \"%s\", \"blocks\": %llu, \"mma\": %llu, ", c.kernel.c_str(),
               (unsigned long long)c.blocks, (unsigned long long)c.mma);
   tr("load", c.load);
@@ -205,7 +199,7 @@ int main(int argc, char** argv) {
     print_counters(hycam_emu::last_counters());
   } else if (name == "toy_mma") {  // 3 warps x 5 mma each
     alignas(32) static __half ta[256];
-    launch(dim3(2), dim3(96), 0, [&] {
+    auto five_mmas = [&] {
       mma::FragA<__half, true> a;
       mma::FragB<__half, true> b;
       mma::FragC c;
@@ -213,17 +207,10 @@ int main(int argc, char** argv) {
       mma::load_a<true>(a, ta, 16);
       mma::load_b<true>(b, ta, 16);
       for (int i = 0; i < 5; ++i) mma::mma(c, a, b);
-    }, "toy_mma");
+    };
+    launch(dim3(2), dim3(96), 0, five_mmas, "toy_mma");
     hycam_emu::set_counting(true);
-    launch(dim3(2), dim3(96), 0, [&] {
-      mma::FragA<__half, true> a;
-      mma::FragB<__half, true> b;
-      mma::FragC c;
-      mma::zero(c);
-      mma::load_a<true>(a, ta, 16);
-      mma::load_b<true>(b, ta, 16);
-      for (int i = 0; i < 5; ++i) mma::mma(c, a, b);
-    }, "toy_mma");
+    launch(dim3(2), dim3(96), 0, five_mmas, "toy_mma");
     print_counters(hycam_emu::last_counters());
   } else {
     std::fprintf(stderr, "unknown case %s\n", name.c_str());

@@ -109,6 +109,14 @@ struct Traffic {
   uint64_t requests = 0, sectors = 0, lines = 0, bytes = 0, request_unique_bytes = 0, unique_bytes = 0,
            unique_sectors = 0;
 };
+// `"name": {...}` of one Traffic as JSON, for the drivers that report counters to Python.
+inline void print_traffic_json(const char* name, const Traffic& t) {
+  std::printf("\"%s\": {\"requests\": %llu, \"sectors\": %llu, \"lines\": %llu, \"bytes\": %llu, "
+              "\"request_unique_bytes\": %llu, \"unique_bytes\": %llu, \"unique_sectors\": %llu}",
+              name, (unsigned long long)t.requests, (unsigned long long)t.sectors, (unsigned long long)t.lines,
+              (unsigned long long)t.bytes, (unsigned long long)t.request_unique_bytes,
+              (unsigned long long)t.unique_bytes, (unsigned long long)t.unique_sectors);
+}
 struct Counters {
   std::string kernel;
   uint64_t blocks = 0, threads_per_block = 0, smem_bytes = 0, mma = 0, shfl = 0;  // mma, shfl: per warp
