@@ -138,6 +138,12 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
                  "max_train_examples", "lora_rank"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.compare is not None:
+        from .compare import parse_variants
+        try:
+            parse_variants(args.compare)
+        except ValueError as e:
+            p.error(str(e))
     if args.seeds is not None and args.compare is None:
         p.error("--seeds needs --compare")
     if args.with_builtin and not args.data:
@@ -203,7 +209,7 @@ def eval_losses(s: Session, model, tag: str, collect_routing: bool = False):
             routing[task] = reduce_routing(res, s.device) if s.ctx.enabled else res["dist"]
         else:
             losses[task] = run()
-        s.ctx.log(f"[{tag}] {task}: eval loss {losses[task]['loss']:.4f}  "
+        s.ctx.log(f"{'[' + tag + ']':<8} {task}: eval loss {losses[task]['loss']:.4f}  "
                   f"ppl {losses[task]['ppl']:.2f}")
     return losses, routing
 
@@ -270,6 +276,7 @@ def run_variant(s: Session, method: str, args, out_dir: Path, copy_base: bool = 
         "steps": steps if result else 0, "seed": args.seed,
         "train_time_s": result.train_time_s if result else 0.0,
         "step_time_median_s": result.step_time_median_s if result else None,
+        "step_times_s": result.step_times_s if result else [],
         "peak_memory": result.peak_memory if result else None,
         "world_size": s.ctx.world_size, "global_batch_size": global_batch,
         "eval_before": before, "eval_after": after,

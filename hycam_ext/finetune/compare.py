@@ -37,7 +37,7 @@ def parse_variants(spec: str) -> List[str]:
     names = [v.strip() for v in spec.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if not names or unknown:
-        raise SystemExit(f"--compare: unknown variant(s) {unknown or spec!r}; choose from "
+        raise ValueError(f"--compare: unknown variant(s) {unknown or spec!r}; choose from "
                          f"{', '.join(VARIANTS)}")
     return list(dict.fromkeys(names))
 
@@ -116,9 +116,10 @@ def markdown(agg: List[dict], tasks: List[str], header: str) -> str:
                      f"{_fmt(a['step_time_median_s'])} | {_fmt(a['peak_memory_increase_mib'], None, 0)} | "
                      + " | ".join(_fmt(a[k].get("mean")) for k in ("bleu", "rouge1", "rouge2", "rougeL"))
                      + f" | {_fmt(a['loss'].get('mean'), None, 3)} |")
-    lines.append("")
-    lines.append("Metric columns: unweighted mean over tasks. Per task below, ± is "
-                 + (agg[0].get("rougeL_err_kind") or "not available") + ".")
+    kinds = sorted({f"{a['variant']}: {a['rougeL_err_kind']}" for a in agg if a.get("rougeL_err_kind")})
+    lines += ["", "Metric columns: unweighted mean over tasks. In the tables below ± is the spread "
+              "of BLEU / ROUGE-L (" + "; ".join(kinds) + "); held-out loss has a spread only "
+              "over several seeds. Peak memory: " + _memory_note(agg) + "."]
     for key, label in METRICS:
         digits = 3 if key == "loss" else 2
         lines += ["", f"**{label}** per task", "",
@@ -130,6 +131,14 @@ def markdown(agg: List[dict], tasks: List[str], header: str) -> str:
             lines.append(f"| {a['variant']} | " + " | ".join(cells)
                          + f" | {_fmt(a[key].get('mean'), err.get('mean'), digits)} |")
     return "\n".join(lines) + "\n"
+
+
+def _memory_note(agg: List[dict]) -> str:
+    m = next((a["peak_memory"] for a in agg if a.get("peak_memory")), None)
+    if not m:
+        return "not measured"
+    return (f"{m['kind']} ({m['scope']}) during training minus the resident size before it; "
+            f"the base model and its copy are already resident")
 
 
 def run_comparison(args: argparse.Namespace, device: torch.device, ctx: DistContext) -> dict:

@@ -20,6 +20,7 @@ from .evaluation import autocast
 @dataclasses.dataclass
 class TrainResult:
     history: List[dict]
+    step_times_s: List[float]
     train_time_s: float
     step_time_median_s: float
     peak_memory: dict
@@ -104,7 +105,7 @@ def train(model, params, train_data: List[dict], total_steps: int, pad_id: int, 
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
     stream = micro_batches(train_data, args.batch_size, pad_id, args.seed, ctx)
     model.train()
-    history = []
+    history, step_times = [], []
     bar = tqdm(range(total_steps), desc="train", disable=args.no_progress or not ctx.is_main,
                dynamic_ncols=True)
     meter = PeakMemory(device)
@@ -112,13 +113,14 @@ def train(model, params, train_data: List[dict], total_steps: int, pad_id: int, 
     for step in bar:
         t0 = time.perf_counter()
         rec = train_step(train_model, stream, params, opt, sched, args, device, amp_dtype, ctx)
-        history.append({"step": step + 1, **rec, "time_s": time.perf_counter() - t0})
+        step_times.append(time.perf_counter() - t0)   # kept out of history: ranks differ in it
+        history.append({"step": step + 1, **rec})
         bar.set_postfix(loss=f"{rec['loss']:.4f}", aux=f"{rec['aux_loss']:.3f}")
     bar.close()
     train_time = time.perf_counter() - t_train
-    times = sorted(h["time_s"] for h in history)
+    times = sorted(step_times)
     median = times[len(times) // 2] if times else float("nan")
-    return TrainResult(history, train_time, median, meter.read())
+    return TrainResult(history, step_times, train_time, median, meter.read())
 
 
 class PeakMemory:
