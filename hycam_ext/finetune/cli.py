@@ -263,7 +263,8 @@ def run_variant(s: Session, method: str, args, out_dir: Path, copy_base: bool = 
     params = trainable_parameters(model)
     if s.ctx.is_main and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
-    before = eval_losses(s, model, "before")[0] if eval_before or method == "base" else None
+    # the base model is not trained: its "before" is its "after"
+    before = eval_losses(s, model, "before")[0] if eval_before and method != "base" else None
     global_batch, steps = plan_steps(len(s.data.train), args, s.ctx.world_size)
     result = None
     if method != "base" and steps > 0:
@@ -279,7 +280,7 @@ def run_variant(s: Session, method: str, args, out_dir: Path, copy_base: bool = 
         "step_times_s": result.step_times_s if result else [],
         "peak_memory": result.peak_memory if result else None,
         "world_size": s.ctx.world_size, "global_batch_size": global_batch,
-        "eval_before": before, "eval_after": after,
+        "eval_before": after if method == "base" else before, "eval_after": after,
         "generation": eval_generation(s, model, args),
         "history": result.history if result else [], "args": vars(args),
     }
