@@ -143,7 +143,6 @@ def _memory_note(agg: List[dict]) -> str:
 
 def run_comparison(args: argparse.Namespace, device: torch.device, ctx: DistContext) -> dict:
     from .cli import prepare, run_variant
-    from .plots import plot_comparison
     names = parse_variants(args.compare)
     seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     out_dir = Path(args.output_dir)
@@ -159,23 +158,62 @@ def run_comparison(args: argparse.Namespace, device: torch.device, ctx: DistCont
                             copy_base=True, eval_before=False)
             rows[name].append(summarize(name, m))
             gc.collect()
-    agg = [aggregate(rows[n]) for n in names]
-    tasks = list(s.data.eval_records)
     command = "hycam-finetune " + " ".join(shlex.quote(x) for x in getattr(args, "argv", []))
-    summary = {"command": command, "model": args.model, "device": str(device), "seeds": seeds,
-               "tasks": tasks, "variants": agg, "runs": rows,
-               "args": {k: v for k, v in vars(args).items() if k != "argv"}}
+    args_dict = {k: v for k, v in vars(args).items() if k != "argv"}
+    summary = None
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "compare.json", "w") as f:
-            json.dump(summary, f, indent=1)
-        header = (f"Comparison on {args.model}: {', '.join(tasks)}; "
-                  f"{agg[-1]['steps']} steps, seeds {seeds}.\n\nCommand: `{command}`")
-        (out_dir / "compare.md").write_text(markdown(agg, tasks, header))
-        if not args.no_plot:
-            plot_comparison(agg, tasks, str(out_dir / "compare.png"),
-                            f"{Path(str(args.model)).name}: held-out generation and loss "
-                            f"({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+        summary = write_comparison(out_dir, rows, list(s.data.eval_records), command, args_dict,
+                                   str(device), plot=not args.no_plot)
         ctx.log((out_dir / "compare.md").read_text())
     ctx.barrier()
+    return summary if summary is not None else {"variants": [aggregate(rows[n]) for n in names]}
+
+
+def write_comparison(out_dir: Path, rows: Dict[str, List[dict]], tasks: List[str], command: str,
+                     args_dict: dict, device: str, plot: bool = True) -> dict:
+    """compare.json, compare.md and compare.png from the summarized runs of each variant."""
+    from .plots import plot_comparison
+    agg = [aggregate(r) for r in rows.values() if r]
+    seeds = sorted({r["seed"] for rs in rows.values() for r in rs})
+    summary = {"command": command, "model": args_dict.get("model"), "device": device,
+               "seeds": seeds, "tasks": tasks, "variants": agg, "runs": rows, "args": args_dict}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "compare.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    steps = max(a["steps"] for a in agg)
+    header = (f"Comparison on {args_dict.get('model')}: {', '.join(tasks)}; {steps} steps, "
+              f"seeds {seeds}.\n\nCommand: `{command}`")
+    (out_dir / "compare.md").write_text(markdown(agg, tasks, header))
+    if plot:
+        plot_comparison(agg, tasks, str(out_dir / "compare.png"),
+                        f"{Path(str(args_dict.get('model'))).name}: held-out generation and loss "
+                        f"({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
     return summary
+
+
+def rebuild(out_dir: Path) -> dict:
+    """The comparison files again from the variants' metrics.json under out_dir (e.g. of a run
+    that was stopped before its last variant)."""
+    rows: Dict[str, List[dict]] = {n: [] for n in VARIANTS}
+    args_dict, tasks, device = {}, [], "?"
+    for path in sorted(out_dir.glob("*-seed*/metrics.json")):
+        name = path.parent.name.rsplit("-seed", 1)[0]
+        if name not in VARIANTS:
+            continue
+        m = json.loads(path.read_text())
+        rows[name].append(summarize(name, m))
+        args_dict, tasks, device = m["args"], list(m["eval_after"]), m["device"]
+    if not any(rows.values()):
+        raise SystemExit(f"no <variant>-seed<N>/metrics.json under {out_dir}")
+    argv = args_dict.pop("argv", [])
+    command = "hycam-finetune " + " ".join(shlex.quote(x) for x in argv)
+    return write_comparison(out_dir, {n: r for n, r in rows.items() if r}, tasks, command,
+                            args_dict, device)
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m hycam_ext.finetune.compare OUTPUT_DIR  (rebuilds "
+                         "compare.{json,md,png} from the variants' metrics.json files)")
+    print((Path(sys.argv[1]) / "compare.md").read_text() if rebuild(Path(sys.argv[1])) else "")
