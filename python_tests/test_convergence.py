@@ -3,7 +3,6 @@ steps through the kernels and through the reference formulation (HyCAMConfig(use
 on the same data with the same routing noise follows the same loss curve and ends with close
 adapters. fp32: every step's loss within 1e-5 relative. bf16 autocast: the kernels' curve stays
 within a small multiple of the reference's own bf16-vs-float64 spread."""
-import dataclasses
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Figures: the per-task route distribution of a HyCAM run, and the comparison bar chart."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 
