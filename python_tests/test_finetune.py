@@ -257,6 +257,12 @@ def test_compare_writes_table_json_and_plot(tiny_ckpt, tmp_path):
     assert (out / "compare.png").stat().st_size > 1000
     assert "--compare" in summary["command"]
     assert not (out / "hycam-seed0" / "adapter").exists()       # no adapters in a comparison
+    # the table again from the variants' metrics.json files
+    (out / "compare.md").unlink()
+    rebuilt = finetune.compare.rebuild(out)
+    assert [v["variant"] for v in rebuilt["variants"]] == names
+    assert [v["loss"] for v in rebuilt["variants"]] == [v["loss"] for v in summary["variants"]]
+    assert (out / "compare.md").read_text() == md
 
 
 def test_shared_cam_baseline_trains_only_the_shared_cam(tiny_ckpt, tmp_path):
