@@ -71,7 +71,7 @@ def _tiny_args(ckpt, out, *extra):
     return ["--model", ckpt, "--output-dir", str(out), "--builtin-examples", "24",
             "--max-eval-examples", "4", "--max-length", "96", "--batch-size", "4",
             "--max-steps", "6", "--lr", "1e-2", "--num-specialists", "3", "--rank", "4",
-            "--no-progress", *extra]
+            "--gen-max-new-tokens", "8", "--no-progress", *extra]
 
 
 def test_cli_end_to_end_tiny_model(tiny_ckpt, tmp_path):
@@ -87,6 +87,14 @@ def test_cli_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     after = sum(v["loss"] for v in m["eval_after"].values())
     assert after < before
     assert len(m["history"]) == 6 and all(h["aux_loss"] > 0 for h in m["history"])
+    gen = m["generation"]
+    assert set(gen["tasks"]) == {"arithmetic", "code", "qa"}
+    for t, g in gen["tasks"].items():
+        assert g["n"] == 2                           # round(24 * 0.1) held-out examples
+        assert all(0.0 <= g[k] <= 100.0 for k in ("bleu", "rouge1", "rouge2", "rougeL"))
+        assert g["samples"] and all(isinstance(x["generated"], str) for x in g["samples"])
+    assert gen["mean"]["rougeL"] == pytest.approx(
+        sum(g["rougeL"] for g in gen["tasks"].values()) / 3)
     assert (out / "routing.png").stat().st_size > 1000
     routing = json.loads((out / "routing.json").read_text())
     assert set(routing) == {"arithmetic", "code", "qa"}
@@ -124,12 +132,15 @@ def test_cli_on_auto_cot_with_checkpointing(tiny_ckpt, tmp_path):
     code = _write_alpaca(tmp_path / "code_tasks.json", 20, 3)
     out = tmp_path / "autocot"
     m = finetune.main(["--model", tiny_ckpt, "--data", str(SHARED_DATA / "Auto-CoT.json"), code,
+                       "--with-builtin", "--builtin-examples", "12", "--gen-max-new-tokens", "4",
                        "--output-dir", str(out), "--max-train-examples", "8",
                        "--max-eval-examples", "3", "--max-length", "96", "--batch-size", "2",
                        "--max-steps", "3", "--num-specialists", "2", "--rank", "2",
                        "--gradient-checkpointing", "--reentrant", "--no-progress"])
-    assert set(m["eval_after"]) == {"Auto-CoT", "code_tasks"}
+    tasks = {"Auto-CoT", "code_tasks", "arithmetic", "code", "qa"}
+    assert set(m["eval_after"]) == set(m["generation"]["tasks"]) == tasks
     assert all(v["tokens"] > 0 for v in m["eval_after"].values())
+    assert m["generation"]["tasks"]["Auto-CoT"]["n"] == 3
     assert (out / "routing.png").exists() and (out / "adapter").is_dir()
 
 
@@ -150,3 +161,137 @@ def test_module_entry_point_help():
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "--baseline" in r.stdout and "--max-steps" in r.stdout and "--gradient-checkpointing" in r.stdout
+
+
+def test_score_generations_known_values():
+    same = ["the cat sat on the mat", "def f(x):\n    return x * 2"]
+    s = finetune.score_generations(same, same)
+    assert s["bleu"] == pytest.approx(100.0)
+    assert s["rouge1"] == s["rouge2"] == s["rougeL"] == pytest.approx(100.0)
+    assert s["exact_match"] == 100.0 and s["rougeL_se"] == 0.0 and s["bleu_se"] < 1e-9
+    s = finetune.score_generations(["dog runs fast", "x y"], ["the cat sat on the mat", "a b"])
+    assert s["bleu"] == 0.0 and s["rouge1"] == 0.0 and s["rougeL"] == 0.0
+    # one exact and one disjoint pair: ROUGE-1 mean 50, standard error std/sqrt(2) = 50
+    s = finetune.score_generations(["the cat sat on the mat", "x"], ["the cat sat on the mat", "y"])
+    assert s["rouge1"] == pytest.approx(50.0) and s["rouge1_se"] == pytest.approx(50.0)
+    assert s["exact_match"] == 50.0 and 0.0 < s["bleu"] < 100.0 and s["bleu_se"] > 0.0
+    # ROUGE-L: longest common subsequence 2 of 3 (prediction) and 2 of 4 (reference) tokens
+    s = finetune.score_generations(["a b z"], ["a q b r"])
+    p, r = 2 / 3, 2 / 4
+    assert s["rougeL"] == pytest.approx(100.0 * 2 * p * r / (p + r))
+    with pytest.raises(ValueError, match="length"):
+        finetune.score_generations(["a"], [])
+
+
+def test_left_pad():
+    b = finetune.evaluation.left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@torch.no_grad()
+def _greedy_without_cache(model, ids, n, eos):
+    """Greedy decoding written out: the whole sequence through the model at every step."""
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits
+        nxt = int(logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    return out
+
+
+def test_batched_generation_matches_greedy_loop(tiny_ckpt):
+    """Left-padded batches with the KV cache give each prompt the tokens that a cache-free greedy
+    loop over that prompt alone gives (HyCAM with non-trivial weights in every layer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hycam_ext.integrations.transformers import get_hycam_model
+    from hf_tiny import perturb_hycam
+    import hycam_ext
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    base = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
+    model = get_hycam_model(base, hycam_ext.HyCAMConfig(hidden_size=32, num_specialists=3, rank=4))
+    perturb_hycam(model, seed=3, scale=0.3)
+    model.eval()
+    prompts = [tok(t)["input_ids"] for t in ("a", "hello world", "abc def ghi jkl", "xy", "q r s")]
+    got = finetune.generate_responses(model, tok, prompts, 6, batch_size=3,
+                                      device=torch.device("cpu"), autocast_dtype=None,
+                                      progress=False)
+    for p, g in zip(prompts, got):
+        want = tok.decode(_greedy_without_cache(model, p, 6, tok.eos_token_id),
+                          skip_special_tokens=True).strip()
+        assert g == want
+    assert any(g for g in got)                     # not all empty (eos at once)
+
+
+def test_compare_writes_table_json_and_plot(tiny_ckpt, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "cmp"
+    summary = finetune.main(_tiny_args(tiny_ckpt, out, "--max-steps", "2", "--compare",
+                                       "--gen-max-new-tokens", "4"))
+    names = [v["variant"] for v in summary["variants"]]
+    assert names == ["base", "lora-budget", "lora-r16", "shared-cam", "hycam"]
+    by = {v["variant"]: v for v in summary["variants"]}
+    # trainable budgets: LoRA rank 16 on the 7 projections of 2 layers of the tiny Llama
+    # (d 32, MLP 64, k/v 16 wide: 512 weights per rank and layer), the shared CAM d*d + d per
+    # layer, HyCAM K=3 r=4
+    assert by["base"]["trainable_params"] == 0 and by["base"]["steps"] == 0
+    assert by["lora-r16"]["trainable_params"] == 16 * 512 * 2
+    assert by["shared-cam"]["trainable_params"] == 2 * (32 * 32 + 32)
+    assert by["hycam"]["trainable_params"] == finetune.hycam_param_count(32, 2, 3, 4, True)
+    ref = by["hycam"]["trainable_params"]
+    assert 0.5 * ref <= by["lora-budget"]["trainable_params"] <= 1.5 * ref
+    for v in summary["variants"]:
+        assert set(v["bleu"]) == set(v["rougeL"]) == set(v["loss"]) == {"arithmetic", "code", "qa", "mean"}
+        if v["variant"] != "base":
+            assert v["step_time_median_s"] > 0 and v["peak_memory_increase_mib"] is not None
+    # every trained variant moved the held-out loss away from the base model's
+    for n in names[1:]:
+        assert by[n]["loss"]["mean"] != by["base"]["loss"]["mean"]
+    md = (out / "compare.md").read_text()
+    assert all(f"| {n} |" in md for n in names) and "ROUGE-L" in md
+    assert json.loads((out / "compare.json").read_text())["variants"][0]["variant"] == "base"
+    assert (out / "compare.png").stat().st_size > 1000
+    assert "--compare" in summary["command"]
+    assert not (out / "hycam-seed0" / "adapter").exists()       # no adapters in a comparison
+    # the table again from the variants' metrics.json files
+    (out / "compare.md").unlink()
+    rebuilt = finetune.compare.rebuild(out)
+    assert [v["variant"] for v in rebuilt["variants"]] == names
+    assert [v["loss"] for v in rebuilt["variants"]] == [v["loss"] for v in summary["variants"]]
+    assert (out / "compare.md").read_text() == md
+
+
+def test_shared_cam_baseline_trains_only_the_shared_cam(tiny_ckpt, tmp_path):
+    out = tmp_path / "shared"
+    m = finetune.main(_tiny_args(tiny_ckpt, out, "--baseline", "shared-cam", "--max-steps", "3",
+                                 "--gen-max-new-tokens", "0"))
+    assert m["method"] == "shared-cam" and m["generation"] is None
+    assert m["trainable_params"] == 2 * (32 * 32 + 32)
+    from transformers import AutoModelForCausalLM
+    model = HyCAMModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_ckpt),
+                                       str(out / "adapter"))
+    for cam in model.hycam_modules():
+        assert torch.count_nonzero(cam.B) == 0 and torch.count_nonzero(cam.B_bias) == 0
+        assert torch.count_nonzero(cam.shared_weight) > 0         # the shared CAM trained
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--seeds", "1", "2"], "--seeds needs --compare"),
+    (["--with-builtin"], "--with-builtin needs --data"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--gen-max-new-tokens", "-1"], "--gen-max-new-tokens must be >= 0"),
+])
+def test_bad_arguments_name_the_argument(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(argv)
+    assert msg in capsys.readouterr().err
+
+
+def test_unknown_compare_variant(capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(["--compare", "hycam,qlora"])
+    assert "--compare: unknown variant(s) ['qlora']" in capsys.readouterr().err

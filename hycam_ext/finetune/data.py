@@ -1,0 +1,219 @@
+"""Data: the built-in tasks, alpaca-format files, held-out splits, tokenisation and batching."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+IGNORE_INDEX = -100
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that "
+                 "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                 "{input_block}### Response:\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in multi-task data
+# ---------------------------------------------------------------------------------------------
+_CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+             ("Portugal", "Lisbon"), ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"),
+             ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
+             ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"),
+             ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
+             ("Poland", "Warsaw"), ("Greece", "Athens"), ("Turkey", "Ankara"), ("Russia", "Moscow"),
+             ("Australia", "Canberra"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
+             ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"), ("Denmark", "Copenhagen"),
+             ("Chile", "Santiago"), ("Thailand", "Bangkok")]
+_OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("old", "young"),
+              ("happy", "sad"), ("light", "dark"), ("early", "late"), ("full", "empty"),
+              ("open", "closed"), ("high", "low"), ("strong", "weak"), ("wet", "dry"),
+              ("rich", "poor"), ("hard", "soft"), ("loud", "quiet"), ("thick", "thin"),
+              ("near", "far"), ("first", "last"), ("true", "false")]
+_CODE_TASKS = [  # (description, body) with {n} filled in
+    ("returns x squared", "return x * x"),
+    ("returns x plus {n}", "return x + {n}"),
+    ("returns x times {n}", "return x * {n}"),
+    ("returns True if x is even", "return x % 2 == 0"),
+    ("returns the absolute value of x", "return abs(x)"),
+    ("returns the last element of the list x", "return x[-1]"),
+    ("returns the list x reversed", "return x[::-1]"),
+    ("returns the length of x", "return len(x)"),
+    ("returns the sum of the list x", "return sum(x)"),
+    ("returns x converted to upper case", "return x.upper()"),
+    ("returns the first {n} items of x", "return x[:{n}]"),
+    ("returns x modulo {n}", "return x % {n}"),
+]
+_FUNC_NAMES = ["f", "g", "h", "compute", "transform", "helper", "solve", "apply_op"]
+
+
+def builtin_tasks(num_examples: int = 200, seed: int = 0) -> Dict[str, List[dict]]:
+    """A small alpaca-format multi-task dataset generated in code: arithmetic, code, qa."""
+    rng = random.Random(seed)
+    arith, code, qa = [], [], []
+    for _ in range(num_examples):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op = rng.choice(["+", "-", "*"])
+        val = {"+": a + b, "-": a - b, "*": a * b}[op]
+        arith.append({"instruction": rng.choice(["Compute the result.", "Calculate:",
+                                                 "Evaluate the expression."]),
+                      "input": f"{a} {op} {b}", "output": f"{a} {op} {b} = {val}"})
+        desc, body = rng.choice(_CODE_TASKS)
+        n, name = rng.randint(2, 9), rng.choice(_FUNC_NAMES)
+        code.append({"instruction": f"Write a Python function {name}(x) that {desc.format(n=n)}.",
+                     "input": "", "output": f"def {name}(x):\n    {body.format(n=n)}"})
+        if rng.random() < 0.5:
+            country, city = rng.choice(_CAPITALS)
+            qa.append({"instruction": f"What is the capital of {country}?", "input": "",
+                       "output": f"The capital of {country} is {city}."})
+        else:
+            w, o = rng.choice(_OPPOSITES)
+            if rng.random() < 0.5:
+                w, o = o, w
+            qa.append({"instruction": "Give the opposite of the word.", "input": w,
+                       "output": f"The opposite of {w} is {o}."})
+    return {"arithmetic": arith, "code": code, "qa": qa}
+
+
+def load_alpaca_file(path: str) -> List[dict]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of {{instruction, input, output}} records")
+    out = []
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict) or "instruction" not in rec or "output" not in rec:
+            raise ValueError(f"{path}: record {i} lacks 'instruction'/'output'")
+        if not str(rec["output"]).strip():
+            continue
+        out.append({"instruction": str(rec["instruction"]), "input": str(rec.get("input") or ""),
+                    "output": str(rec["output"])})
+    if not out:
+        raise ValueError(f"{path}: no usable records")
+    return out
+
+
+def split_task(records: List[dict], eval_fraction: float, max_eval: int, max_train: Optional[int],
+               seed: int) -> Tuple[List[dict], List[dict]]:
+    recs = list(records)
+    random.Random(seed).shuffle(recs)
+    n_eval = max(1, int(round(len(recs) * eval_fraction)))
+    if max_eval:
+        n_eval = min(n_eval, max_eval)
+    n_eval = min(n_eval, len(recs) - 1) if len(recs) > 1 else 0
+    ev, tr = recs[:n_eval], recs[n_eval:]
+    if max_train:
+        tr = tr[:max_train]
+    return tr, ev
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenisation
+# ---------------------------------------------------------------------------------------------
+class Formatter:
+    def __init__(self, tokenizer, prompt_format: str, max_length: int):
+        self.tok = tokenizer
+        if prompt_format == "auto":
+            prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+        self.format = prompt_format
+        self.max_length = max_length
+
+    def prompt(self, rec: dict) -> str:
+        if self.format == "chat":
+            user = rec["instruction"] + (("\n\n" + rec["input"]) if rec["input"] else "")
+            return self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                add_generation_prompt=True)
+        inp = rec["input"]
+        return ALPACA_PROMPT.format(
+            ctx=", paired with an input that provides further context" if inp else "",
+            instruction=rec["instruction"],
+            input_block=f"### Input:\n{inp}\n\n" if inp else "")
+
+    def prompt_ids(self, rec: dict) -> List[int]:
+        return self.tok(self.prompt(rec), add_special_tokens=self.format != "chat")["input_ids"]
+
+    def generation_prompt(self, rec: dict) -> List[int]:
+        """The prompt a generation starts from: at most max_length tokens, cut from the left as
+        encode() cuts it, so the model sees the end of the instruction it was trained on."""
+        return self.prompt_ids(rec)[-self.max_length:]
+
+    def encode(self, rec: dict) -> Dict[str, List[int]]:
+        p = self.prompt_ids(rec)
+        r = self.tok(rec["output"], add_special_tokens=False)["input_ids"]
+        if self.tok.eos_token_id is not None:
+            r = r + [self.tok.eos_token_id]
+        # keep at least a few response tokens: truncate the prompt from the left if needed
+        keep_resp = min(len(r), max(self.max_length // 2, self.max_length - len(p)))
+        r = r[:keep_resp]
+        p = p[-(self.max_length - len(r)):] if len(p) + len(r) > self.max_length else p
+        ids = p + r
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(p) + r}
+
+
+def collate(batch: List[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, :k] = torch.tensor(b["input_ids"])
+        labels[i, :k] = torch.tensor(b["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(examples: List[dict], batch_size: int, pad_id: int):
+    for i in range(0, len(examples), batch_size):
+        yield collate(examples[i:i + batch_size], pad_id)
+
+
+
+
+def load_tasks(data_files: Optional[Sequence[str]], builtin_examples: int, seed: int,
+               include_builtin: bool = False) -> Dict[str, List[dict]]:
+    """Task name -> records: one task per alpaca file (name = file stem, made unique), and the
+    built-in tasks when no file is given or include_builtin is set."""
+    tasks: Dict[str, List[dict]] = {}
+    for f in data_files or ():
+        name = Path(f).stem
+        base_name, i = name, 2
+        while name in tasks:
+            name, i = f"{base_name}_{i}", i + 1
+        tasks[name] = load_alpaca_file(f)
+    if include_builtin or not data_files:
+        for name, recs in builtin_tasks(builtin_examples, seed).items():
+            if name in tasks:
+                raise ValueError(f"--data: a file named {name!r} clashes with the built-in task "
+                                 f"of that name; rename the file or drop --with-builtin")
+            tasks[name] = recs
+    return tasks
+
+
+class TaskData:
+    """The encoded training stream (every task, each example tagged with its task) and, per task,
+    the held-out records (raw, for generation) and their encodings (for the loss)."""
+
+    def __init__(self, train: List[dict], eval_records: Dict[str, List[dict]],
+                 eval_encoded: Dict[str, List[dict]]):
+        self.train, self.eval_records, self.eval_encoded = train, eval_records, eval_encoded
+
+
+def split_and_encode(tasks: Dict[str, List[dict]], fmt: Formatter, eval_fraction: float,
+                     max_eval: int, max_train: Optional[int], seed: int, log=print) -> TaskData:
+    train: List[dict] = []
+    eval_records: Dict[str, List[dict]] = {}
+    eval_encoded: Dict[str, List[dict]] = {}
+    for ti, (name, recs) in enumerate(tasks.items()):
+        tr, ev = split_task(recs, eval_fraction, max_eval, max_train, seed + ti)
+        train += [dict(fmt.encode(r), task=name) for r in tr]
+        eval_records[name] = ev
+        eval_encoded[name] = [fmt.encode(r) for r in ev]
+        log(f"task {name}: {len(tr)} train / {len(ev)} held-out examples")
+    if not train:
+        raise SystemExit("no training examples")
+    return TaskData(train, eval_records, eval_encoded)

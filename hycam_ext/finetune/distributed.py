@@ -1,0 +1,108 @@
+"""torch.distributed for the CLI under torchrun: where this process stands, joining the
+process group, and the reductions of eval sums and routing statistics over ranks."""
+from __future__ import annotations
+
+import os
+from typing import List, Sequence
+
+import torch
+
+
+class DistContext:
+    """Where this process stands: rank / world size of the default process group (1 process:
+    rank 0 of 1, no group), and whether main() created the group (then it also destroys it)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 owns_group: bool = False):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.owns_group = owns_group
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *args, **kwargs) -> None:
+        """print() on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    """True when the torchrun environment (RANK, WORLD_SIZE > 1) describes several processes."""
+    try:
+        return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def resolve_device(spec: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)   # one GPU per process
+    return device
+
+
+def init_distributed(device: torch.device, backend: str = "auto",
+                     timeout_s: float = 1800.0) -> DistContext:
+    """Join (or create, from torchrun's env:// variables) the default process group."""
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_available():
+        raise SystemExit("hycam-finetune: launched with WORLD_SIZE > 1 but torch.distributed "
+                         "is not available in this PyTorch build")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        owns = True
+    elif device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, owns)
+
+
+def all_reduce_sum(values: Sequence[float], device) -> List[float]:
+    import torch.distributed as dist
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def reduce_routing(res: dict, device) -> torch.Tensor:
+    """Sum collect_routing()'s per-rank route distributions, weighted by token counts."""
+    import torch.distributed as dist
+    dist_ = res["dist"].double()
+    counts = torch.tensor(res["tokens"], dtype=torch.float64)
+    sums = torch.nan_to_num(dist_, nan=0.0) * counts[:, None]
+    flat = torch.cat([sums.reshape(-1), counts]).to(device)
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    L, K = dist_.shape
+    sums, counts = flat[:L * K].view(L, K), flat[L * K:]
+    out = sums / counts.clamp_min(1.0)[:, None]
+    out[counts == 0] = float("nan")
+    return out.float()
+
+
+def gather_lists(items: list, ctx: DistContext) -> list:
+    """Concatenate every rank's list in rank order (the identity on one process)."""
+    if not ctx.enabled:
+        return list(items)
+    import torch.distributed as dist
+    out: List[list] = [None] * ctx.world_size   # type: ignore[list-item]
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
