@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +15,12 @@ pytest.importorskip("tqdm")
 from hycam_ext import finetune  # noqa: E402
 from hycam_ext.integrations.transformers import HyCAMModel  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_tiny import byte_tokenizer, save_tiny_checkpoint  # noqa: E402
+from python_tests.hf_tiny import byte_tokenizer, save_tiny_checkpoint  # noqa: E402
+from python_tests.helpers import ROOT, SHARED_DATA  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = ROOT
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +207,7 @@ def test_batched_generation_matches_greedy_loop(tiny_ckpt):
     loop over that prompt alone gives (HyCAM with non-trivial weights in every layer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from hycam_ext.integrations.transformers import get_hycam_model
-    from hf_tiny import perturb_hycam
+    from python_tests.hf_tiny import perturb_hycam
     import hycam_ext
     tok = AutoTokenizer.from_pretrained(tiny_ckpt)
     base = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
