@@ -12,9 +12,9 @@ pytest.importorskip("transformers")
 import hycam_ext  # noqa: E402
 from hycam_ext.integrations.transformers import get_hycam_model  # noqa: E402
 
+from python_tests.helpers import DEVICES  # noqa: E402
 from python_tests.hf_tiny import perturb_hycam, tiny_model  # noqa: E402
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 STEPS = 12
 BATCH, SEQ, VOCAB = 4, 24, 128
 
