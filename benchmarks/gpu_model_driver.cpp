@@ -4,9 +4,9 @@
 // prints one JSON object per launch. Used by benchmarks/gpu_model.py; the counts are not timings.
 //
 //   gpu_model_driver GROUP T d K r hard|soft
-//   GROUP: shrink_fwd | cam_fwd | cam_bwd_rows | cam_bwd_cols | shrink_bwd
+//   GROUP: shrink_fwd | cam_fwd | cam_bwd | shrink_bwd
 //          configs: only print every launch's grid, block and dynamic shared memory (nothing runs),
-//          for 4- and 8-byte accumulators (bf16/half/float and double)
+//          for 2-, 4- and 8-byte storage (bf16/half, float, double)
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -74,16 +74,16 @@ int main(int argc, char** argv) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < K; ++k) g.p[t * K + k] = M(hard ? (k == (t * 7 + 3) % K ? 1.f : 0.f) : 0.25f + 0.1f * k);
   if (group == "configs") {
-    auto pr = [](const char* k, int acc, dim3 gr, unsigned th, size_t smem) {
-      std::printf("{\"kernel\": \"%s\", \"acc_bytes\": %d, \"grid\": [%u, %u, %u], \"threads\": %u, \"smem\": %zu}\n",
-                  k, acc, gr.x, gr.y, gr.z, th, smem);
+    auto pr = [](const char* k, int elem, dim3 gr, unsigned th, size_t smem, int64_t lpr) {
+      std::printf("{\"kernel\": \"%s\", \"elem\": %d, \"grid\": [%u, %u, %u], \"threads\": %u, \"smem\": %zu, "
+                  "\"lanes_per_row\": %lld}\n", k, elem, gr.x, gr.y, gr.z, th, smem, (long long)lpr);
     };
-    for (int acc : {4, 8}) {
-      const auto f = cam_kernels::cam_forward_config(T, d, K, r, acc);
-      pr("cam_forward_kernel", acc, f.grid, f.block.x, f.smem);
-      const auto b = cam_kernels::cam_backward_config(T, d, K, r, acc, kSMs);
-      pr("cam_backward_rows_kernel", acc, b.grid_rows, b.block_rows.x, b.smem_rows);
-      pr("cam_backward_cols_kernel", acc, b.grid_cols, b.block_cols.x, b.smem_cols);
+    for (int elem : {2, 4, 8}) {
+      const int acc = elem == 8 ? 8 : 4;
+      const auto f = cam_kernels::cam_forward_config(T, d, K, r, elem, acc);
+      pr("cam_forward_kernel", elem, f.grid, f.block.x, f.smem, f.lpr);
+      const auto b = cam_kernels::cam_backward_config(T, d, K, r, elem, acc);
+      pr("cam_backward_kernel", elem, b.grid, b.block.x, b.smem, b.lpr);
     }
     return 0;
   }
@@ -99,30 +99,22 @@ int main(int argc, char** argv) {
   } else if (group == "cam_fwd") {
     using namespace cam_kernels;
     Buf<M> h(T * d), z(T * d), w(T * KR), B(K * d * r), b(K * d), out(T * d);
-    const auto cfg = cam_forward_config(T, d, K, r, sizeof(float));
+    const auto cfg = cam_forward_config(T, d, K, r, sizeof(M), sizeof(float));
     launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_forward_kernel<M, float>(h.p, nullptr, z.p, w.p, B.p, b.p, g.p, out.p, T, d, K, r, scale, placement,
-                                   cfg.tile);
+      cam_forward_kernel<M, float>(h.p, nullptr, z.p, w.p, B.p, b.p, g.p, out.p, T, d, K, r, scale, placement, cfg.lpr,
+                                   cfg.tile, d % 8 == 0, (d * r) % 8 == 0);
     }, "cam_forward_kernel");
-  } else if (group == "cam_bwd_rows" || group == "cam_bwd_cols") {
+  } else if (group == "cam_bwd") {
     using namespace cam_kernels;
     Buf<M> go(T * d), h(T * d), z(T * d), w(T * KR), B(K * d * r), b(K * d), dm(T * d), dz(T * d);
-    const auto cfg = cam_backward_config(T, d, K, r, sizeof(float), kSMs);
-    if (group == "cam_bwd_rows") {
-      Buf<float> prow(cfg.nJ * T * K * R1), rs(T * K * R1);
-      launch(cfg.grid_rows, cfg.block_rows, cfg.smem_rows, [&] {
-        cam_backward_rows_kernel<M, float>(go.p, h.p, nullptr, z.p, w.p, B.p, b.p, g.p, dm.p, dz.p, prow.p, T, d, K, r,
-                                           scale, placement, cfg.tile);
-      }, "cam_backward_rows_kernel");
-      sum_partials(prow.p, cfg.nJ, T * K * R1, rs.p, "sum_partials_kernel(prow)");
-    } else {
-      Buf<float> pB(cfg.S * K * d * R1), cs(K * d * R1);
-      launch(cfg.grid_cols, cfg.block_cols, cfg.smem_cols, [&] {
-        cam_backward_cols_kernel<M, float>(go.p, h.p, nullptr, w.p, B.p, b.p, g.p, pB.p, T, d, K, r, scale, placement,
-                                           cfg.per_split, cfg.col_tile);
-      }, "cam_backward_cols_kernel");
-      sum_partials(pB.p, cfg.S, K * d * R1, cs.p, "sum_partials_kernel(pB)");
-    }
+    const auto cfg = cam_backward_config(T, d, K, r, sizeof(M), sizeof(float));
+    Buf<float> prow(cfg.nJ * T * K * R1), pB(cfg.S * K * R1 * d), rs(T * K * R1), cs(K * R1 * d);
+    launch(cfg.grid, cfg.block, cfg.smem, [&] {
+      cam_backward_kernel<M, float>(go.p, h.p, nullptr, z.p, w.p, B.p, b.p, g.p, dm.p, dz.p, prow.p, pB.p, T, d, K, r,
+                                    scale, placement, cfg.lpr, cfg.per_split, d % 8 == 0, (d * r) % 8 == 0);
+    }, "cam_backward_kernel");
+    sum_partials(prow.p, cfg.nJ, T * K * R1, rs.p, "sum_partials_kernel(prow)");
+    sum_partials(pB.p, cfg.S, K * R1 * d, cs.p, "sum_partials_kernel(pB)");
   } else if (group == "shrink_bwd") {
     using namespace shrink_kernels;
     Buf<M> dw(T * KR), x(T * d), A(KR * d), N(K * r * r), p(T * KR), dplo(T * KR), dx(T * d);

@@ -1,7 +1,7 @@
-// Fused CAM forward/backward on CUDA. Structural twin of cam_cpu.cpp: the element maths is
-// csrc/common/hycam_math.h; here a thread owns one channel j of a tile of tokens, and the
-// per-token reductions over channels (dg, dw) go through warp shuffles and shared memory
-// in a fixed order. No atomics anywhere: results are bitwise reproducible run to run.
+// Fused CAM forward/backward on CUDA: host side (checks, launch configuration, partial sums).
+// The kernels and their geometry are described in cam_kernels.cuh; the element maths is
+// csrc/common/hycam_math.h, shared with cam_cpu.cpp. No atomics anywhere: results are bitwise
+// reproducible run to run and across GPU models.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +20,23 @@ const scalar_t* opt_ptr(const OptTensor& t) {
   return (t.has_value() && t->defined()) ? t->data_ptr<scalar_t>() : nullptr;
 }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// 16-byte row accesses: rows of a multiple of 16 bytes and every [T, d] base 16-byte aligned.
+bool rows_vectorisable(int64_t d, int64_t elem, std::initializer_list<const void*> ptrs) {
+  if ((d * elem) % 16 != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && !aligned16(p)) return false;
+  return true;
+}
+
+void check_tiling(int64_t lpr, int64_t K, int64_t r, const char* op) {
+  TORCH_CHECK_VALUE(lpr > 0, "hycam.", op, ": num_specialists * rank = ", K * r,
+                    " (num_specialists ", K, ", rank ", r,
+                    ") is too large for the CUDA CAM kernels, which stage B in shared memory (",
+                    kSmemBudget / 1024, " KiB per block); reduce rank or num_specialists");
+}
+
 }  // namespace
 
 at::Tensor cam_forward_cuda(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
@@ -32,14 +49,20 @@ at::Tensor cam_forward_cuda(const at::Tensor& h_in, const OptTensor& a, const at
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_in.scalar_type(), "hycam_cam_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto cfg = cam_forward_config(T, d, K, r, sizeof(acc_t));
-    TORCH_CHECK_VALUE(cfg.grid.y <= 65535, "hycam.cam_forward: hidden size ", d, " too large");
+    const int64_t elem = sizeof(scalar_t);
+    const auto cfg = cam_forward_config(T, d, K, r, elem, sizeof(acc_t));
+    check_tiling(cfg.lpr, K, r, "cam_forward");
+    TORCH_CHECK_VALUE(cfg.grid.y <= 65535, "hycam.cam_forward: hidden size ", d,
+                      " needs more than 65535 channel tiles of ", cfg.lpr * 16 / elem, "; reduce the hidden size");
+    const scalar_t* ap = opt_ptr<scalar_t>(a);
+    const bool vec_io = rows_vectorisable(d, elem, {h_in.data_ptr(), ap, z.data_ptr(), out.data_ptr()});
+    const bool vec_B = (d * r * elem) % 16 == 0 && aligned16(B.data_ptr());
     auto kernel = cam_forward_kernel<scalar_t, acc_t>;
     cuda::set_smem(kernel, cfg.smem, "cam_forward");
     kernel<<<cfg.grid, cfg.block, cfg.smem, stream>>>(
-        h_in.data_ptr<scalar_t>(), opt_ptr<scalar_t>(a), z.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-        B.data_ptr<scalar_t>(), opt_ptr<scalar_t>(b), g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), T, d, K, r,
-        static_cast<acc_t>(scale), placement, cfg.tile);
+        h_in.data_ptr<scalar_t>(), ap, z.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
+        opt_ptr<scalar_t>(b), g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), T, d, K, r, static_cast<acc_t>(scale),
+        placement, cfg.lpr, cfg.tile, vec_io, vec_B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -56,41 +79,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return {d_main, dz, at::zeros_like(g), at::zeros_like(w), at::zeros_like(B), at::zeros({K, d}, B.options())};
   }
   const auto acc_type = h_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto cfg = cam_backward_config(T, d, K, r, at::elementSize(acc_type), cuda::num_sms());
+  const int64_t elem = h_in.element_size();
+  const auto cfg = cam_backward_config(T, d, K, r, elem, at::elementSize(acc_type));
+  check_tiling(cfg.lpr, K, r, "cam_backward");
   auto prow = at::empty({cfg.nJ, T, K, R1}, h_in.options().dtype(acc_type));
-  auto pB = at::empty({cfg.S, K, d, R1}, h_in.options().dtype(acc_type));
+  auto pB = at::empty({cfg.S, K, R1, d}, h_in.options().dtype(acc_type));
   auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_in.scalar_type(), "hycam_cam_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto rows = cam_backward_rows_kernel<scalar_t, acc_t>;
-    cuda::set_smem(rows, cfg.smem_rows, "cam_backward");
-    rows<<<cfg.grid_rows, cfg.block_rows, cfg.smem_rows, stream>>>(
-        go.data_ptr<scalar_t>(), h_in.data_ptr<scalar_t>(), opt_ptr<scalar_t>(a), z.data_ptr<scalar_t>(),
-        w.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), opt_ptr<scalar_t>(b), g.data_ptr<scalar_t>(),
-        d_main.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), prow.data_ptr<acc_t>(), T, d, K, r,
-        static_cast<acc_t>(scale), placement, cfg.tile);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    auto cols = cam_backward_cols_kernel<scalar_t, acc_t>;
-    cuda::set_smem(cols, cfg.smem_cols, "cam_backward");
-    cols<<<cfg.grid_cols, cfg.block_cols, cfg.smem_cols, stream>>>(
-        go.data_ptr<scalar_t>(), h_in.data_ptr<scalar_t>(), opt_ptr<scalar_t>(a), w.data_ptr<scalar_t>(),
-        B.data_ptr<scalar_t>(), opt_ptr<scalar_t>(b), g.data_ptr<scalar_t>(), pB.data_ptr<acc_t>(), T, d, K, r,
-        static_cast<acc_t>(scale), placement, cfg.per_split, cfg.col_tile);
+    const scalar_t* ap = opt_ptr<scalar_t>(a);
+    const bool vec_io = rows_vectorisable(
+        d, elem, {go.data_ptr(), h_in.data_ptr(), ap, z.data_ptr(), d_main.data_ptr(), dz.data_ptr()});
+    const bool vec_B = (d * r * elem) % 16 == 0 && aligned16(B.data_ptr());
+    auto kernel = cam_backward_kernel<scalar_t, acc_t>;
+    cuda::set_smem(kernel, cfg.smem, "cam_backward");
+    kernel<<<cfg.grid, cfg.block, cfg.smem, stream>>>(
+        go.data_ptr<scalar_t>(), h_in.data_ptr<scalar_t>(), ap, z.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+        B.data_ptr<scalar_t>(), opt_ptr<scalar_t>(b), g.data_ptr<scalar_t>(), d_main.data_ptr<scalar_t>(),
+        dz.data_ptr<scalar_t>(), prow.data_ptr<acc_t>(), pB.data_ptr<acc_t>(), T, d, K, r, static_cast<acc_t>(scale),
+        placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
   auto rows_sum = cuda::sum_partials(prow);  // [T, K, R1]
-  auto cols_sum = cuda::sum_partials(pB);    // [K, d, R1]
+  auto cols_sum = cuda::sum_partials(pB);    // [K, R1, d]
   // every output its own tensor: .to()/.contiguous() may otherwise return views of one buffer
   auto fresh = [](const at::Tensor& t, at::ScalarType st) {
     return t.to(st, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
   };
   auto dw = fresh(rows_sum.narrow(2, 0, r), w.scalar_type());
   auto dg = fresh(rows_sum.select(2, r), g.scalar_type());
-  auto dB = fresh(cols_sum.narrow(2, 0, r), B.scalar_type());
-  auto db = fresh(cols_sum.select(2, r), B.scalar_type());
+  auto dB = fresh(cols_sum.narrow(1, 0, r).transpose(1, 2), B.scalar_type());
+  auto db = fresh(cols_sum.select(1, r), B.scalar_type());
   return {d_main, dz, dg, dw, dB, db};
 }
 

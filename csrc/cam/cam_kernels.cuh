@@ -1,11 +1,26 @@
-// Kernels of the fused CAM forward/backward (launched by cam_cuda.cu). A thread owns one channel
-// j of a tile of tokens; the per-token reductions over channels (dg, dw) go through warp shuffles
-// and shared memory in a fixed order, the reductions over tokens (dB, db) through per-split
-// partials. No atomics: results are bitwise reproducible. The element maths is hycam_math.h,
-// shared with the CPU kernels (cam_cpu.cpp). Global memory is read and written only through
-// cuda::ld / cuda::st (cuda::will_load before expand_channel, whose loads are in hycam_math.h),
-// plain accesses under nvcc, counted under the emulation. Compiles with nvcc, and with a C++
-// compiler under HYCAM_CUDA_EMULATION (python_tests/test_cuda_emulation.py, benchmarks/gpu_model.py).
+// Kernels of the fused CAM forward/backward (launched by cam_cuda.cu). The element maths is
+// hycam_math.h, shared with the CPU kernels (cam_cpu.cpp).
+//
+// Geometry (both kernels): a block owns a channel tile of jt = lpr * V channels, V = 16 bytes of
+// scalar_t (8 half/bfloat16, 4 float, 2 double), and works on `rows` = kThreads / lpr tokens at
+// once: the lpr lanes of a row group each own V consecutive channels of one token, so every [T, d]
+// stream moves in 16-byte accesses (a scalar tail where d is not a multiple of V, the view is
+// misaligned, or the channel tile is the last one). The block stages its tile of B once, transposed
+// to [K][r][jt] in shared memory, so a lane reads the B values of its channels for one rank index
+// as one 16-byte shared-memory load (the old kernels read B with 2-byte global loads at a stride
+// of r elements: ~7% sector efficiency).
+//
+// The backward is one pass over [T, d]: d_main and dz (elementwise), dg and dw (reductions over
+// channels: lane groups, then one partial per channel tile in prow) and dB and db (reductions over
+// tokens: the block's du values go through shared memory into per-block accumulators, one partial
+// per token split in pB). prow and pB are summed in a fixed order by sum_partials_kernel. No
+// atomics: results are bitwise reproducible, and every split and tile count depends only on the
+// shape (never on the GPU), so they are the same on every GPU model.
+//
+// Global memory is read and written only through cuda::ld / cuda::st (cuda::ld_row / st_row for
+// the row vectors): plain accesses under nvcc, counted under the emulation. Compiles with nvcc,
+// and with a C++ compiler under HYCAM_CUDA_EMULATION (python_tests/cuda_emulation,
+// benchmarks/gpu_model.py).
 #pragma once
 
 #include "../common/cuda_device.cuh"
@@ -14,245 +29,406 @@
 namespace hycam {
 namespace cam_kernels {
 
-constexpr int kFwdThreads = 256;    // channels per forward block
-constexpr int kRowThreads = 256;    // threads of the backward row kernel
-constexpr int kChanPerThread = 4;   // channels per thread in the backward row kernel
-constexpr int kColThreads = 128;    // channels per dB block
+constexpr int64_t kThreads = 256;  // threads per block (fewer only when K * r is large)
+// Shared memory the tiling may use per block: the opt-in limit of sm_86/sm_89 (99 KB, the smallest
+// of the sm_80+ GPUs), so that every sm_80+ GPU picks the same tiling and sums in the same order.
+constexpr int64_t kSmemBudget = 99 * 1024;
+constexpr int64_t kFwdTokens = 64;      // tokens per forward block (rounded up to a multiple of rows)
+constexpr int64_t kMaxSplits = 16;      // token splits of the backward (partials pB [S, K, r + 1, d])
+constexpr int64_t kSplitTokens = 512;   // at least this many tokens per split
+constexpr int kChunk = 8;               // dB accumulators a thread holds in registers at a time
+
+HYCAM_HD int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
+
+// Shared-memory layout (byte offsets, each 16-byte aligned). Bs [K][r][jt] and bs [K][jt] in
+// scalar_t; ws [tokens][K][rp] (rp: r rounded up to 16 bytes of acc_t, zero padded, so that w is
+// read as 16-byte broadcasts) and gs [tokens][K] in acc_t; backward only: the routed specialists
+// of each token kl [tokens][K] and their count [tokens] (int), du [tokens][K][jt] (token stride
+// K * jt + lpr) and the dB / db accumulators acc [K][r + 1][jt] in acc_t. du and acc index their
+// channels "lane-minor": channel jl = lane * V + c of the tile sits at x = c * lpr + lane, so that
+// a lane group's per-channel accesses and phase 2's per-column accesses both hit consecutive
+// banks (the lpr padding of du's token stride puts the rows of one warp on different banks).
+struct Layout {
+  int64_t b, w, g, kl, cnt, du, acc, total;
+};
+HYCAM_HD int64_t du_stride(int64_t K, int64_t jt, int64_t lpr) { return K * jt + lpr; }
+HYCAM_HD int64_t w_stride(int64_t r, int64_t acc) { return align16(r * acc) / acc; }
+HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_t tokens, int64_t elem,
+                           int64_t acc, bool backward) {
+  Layout L;
+  int64_t o = align16(K * r * jt * elem);
+  L.b = o;
+  o = align16(o + K * jt * elem);
+  L.w = o;
+  o = align16(o + tokens * K * w_stride(r, acc) * acc);
+  L.g = o;
+  o = align16(o + tokens * K * acc);
+  L.kl = L.cnt = L.du = L.acc = o;
+  if (backward) {
+    L.kl = o;
+    o = align16(o + tokens * K * 4);
+    L.cnt = o;
+    o = align16(o + tokens * 4);
+    L.du = o;
+    o = align16(o + tokens * du_stride(K, jt, lpr) * acc);
+    L.acc = o;
+    o = align16(o + K * (r + 1) * jt * acc);
+  }
+  L.total = o;
+  return L;
+}
+
+// Stage B[:, j0:j0+jt, :] (global [K, d, r]) as Bs [K][r][jt] and b[:, j0:j0+jt] as bs [K][jt],
+// zero past d (so that lanes past d compute zeros). 16-byte loads when `vec`.
+template <typename scalar_t>
+HYCAM_DEVICE void stage_B(scalar_t* Bs, scalar_t* bs, const scalar_t* __restrict__ B, const scalar_t* __restrict__ b,
+                          int64_t j0, int64_t jt, int64_t d, int64_t K, int64_t r, bool vec) {
+  constexpr int V = cuda::Pack16<scalar_t>::kN;
+  const int64_t per_k = jt * r, nvalid = (d - j0 < jt ? d - j0 : jt) * r;
+  for (int64_t q = static_cast<int64_t>(threadIdx.x) * V; q < K * per_k; q += static_cast<int64_t>(blockDim.x) * V) {
+    const int64_t k = q / per_k, f = q % per_k;  // per_k is a multiple of V: a chunk stays in one k
+    const scalar_t* src = B + (k * d + j0) * r + f;
+    scalar_t e[V];
+    if (vec && f + V <= nvalid) {
+      const cuda::Pack16<scalar_t> p = cuda::ld(reinterpret_cast<const cuda::Pack16<scalar_t>*>(src));
+      for (int c = 0; c < V; ++c) e[c] = p.v[c];
+    } else {
+      for (int c = 0; c < V; ++c) e[c] = f + c < nvalid ? cuda::ld(src + c) : static_cast<scalar_t>(0.0f);
+    }
+    for (int c = 0; c < V; ++c) {
+      const int64_t jl = (f + c) / r, i = (f + c) % r;
+      Bs[(k * r + i) * jt + jl] = e[c];
+    }
+  }
+  for (int64_t q = threadIdx.x; q < K * jt; q += blockDim.x) {
+    const int64_t k = q / jt, j = j0 + q % jt;
+    bs[q] = (b && j < d) ? cuda::ld(b + k * d + j) : static_cast<scalar_t>(0.0f);
+  }
+}
+
+// Stage w[t0:t0+tokens] (global [T, K, r]) as ws [tokens][K][rp], zeros past nt tokens and past r.
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void stage_w(acc_t* ws, const scalar_t* __restrict__ w, int64_t t0, int64_t nt, int64_t tokens,
+                          int64_t K, int64_t r) {
+  const int64_t rp = w_stride(r, sizeof(acc_t));
+  for (int64_t q = threadIdx.x; q < tokens * K * rp; q += blockDim.x) {
+    const int64_t tk = q / rp, i = q % rp;  // tk = tt * K + k
+    ws[q] = (i < r && tk < nt * K) ? static_cast<acc_t>(cuda::ld(w + (t0 * K + tk) * r + i)) : acc_t(0);
+  }
+}
+
+// u[c] = b_k[j] + sum_i w_k[i] B_k[j, i] for the lane's V channels (B and b from shared memory;
+// w_k 16-byte aligned and zero padded to a multiple of 16 bytes).
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void expand_lane(const scalar_t* Bs, const scalar_t* bs, const acc_t* wk, int64_t k, int64_t r,
+                              int64_t jt, int64_t jl0, acc_t* u) {
+  constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
+  const auto bias = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(bs + k * jt + jl0);
+#pragma unroll
+  for (int c = 0; c < V; ++c) u[c] = static_cast<acc_t>(bias.v[c]);
+  for (int64_t i0 = 0; i0 < r; i0 += P) {
+    const auto wv = *reinterpret_cast<const cuda::Pack16<acc_t>*>(wk + i0);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      if (i0 + p < r) {
+        const auto Bv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(Bs + (k * r + i0 + p) * jt + jl0);
+#pragma unroll
+        for (int c = 0; c < V; ++c) u[c] += static_cast<acc_t>(Bv.v[c]) * wv.v[p];
+      }
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------------
-// forward: grid (token tiles, channel blocks); w and g of the tile staged in shared memory
+// forward: grid (token tiles, channel tiles)
 // ---------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
 HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const scalar_t* __restrict__ a,
-                                   const scalar_t* __restrict__ z, const scalar_t* __restrict__ w,
-                                   const scalar_t* __restrict__ B, const scalar_t* __restrict__ b,
-                                   const scalar_t* __restrict__ g, scalar_t* __restrict__ out, int64_t T, int64_t d,
-                                   int64_t K, int64_t r, acc_t s, int64_t placement, int64_t tile) {
-  HYCAM_DYNAMIC_SMEM(smem_raw);
-  acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);  // [tile, K, r]
-  acc_t* gs = ws + tile * K * r;                   // [tile, K]
-  const int64_t t0 = blockIdx.x * tile;
-  const int64_t nt = min(tile, T - t0);
-  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x)
-    ws[q] = static_cast<acc_t>(cuda::ld(w + t0 * K * r + q));
+                                     const scalar_t* __restrict__ z, const scalar_t* __restrict__ w,
+                                     const scalar_t* __restrict__ B, const scalar_t* __restrict__ b,
+                                     const scalar_t* __restrict__ g, scalar_t* __restrict__ out, int64_t T, int64_t d,
+                                     int64_t K, int64_t r, acc_t s, int64_t placement, int64_t lpr, int64_t tile,
+                                     bool vec_io, bool vec_B) {
+  constexpr int V = cuda::Pack16<scalar_t>::kN;
+  HYCAM_DYNAMIC_SMEM(smem);
+  const int64_t jt = lpr * V, rows = blockDim.x / lpr, rp = w_stride(r, sizeof(acc_t));
+  const Layout L = cam_layout(K, r, jt, lpr, tile, sizeof(scalar_t), sizeof(acc_t), false);
+  scalar_t* Bs = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* bs = reinterpret_cast<scalar_t*>(smem + L.b);
+  acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
+  acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
+  const int64_t t0 = blockIdx.x * tile, nt = min(tile, T - t0), j0 = blockIdx.y * jt;
+  stage_B(Bs, bs, B, b, j0, jt, d, K, r, vec_B);
+  stage_w(ws, w, t0, nt, tile, K, r);
   for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
   __syncthreads();
-  const int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= d) return;
-  for (int64_t tt = 0; tt < nt; ++tt) {
-    acc_t spec = 0;
+  const int64_t jl0 = (threadIdx.x % lpr) * V, j = j0 + jl0, valid = d - j;
+  if (valid <= 0) return;
+  for (int64_t tt = threadIdx.x / lpr; tt < nt; tt += rows) {
+    const int64_t e = idx_td(t0 + tt, j, d);
+    acc_t hv[V], zv[V], av[V], spec[V], u[V];
+    cuda::ld_row(h_in + e, vec_io, valid, hv);
+    cuda::ld_row(z + e, vec_io, valid, zv);
+    if (a) {
+      cuda::ld_row(a + e, vec_io, valid, av);
+    } else {
+#pragma unroll
+      for (int c = 0; c < V; ++c) av[c] = 0;
+    }
+#pragma unroll
+    for (int c = 0; c < V; ++c) spec[c] = 0;
     for (int64_t k = 0; k < K; ++k) {
       const acc_t gk = gs[tt * K + k];
-      if (gk == acc_t(0)) continue;  // hard routing: only the routed specialist
-      const acc_t bias = b ? static_cast<acc_t>(cuda::ld(b + k * d + j)) : acc_t(0);
-      cuda::will_load(B + idx_kdr(k, j, 0, d, r), r);
-      const acc_t u = expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + (tt * K + k) * r, bias, r);
-      spec += gk * silu(s * u);
+      if (gk == acc_t(0)) continue;  // hard routing: only the routed specialist is expanded
+      expand_lane(Bs, bs, ws + (tt * K + k) * rp, k, r, jt, jl0, u);
+#pragma unroll
+      for (int c = 0; c < V; ++c) spec[c] += gk * silu(s * u[c]);
     }
-    const int64_t e = idx_td(t0 + tt, j, d);
-    const acc_t c = cam_value(static_cast<acc_t>(cuda::ld(z + e)), spec);
-    const acc_t av = a ? static_cast<acc_t>(cuda::ld(a + e)) : acc_t(0);
-    cuda::st(out + e, static_cast<scalar_t>(modulate(placement, static_cast<acc_t>(cuda::ld(h_in + e)), av, c)));
+#pragma unroll
+    for (int c = 0; c < V; ++c) hv[c] = modulate(placement, hv[c], av[c], cam_value(zv[c], spec[c]));
+    cuda::st_row(out + e, vec_io, valid, hv);
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// backward, rows: d_main, dz (elementwise) and per-channel-block partials of dg and dw
-// (reductions over channels) -> prow [nJ, T, K, r + 1] (index r holds dg)
+// backward: grid (channel tiles, token splits). Per tile of `rows` tokens: stage w, g and the
+// routed lists; phase 1 (a token per lane group): elementwise grads, dg and dw partials (written
+// to prow [nJ, T, K, r + 1], index r = dg), du into shared memory; phase 2 (a (k, channel) column
+// per thread): dB / db accumulators += du * w over the tile's tokens. At the end the accumulators
+// go to pB [S, K, r + 1, d] (index r = db).
 // ---------------------------------------------------------------------------------------
+// At most 128 registers per thread, so that two 256-thread blocks (16 warps) fit on an SM.
 template <typename scalar_t, typename acc_t>
-HYCAM_GLOBAL void cam_backward_rows_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ h_in,
-                                         const scalar_t* __restrict__ a, const scalar_t* __restrict__ z,
-                                         const scalar_t* __restrict__ w, const scalar_t* __restrict__ B,
-                                         const scalar_t* __restrict__ b, const scalar_t* __restrict__ g,
-                                         scalar_t* __restrict__ d_main, scalar_t* __restrict__ dz,
-                                         acc_t* __restrict__ prow, int64_t T, int64_t d, int64_t K, int64_t r, acc_t s,
-                                         int64_t placement, int64_t tile) {
-  HYCAM_DYNAMIC_SMEM(smem_raw);
-  const int64_t R1 = r + 1;
-  const int nwarps = blockDim.x / 32, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);  // [tile, K, r]
-  acc_t* gs = ws + tile * K * r;                   // [tile, K]
-  acc_t* red = gs + tile * K;                      // [nwarps, tile, K, R1]
-  const int64_t t0 = blockIdx.x * tile;
-  const int64_t nt = min(tile, T - t0);
-  for (int64_t q = threadIdx.x; q < nt * K * r; q += blockDim.x)
-    ws[q] = static_cast<acc_t>(cuda::ld(w + t0 * K * r + q));
-  for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
-  __syncthreads();
-  const int64_t jbase = blockIdx.y * static_cast<int64_t>(blockDim.x) * kChanPerThread + threadIdx.x;
-
-  for (int64_t tt = 0; tt < nt; ++tt) {
-    const int64_t t = t0 + tt;
-    // gc = dL/dc does not depend on the specialists: one pass over k then serves spec (for
-    // d_main), dg and dw, expanding each specialist once per channel
-    acc_t gov[kChanPerThread], gcv[kChanPerThread], spec[kChanPerThread];
-#pragma unroll
-    for (int c = 0; c < kChanPerThread; ++c) {
-      const int64_t j = jbase + static_cast<int64_t>(c) * blockDim.x;
-      gov[c] = gcv[c] = spec[c] = 0;
-      if (j < d) {
-        const int64_t e = idx_td(t, j, d);
-        const acc_t av = a ? static_cast<acc_t>(cuda::ld(a + e)) : acc_t(0);
-        gov[c] = static_cast<acc_t>(cuda::ld(go + e));
-        gcv[c] = gate_grad(placement, gov[c], static_cast<acc_t>(cuda::ld(h_in + e)), av);
-      }
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t gk = gs[tt * K + k];  // the same for the whole block: branches are uniform
-      acc_t pdg = 0;
-      acc_t duv[kChanPerThread];
-#pragma unroll
-      for (int c = 0; c < kChanPerThread; ++c) {
-        const int64_t j = jbase + static_cast<int64_t>(c) * blockDim.x;
-        duv[c] = 0;
-        if (j < d) {
-          const acc_t bias = b ? static_cast<acc_t>(cuda::ld(b + k * d + j)) : acc_t(0);
-          cuda::will_load(B + idx_kdr(k, j, 0, d, r), r);
-          const acc_t v = s * expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + (tt * K + k) * r,
-                                                               bias, r);
-          const acc_t sg = sigmoid(v);
-          const acc_t ek = silu_from_sigmoid(v, sg);
-          pdg += gcv[c] * ek;
-          if (gk != acc_t(0)) {  // hard routing: only the routed specialist
-            spec[c] += gk * ek;
-            duv[c] = gcv[c] * gk * s * silu_grad_from_sigmoid(v, sg);
-          }
-        }
-      }
-      acc_t* slot = red + ((static_cast<int64_t>(warp) * tile + tt) * K + k) * R1;
-      pdg = cuda::warp_sum(pdg);
-      if (lane == 0) slot[r] = pdg;
-      for (int64_t i = 0; i < r; ++i) {
-        acc_t v = 0;
-        if (gk != acc_t(0)) {
-#pragma unroll
-          for (int c = 0; c < kChanPerThread; ++c) {
-            const int64_t j = jbase + static_cast<int64_t>(c) * blockDim.x;
-            if (j < d) v += duv[c] * static_cast<acc_t>(cuda::ld(B + idx_kdr(k, j, i, d, r)));
-          }
-          v = cuda::warp_sum(v);
-        }
-        if (lane == 0) slot[i] = v;
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < kChanPerThread; ++c) {
-      const int64_t j = jbase + static_cast<int64_t>(c) * blockDim.x;
-      if (j < d) {
-        const int64_t e = idx_td(t, j, d);
-        const acc_t zv = static_cast<acc_t>(cuda::ld(z + e)), sz = sigmoid(zv);
-        cuda::st(d_main + e, static_cast<scalar_t>(gov[c] * (acc_t(1) + silu_from_sigmoid(zv, sz) + spec[c])));
-        cuda::st(dz + e, static_cast<scalar_t>(gcv[c] * silu_grad_from_sigmoid(zv, sz)));
-      }
-    }
-  }
-  __syncthreads();
-  const int64_t per_warp = tile * K * R1;
-  acc_t* dst = prow + (static_cast<int64_t>(blockIdx.y) * T + t0) * K * R1;
-  for (int64_t q = threadIdx.x; q < nt * K * R1; q += blockDim.x) {
-    acc_t v = 0;
-    for (int wi = 0; wi < nwarps; ++wi) v += red[wi * per_warp + q];  // fixed order
-    cuda::st(dst + q, v);
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// backward, columns: per-split partials of dB_k[j, :] and db_k[j] (reductions over tokens)
-// grid (channel blocks, token splits, K) -> pB [S, K, d, r + 1] (index r holds db)
-// ---------------------------------------------------------------------------------------
-template <typename scalar_t, typename acc_t>
-HYCAM_GLOBAL void cam_backward_cols_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ h_in,
-                                         const scalar_t* __restrict__ a, const scalar_t* __restrict__ w,
-                                         const scalar_t* __restrict__ B, const scalar_t* __restrict__ b,
-                                         const scalar_t* __restrict__ g, acc_t* __restrict__ pB, int64_t T,
-                                         int64_t d, int64_t K, int64_t r, acc_t s, int64_t placement,
-                                         int64_t per_split, int64_t tile) {
-  HYCAM_DYNAMIC_SMEM(smem_raw);
-  const int64_t R1 = r + 1;
-  acc_t* acc = reinterpret_cast<acc_t*>(smem_raw);  // [R1, blockDim.x]: column tid is this thread's
-  acc_t* ws = acc + R1 * blockDim.x;                  // [tile, r]  w[t, k, :]
-  acc_t* gs = ws + tile * r;                          // [tile]     g[t, k]
-  const int64_t k = blockIdx.z, split = blockIdx.y;
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  for (int64_t i = 0; i < R1; ++i) acc[i * blockDim.x + threadIdx.x] = 0;
+HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ h_in,
+                                      const scalar_t* __restrict__ a, const scalar_t* __restrict__ z,
+                                      const scalar_t* __restrict__ w, const scalar_t* __restrict__ B,
+                                      const scalar_t* __restrict__ b, const scalar_t* __restrict__ g,
+                                      scalar_t* __restrict__ d_main, scalar_t* __restrict__ dz,
+                                      acc_t* __restrict__ prow, acc_t* __restrict__ pB, int64_t T, int64_t d,
+                                      int64_t K, int64_t r, acc_t s, int64_t placement, int64_t lpr,
+                                      int64_t per_split, bool vec_io, bool vec_B) {
+  constexpr int V = cuda::Pack16<scalar_t>::kN;
+  HYCAM_DYNAMIC_SMEM(smem);
+  const int64_t jt = lpr * V, rows = blockDim.x / lpr, R1 = r + 1, rp = w_stride(r, sizeof(acc_t));
+  const Layout L = cam_layout(K, r, jt, lpr, rows, sizeof(scalar_t), sizeof(acc_t), true);
+  const int64_t dst = du_stride(K, jt, lpr);
+  scalar_t* Bs = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* bs = reinterpret_cast<scalar_t*>(smem + L.b);
+  acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
+  acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
+  int* kl = reinterpret_cast<int*>(smem + L.kl);
+  int* cnt = reinterpret_cast<int*>(smem + L.cnt);
+  acc_t* dus = reinterpret_cast<acc_t*>(smem + L.du);
+  acc_t* accs = reinterpret_cast<acc_t*>(smem + L.acc);
+  const int64_t j0 = blockIdx.x * jt, split = blockIdx.y;
   const int64_t ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
-  const acc_t bias = (b && j < d) ? static_cast<acc_t>(cuda::ld(b + k * d + j)) : acc_t(0);
-  for (int64_t t0 = ts0; t0 < ts1; t0 += tile) {
-    const int64_t nt = min(tile, ts1 - t0);
+  stage_B(Bs, bs, B, b, j0, jt, d, K, r, vec_B);
+  for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) accs[q] = 0;
+
+  const int64_t li = threadIdx.x % lpr, row = threadIdx.x / lpr, jl0 = li * V, j = j0 + jl0;
+  const int64_t valid = d - j;  // <= 0: a lane past d (computes zeros, stores nothing)
+  for (int64_t t0 = ts0; t0 < ts1; t0 += rows) {
+    const int64_t nt = min(rows, ts1 - t0);
+    __syncthreads();  // the previous tile's phase 2 is done with ws, gs, du
+    stage_w(ws, w, t0, nt, rows, K, r);
+    for (int64_t q = threadIdx.x; q < rows * K; q += blockDim.x)
+      gs[q] = q < nt * K ? static_cast<acc_t>(cuda::ld(g + t0 * K + q)) : acc_t(0);
     __syncthreads();
-    for (int64_t q = threadIdx.x; q < nt * r; q += blockDim.x) {
-      const int64_t tt = q / r, i = q % r;
-      ws[q] = static_cast<acc_t>(cuda::ld(w + idx_tkr(t0 + tt, k, i, K, r)));
+    for (int64_t tt = threadIdx.x; tt < rows; tt += blockDim.x) {  // routed specialists of each token
+      int n = 0;
+      for (int64_t k = 0; k < K; ++k)
+        if (gs[tt * K + k] != acc_t(0)) kl[tt * K + n++] = static_cast<int>(k);
+      cnt[tt] = n;
     }
-    for (int64_t q = threadIdx.x; q < nt; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + (t0 + q) * K + k));
     __syncthreads();
-    if (j >= d) continue;
-    for (int64_t tt = 0; tt < nt; ++tt) {
-      const acc_t gk = gs[tt];
-      if (gk == acc_t(0)) continue;  // hard routing: only tokens routed to k contribute
-      const int64_t e = idx_td(t0 + tt, j, d);
-      const acc_t av = a ? static_cast<acc_t>(cuda::ld(a + e)) : acc_t(0);
-      const acc_t gc =
-          gate_grad(placement, static_cast<acc_t>(cuda::ld(go + e)), static_cast<acc_t>(cuda::ld(h_in + e)), av);
-      cuda::will_load(B + idx_kdr(k, j, 0, d, r), r);
-      const acc_t u = expand_channel<scalar_t, acc_t>(B + idx_kdr(k, j, 0, d, r), ws + tt * r, bias, r);
-      const acc_t du = specialist_grad(gc, gk, s, u);
-      for (int64_t i = 0; i < r; ++i) acc[i * blockDim.x + threadIdx.x] += du * ws[tt * r + i];
-      acc[r * blockDim.x + threadIdx.x] += du;
+    int routed_max = 0;  // the same for the whole block: the dw loop below is uniform
+    for (int64_t tt = 0; tt < rows; ++tt) routed_max = cnt[tt] > routed_max ? cnt[tt] : routed_max;
+
+    // ---- phase 1: token t0 + row for the lane group (rows past nt compute zeros, store nothing)
+    const int64_t tt = row, t = t0 + tt;
+    const bool active = tt < nt;
+    const int64_t lv = active ? valid : 0;
+    const int64_t e = idx_td(active ? t : 0, j, d);
+    acc_t gov[V], hv[V], av[V], zv[V], gc[V], spec[V], u[V];
+    cuda::ld_row(go + e, vec_io, lv, gov);
+    cuda::ld_row(h_in + e, vec_io, lv, hv);
+    cuda::ld_row(z + e, vec_io, lv, zv);
+    if (a) {
+      cuda::ld_row(a + e, vec_io, lv, av);
+    } else {
+#pragma unroll
+      for (int c = 0; c < V; ++c) av[c] = 0;
+    }
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+      gc[c] = gate_grad(placement, gov[c], hv[c], av[c]);
+      spec[c] = 0;
+    }
+    acc_t* prow_t = prow + (static_cast<int64_t>(blockIdx.x) * T + t) * K * R1;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t gk = gs[tt * K + k];
+      expand_lane(Bs, bs, ws + (tt * K + k) * rp, k, r, jt, jl0, u);
+      acc_t pdg = 0;
+#pragma unroll
+      for (int c = 0; c < V; ++c) {
+        const acc_t v = s * u[c], sg = sigmoid(v), ek = silu_from_sigmoid(v, sg);
+        pdg += gc[c] * ek;
+        if (gk != acc_t(0)) {
+          spec[c] += gk * ek;
+          dus[tt * dst + k * jt + c * lpr + li] = gc[c] * gk * s * silu_grad_from_sigmoid(v, sg);
+        }
+      }
+      pdg = cuda::group_sum(pdg, static_cast<int>(lpr));
+      if (active) {
+        if (li == r % lpr) cuda::st(prow_t + k * R1 + r, pdg);
+        if (gk == acc_t(0))  // no gradient reaches w_k of a specialist the token was not routed to
+          for (int64_t i = li; i < r; i += lpr) cuda::st(prow_t + k * R1 + i, acc_t(0));
+      }
+    }
+    // dw_k[i] = sum_j du_k[j] B_k[j, i] for the routed specialists (routed_max rounds, uniform)
+    for (int m = 0; m < routed_max; ++m) {
+      const int k = m < cnt[tt] ? kl[tt * K + m] : -1;
+      acc_t du[V];
+#pragma unroll
+      for (int c = 0; c < V; ++c) du[c] = k >= 0 ? dus[tt * dst + k * jt + c * lpr + li] : acc_t(0);
+      for (int64_t i = 0; i < r; ++i) {
+        acc_t p = 0;
+        if (k >= 0) {
+          const auto Bv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(Bs + (k * r + i) * jt + jl0);
+#pragma unroll
+          for (int c = 0; c < V; ++c) p += du[c] * static_cast<acc_t>(Bv.v[c]);
+        }
+        p = cuda::group_sum(p, static_cast<int>(lpr));
+        if (active && k >= 0 && li == i % lpr) cuda::st(prow_t + k * R1 + i, p);
+      }
+    }
+    if (active && valid > 0) {
+      acc_t dm[V], dzv[V];
+#pragma unroll
+      for (int c = 0; c < V; ++c) {
+        const acc_t sz = sigmoid(zv[c]);
+        dm[c] = gov[c] * (acc_t(1) + silu_from_sigmoid(zv[c], sz) + spec[c]);
+        dzv[c] = gc[c] * silu_grad_from_sigmoid(zv[c], sz);
+      }
+      cuda::st_row(d_main + e, vec_io, valid, dm);
+      cuda::st_row(dz + e, vec_io, valid, dzv);
+    }
+    __syncthreads();  // du of the tile complete
+
+    // ---- phase 2: column (k, x) of the dB / db accumulators, kChunk rank indices at a time
+    for (int64_t col = threadIdx.x; col < K * jt; col += blockDim.x) {
+      const int64_t k = col / jt, x = col % jt, jl = (x % lpr) * V + x / lpr;
+      if (j0 + jl >= d) continue;
+      for (int64_t i0 = 0; i0 < R1; i0 += kChunk) {
+        acc_t acc[kChunk];
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c) acc[c] = i0 + c < R1 ? accs[(k * R1 + i0 + c) * jt + x] : acc_t(0);
+        for (int64_t q = 0; q < nt; ++q) {
+          if (gs[q * K + k] == acc_t(0)) continue;  // hard routing: only the tokens routed to k
+          const acc_t du = dus[q * dst + k * jt + x];
+          const acc_t* wq = ws + (q * K + k) * rp + i0;
+          acc_t wv[kChunk];  // w_k[i0 + c], 1 at i = r (db), 0 past it
+          if (i0 + kChunk <= rp) {  // 16-byte broadcasts (i0 is a multiple of kChunk: aligned)
+            constexpr int P = cuda::Pack16<acc_t>::kN;
+#pragma unroll
+            for (int c0 = 0; c0 < kChunk; c0 += P) {
+              const auto p = *reinterpret_cast<const cuda::Pack16<acc_t>*>(wq + c0);
+#pragma unroll
+              for (int c = 0; c < P; ++c) wv[c0 + c] = p.v[c];
+            }
+          } else {
+#pragma unroll
+            for (int c = 0; c < kChunk; ++c) wv[c] = i0 + c < r ? wq[c] : acc_t(0);
+          }
+#pragma unroll
+          for (int c = 0; c < kChunk; ++c) {
+            const int64_t i = i0 + c;
+            if (i < r) {
+              acc[c] += du * wv[c];
+            } else if (i == r) {
+              acc[c] += du;
+            }
+          }
+        }
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c)
+          if (i0 + c < R1) accs[(k * R1 + i0 + c) * jt + x] = acc[c];
+      }
     }
   }
-  if (j >= d) return;
-  acc_t* dst = pB + ((split * K + k) * d + j) * R1;
-  for (int64_t i = 0; i < R1; ++i) cuda::st(dst + i, acc[i * blockDim.x + threadIdx.x]);
+  __syncthreads();
+  for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) {
+    const int64_t jl = q % jt, ki = q / jt;  // ki = k * R1 + i; consecutive threads: consecutive j
+    if (j0 + jl < d) cuda::st(pB + (split * K * R1 + ki) * d + j0 + jl, accs[ki * jt + (jl % V) * lpr + jl / V]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
-// launch configurations (host side; shared with the emulation test)
+// launch configurations (host side; shared with the emulation tests and the cost model)
 // ---------------------------------------------------------------------------------------
+// The tiling: threads per block, lanes per token row (lpr) and tokens staged per block. The
+// first that fits the budget in order of preference (256 threads, the widest lane groups, then
+// fewer threads: large num_specialists * rank); threads == 0 when none fits. Depends only on the
+// shape and dtype.
+struct Tiling {
+  int64_t threads = 0, lpr = 0, tokens = 0, smem = 0;
+};
+inline Tiling choose_tiling(int64_t K, int64_t r, int64_t elem, int64_t acc_bytes, bool backward) {
+  const int64_t V = 16 / elem;
+  for (int64_t threads = kThreads; threads >= 32; threads /= 2) {
+    for (int64_t lpr = 32; lpr >= 1; lpr /= 2) {
+      const int64_t rows = threads / lpr;
+      const int64_t wide = cuda::ceil_div(kFwdTokens, rows) * rows;
+      for (int64_t tokens : {backward ? rows : wide, rows}) {
+        const Layout L = cam_layout(K, r, lpr * V, lpr, tokens, elem, acc_bytes, backward);
+        if (L.total <= kSmemBudget) return Tiling{threads, lpr, tokens, L.total};
+      }
+    }
+  }
+  return Tiling{};
+}
+
 struct CamForwardConfig {
-  int64_t tile;
-  size_t smem;
+  int64_t lpr = 0, tile = 0;
+  size_t smem = 0;
   dim3 grid, block;
 };
 
-inline CamForwardConfig cam_forward_config(int64_t T, int64_t d, int64_t K, int64_t r, size_t acc_bytes) {
+inline CamForwardConfig cam_forward_config(int64_t T, int64_t d, int64_t K, int64_t r, int64_t elem,
+                                           int64_t acc_bytes) {
+  const Tiling t = choose_tiling(K, r, elem, acc_bytes, false);
   CamForwardConfig c;
-  c.tile = cuda::tile_for((K * r + K) * acc_bytes, 32 * 1024, 16);
-  c.smem = c.tile * (K * r + K) * acc_bytes;
-  c.grid = dim3(cuda::ceil_div(T, c.tile), cuda::ceil_div(d, kFwdThreads));
-  c.block = dim3(kFwdThreads);
+  if (t.threads == 0) return c;
+  c.lpr = t.lpr;
+  c.tile = t.tokens;
+  c.smem = static_cast<size_t>(t.smem);
+  c.grid = dim3(static_cast<unsigned>(cuda::ceil_div(T, c.tile)),
+                static_cast<unsigned>(cuda::ceil_div(d, t.lpr * (16 / elem))));
+  c.block = dim3(static_cast<unsigned>(t.threads));
   return c;
 }
 
 struct CamBackwardConfig {
-  int64_t nJ, tile, nCol, col_tile, S, per_split;
-  size_t smem_rows, smem_cols;
-  dim3 grid_rows, block_rows, grid_cols, block_cols;
+  int64_t lpr = 0, nJ = 0, S = 0, per_split = 0;
+  size_t smem = 0;
+  dim3 grid, block;
 };
 
-// prow [nJ, T, K, r + 1] and pB [S, K, d, r + 1] are the partial buffers of the two kernels.
-inline CamBackwardConfig cam_backward_config(int64_t T, int64_t d, int64_t K, int64_t r, size_t acc_bytes,
-                                             int64_t num_sms) {
+// prow [nJ, T, K, r + 1] and pB [S, K, r + 1, d] are the partial buffers. S depends on T only.
+inline CamBackwardConfig cam_backward_config(int64_t T, int64_t d, int64_t K, int64_t r, int64_t elem,
+                                             int64_t acc_bytes) {
+  const Tiling t = choose_tiling(K, r, elem, acc_bytes, true);
   CamBackwardConfig c;
-  const int64_t R1 = r + 1, nwarps = kRowThreads / 32;
-  c.nJ = cuda::ceil_div(d, static_cast<int64_t>(kRowThreads) * kChanPerThread);
-  const int64_t per_token = (K * r + K + nwarps * K * R1) * acc_bytes;
-  c.tile = cuda::tile_for(per_token, 40 * 1024, 8);
-  c.smem_rows = c.tile * per_token;
-  c.grid_rows = dim3(cuda::ceil_div(T, c.tile), c.nJ);
-  c.block_rows = dim3(kRowThreads);
-  c.nCol = cuda::ceil_div(d, kColThreads);
-  c.col_tile = 32;
-  int64_t S = cuda::ceil_div(4 * num_sms, c.nCol * K > 0 ? c.nCol * K : 1);
-  S = S < 16 ? S : 16;
-  const int64_t tiles = cuda::ceil_div(T, c.col_tile);
-  S = S < tiles ? S : tiles;
+  if (t.threads == 0) return c;
+  c.lpr = t.lpr;
+  c.smem = static_cast<size_t>(t.smem);
+  c.nJ = cuda::ceil_div(d, t.lpr * (16 / elem));
+  int64_t S = cuda::ceil_div(T, kSplitTokens);
+  S = S < kMaxSplits ? S : kMaxSplits;
   c.S = S > 1 ? S : 1;
   c.per_split = cuda::ceil_div(T, c.S);
-  c.smem_cols = (R1 * kColThreads + c.col_tile * r + c.col_tile) * acc_bytes;
-  c.grid_cols = dim3(c.nCol, c.S, K);
-  c.block_cols = dim3(kColThreads);
+  c.grid = dim3(static_cast<unsigned>(c.nJ), static_cast<unsigned>(c.S));
+  c.block = dim3(static_cast<unsigned>(t.threads));
   return c;
 }
 

@@ -11,6 +11,7 @@
 #if defined(HYCAM_CUDA_EMULATION)
 #include "cuda_emulation.h"
 #define HYCAM_GLOBAL
+#define HYCAM_LAUNCH_BOUNDS(threads, blocks)
 #define HYCAM_DEVICE inline
 #define HYCAM_SHARED static  // one block runs at a time: its threads share it
 #define HYCAM_DYNAMIC_SMEM(name) unsigned char* name = ::hycam_emu::block_smem()
@@ -20,6 +21,7 @@
 #define HYCAM_SITE_ARG , site
 #else
 #define HYCAM_GLOBAL __global__
+#define HYCAM_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
 #define HYCAM_DEVICE __device__ __forceinline__
 #define HYCAM_SHARED __shared__
 #define HYCAM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
@@ -45,6 +47,8 @@ HYCAM_DEVICE acc_t warp_sum(acc_t v HYCAM_SITE_PARAM) {
 template <typename T>
 HYCAM_DEVICE T ld(const T* p HYCAM_SITE_PARAM) {
 #if defined(HYCAM_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T))  // the GPU faults on a misaligned vector access
+    ::hycam_emu::fail("misaligned " + std::to_string(sizeof(T)) + "-byte load at " + ::hycam_emu::where(site));
   ::hycam_emu::record(p, sizeof(T), false, site);
 #endif
   return *p;
@@ -56,6 +60,8 @@ struct NoDeduce {
 template <typename T>
 HYCAM_DEVICE void st(T* p, typename NoDeduce<T>::type v HYCAM_SITE_PARAM) {
 #if defined(HYCAM_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T))
+    ::hycam_emu::fail("misaligned " + std::to_string(sizeof(T)) + "-byte store at " + ::hycam_emu::where(site));
   ::hycam_emu::record(p, sizeof(T), true, site);
 #endif
   *p = v;
@@ -71,6 +77,52 @@ HYCAM_DEVICE void will_load(const T* p, int64_t n HYCAM_SITE_PARAM) {
   (void)p;
   (void)n;
 #endif
+}
+
+// 16 bytes of T (8 half/bfloat16, 4 float, 2 double): one 128-bit access.
+template <typename T>
+struct alignas(16) Pack16 {
+  static constexpr int kN = 16 / sizeof(T);
+  T v[kN];
+};
+
+// The kN = 16 / sizeof(T) elements p[0..kN) of one row as acc_t: one 16-byte load when `vec` (the
+// caller guarantees 16-byte alignment) and all kN are valid, else one load per element below
+// `valid` (the scalar tail: d not a multiple of kN, a misaligned view, the last channel tile);
+// zeros past `valid`.
+template <typename T, typename acc_t>
+HYCAM_DEVICE void ld_row(const T* p, bool vec, int64_t valid, acc_t* out HYCAM_SITE_PARAM) {
+  constexpr int kN = Pack16<T>::kN;
+  if (vec && valid >= kN) {
+    const Pack16<T> q = ld(reinterpret_cast<const Pack16<T>*>(p) HYCAM_SITE_ARG);
+#pragma unroll
+    for (int c = 0; c < kN; ++c) out[c] = static_cast<acc_t>(q.v[c]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < kN; ++c) out[c] = c < valid ? static_cast<acc_t>(ld(p + c HYCAM_SITE_ARG)) : acc_t(0);
+  }
+}
+template <typename T, typename acc_t>
+HYCAM_DEVICE void st_row(T* p, bool vec, int64_t valid, const acc_t* in HYCAM_SITE_PARAM) {
+  constexpr int kN = Pack16<T>::kN;
+  if (vec && valid >= kN) {
+    Pack16<T> q;
+#pragma unroll
+    for (int c = 0; c < kN; ++c) q.v[c] = static_cast<T>(in[c]);
+    st(reinterpret_cast<Pack16<T>*>(p), q HYCAM_SITE_ARG);
+  } else {
+#pragma unroll
+    for (int c = 0; c < kN; ++c)
+      if (c < valid) st(p + c, static_cast<T>(in[c]) HYCAM_SITE_ARG);
+  }
+}
+
+// Sum over the `width` lanes (a power of two <= 32) of each aligned group of the warp; every lane
+// of the group gets the group's sum. All 32 lanes must call it (full-mask shuffles).
+template <typename acc_t>
+HYCAM_DEVICE acc_t group_sum(acc_t v, int width HYCAM_SITE_PARAM) {
+  for (int off = width >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off HYCAM_SITE_ARG);
+  return v;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -717,6 +717,22 @@ T __shfl_down_sync(unsigned mask, T v, int off, const std::source_location& loc 
   return static_cast<T>(hycam_emu::g.lane_out[t]);
 }
 
+// Lane l receives v of lane l ^ lane_mask (its own v when that lane is outside the mask), as on the GPU.
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, const std::source_location& loc = std::source_location::current()) {
+  const unsigned t = threadIdx.x, w = t >> 5;
+  hycam_emu::g.lane_in[t] = static_cast<double>(v);
+  hycam_emu::warp_collective(mask, loc, "__shfl_xor_sync", [w, mask, lane_mask] {
+    ++hycam_emu::g.counters.shfl;
+    for (unsigned l = 0; l < 32; ++l) {
+      const unsigned src = (l ^ unsigned(lane_mask)) & 31u;
+      const bool ok = (mask >> src) & 1u;
+      hycam_emu::g.lane_out[w * 32 + l] = hycam_emu::g.lane_in[w * 32 + (ok ? src : l)];
+    }
+  });
+  return static_cast<T>(hycam_emu::g.lane_out[t]);
+}
+
 // cuda_fp16.h / cuda_bf16.h storage types and the explicit conversions the kernels use (torch
 // builds CUDA with implicit half/bfloat16 conversions disabled, so the kernels never rely on them).
 struct __half {

@@ -2,6 +2,7 @@
 // with the launch configurations of the real launchers, and compares against a naive float64
 // computation of docs/formulas.md. Built and run by python_tests/test_cuda_emulation.py
 // (with AddressSanitizer/UBSan where available). Prints "failures: N" and exits non-zero on any.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -100,10 +101,11 @@ std::vector<S> sum_partials(const std::vector<S>& part, int64_t S_, int64_t n) {
 
 // S: storage type, Acc: accumulation type (at::opmath_type<S> in cam_cuda.cu: float for the 16-bit types).
 template <class S, class Acc = S>
-void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool has_a, bool has_b, bool hard) {
+void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool has_a, bool has_b, bool hard,
+              bool misalign = false) {
   using namespace cam_kernels;
-  std::printf("cam    T=%ld d=%ld K=%ld r=%ld placement=%d a=%d b=%d hard=%d %s acc %s\n", long(T), long(d), long(K),
-              long(r), placement, has_a, has_b, hard, type_name<S>(), type_name<Acc>());
+  std::printf("cam    T=%ld d=%ld K=%ld r=%ld placement=%d a=%d b=%d hard=%d misaligned=%d %s acc %s\n", long(T),
+              long(d), long(K), long(r), placement, has_a, has_b, hard, misalign, type_name<S>(), type_name<Acc>());
   const double scale = 0.7;
   auto h = rnd<S>(T * d), a = rnd<S>(has_a ? T * d : 0), z = rnd<S>(T * d), w = rnd<S>(T * K * r);
   auto B = rnd<S>(K * d * r, 0.5), b = rnd<S>(has_b ? K * d : 0), g = rnd<S>(T * K), go = rnd<S>(T * d);
@@ -154,39 +156,53 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
   const double tol = sizeof(Acc) == 4 ? 2e-5 : 1e-11;
   const double out_tol = std::is_same_v<S, __nv_bfloat16> ? 8e-3 : (std::is_same_v<S, __half> ? 1e-3 : tol);
   const double red_tol = sizeof(S) == 2 ? 1e-4 : tol;
+  // 16-byte row accesses exactly when cam_cuda.cu allows them (rows of a multiple of 16 bytes,
+  // 16-byte aligned bases: std::vector's storage is)
+  // misalign: h_in is a view one element off a 16-byte boundary (the scalar path for every stream)
+  std::vector<S> hbuf(T * d + 1);
+  std::copy(h.begin(), h.end(), hbuf.begin() + (misalign ? 1 : 0));
+  const S* hp = hbuf.data() + (misalign ? 1 : 0);
+  const bool vec_io = (d * int64_t(sizeof(S))) % 16 == 0 && reinterpret_cast<uintptr_t>(hp) % 16 == 0 &&
+                      (!ap || reinterpret_cast<uintptr_t>(ap) % 16 == 0);
+  const bool vec_B = (d * r * int64_t(sizeof(S))) % 16 == 0 && reinterpret_cast<uintptr_t>(B.data()) % 16 == 0;
   {  // forward, as cam_forward_cuda launches it
-    const auto cfg = cam_forward_config(T, d, K, r, sizeof(Acc));
+    const auto cfg = cam_forward_config(T, d, K, r, sizeof(S), sizeof(Acc));
+    if (cfg.lpr == 0) hycam_emu::fail("cam_forward_config: no tiling fits");
     auto o = poisoned<S>(T * d);
-    launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_forward_kernel<S, Acc>(h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r,
-                                 Acc(scale), placement, cfg.tile);
-    }, "cam_forward_kernel");
+    if (T > 0 && d > 0)
+      launch(cfg.grid, cfg.block, cfg.smem, [&] {
+        cam_forward_kernel<S, Acc>(hp, ap, z.data(), w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r,
+                                   Acc(scale), placement, cfg.lpr, cfg.tile, vec_io, vec_B);
+      }, "cam_forward_kernel");
     cmp("out", o.data(), out, out_tol);
   }
   {  // backward, as cam_backward_cuda launches it
     const int64_t R1 = r + 1;
-    const auto cfg = cam_backward_config(T, d, K, r, sizeof(Acc), kSMs);
+    const auto cfg = cam_backward_config(T, d, K, r, sizeof(S), sizeof(Acc));
+    if (cfg.lpr == 0) hycam_emu::fail("cam_backward_config: no tiling fits");
     auto d_main = poisoned<S>(T * d), dzg = poisoned<S>(T * d);
-    auto prow = poisoned<Acc>(cfg.nJ * T * K * R1), pB = poisoned<Acc>(cfg.S * K * d * R1);
-    launch(cfg.grid_rows, cfg.block_rows, cfg.smem_rows, [&] {
-      cam_backward_rows_kernel<S, Acc>(go.data(), h.data(), ap, z.data(), w.data(), B.data(), bp, g.data(),
-                                       d_main.data(), dzg.data(), prow.data(), T, d, K, r, Acc(scale), placement,
-                                       cfg.tile);
-    }, "cam_backward_rows_kernel");
-    launch(cfg.grid_cols, cfg.block_cols, cfg.smem_cols, [&] {
-      cam_backward_cols_kernel<S, Acc>(go.data(), h.data(), ap, w.data(), B.data(), bp, g.data(), pB.data(), T, d, K, r,
-                                     Acc(scale), placement, cfg.per_split, cfg.col_tile);
-    }, "cam_backward_cols_kernel");
-    const auto rs = sum_partials(prow, cfg.nJ, T * K * R1), cs = sum_partials(pB, cfg.S, K * d * R1);
+    auto prow = poisoned<Acc>(cfg.nJ * T * K * R1), pB = poisoned<Acc>(cfg.S * K * R1 * d);
+    if (T == 0 || d == 0) {  // cam_backward_cuda returns zeros without a launch
+      std::fill(prow.begin(), prow.end(), Acc(0));
+      std::fill(pB.begin(), pB.end(), Acc(0));
+    } else {
+      launch(cfg.grid, cfg.block, cfg.smem, [&] {
+        cam_backward_kernel<S, Acc>(go.data(), hp, ap, z.data(), w.data(), B.data(), bp, g.data(),
+                                    d_main.data(), dzg.data(), prow.data(), pB.data(), T, d, K, r, Acc(scale),
+                                    placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
+      }, "cam_backward_kernel");
+    }
+    const auto rs = sum_partials(prow, cfg.nJ, T * K * R1), cs = sum_partials(pB, cfg.S, K * R1 * d);
     std::vector<Acc> gdw(T * K * r), gdg(T * K), gdB(K * d * r), gdb(K * d);
     for (int64_t q = 0; q < T * K; ++q) {
       for (int64_t i = 0; i < r; ++i) gdw[q * r + i] = rs[q * R1 + i];
       gdg[q] = rs[q * R1 + r];
     }
-    for (int64_t q = 0; q < K * d; ++q) {
-      for (int64_t i = 0; i < r; ++i) gdB[q * r + i] = cs[q * R1 + i];
-      gdb[q] = cs[q * R1 + r];
-    }
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < d; ++j) {
+        for (int64_t i = 0; i < r; ++i) gdB[(k * d + j) * r + i] = cs[(k * R1 + i) * d + j];
+        gdb[k * d + j] = cs[(k * R1 + r) * d + j];
+      }
     cmp("d_main", d_main.data(), dm, out_tol);
     cmp("dz", dzg.data(), dz, out_tol);
     cmp("dg", gdg.data(), dg, red_tol);
@@ -364,10 +380,18 @@ int main(int argc, char** argv) {
   test_cam<double>(9, 1025, 2, 3, 1, true, true, false);
   test_cam<float>(1, 1, 1, 1, 0, false, false, false);
   test_cam<float>(3, 33, 1, 1, 1, true, true, true);
-  test_cam<double>(3, 130, 8, 64, 1, true, true, true);  // large K*r: smallest tiles
+  test_cam<double>(3, 130, 8, 48, 1, true, true, true);  // large K*r: fewer threads, narrow lane groups
   // the 16-bit storage types cam_cuda.cu instantiates (float accumulation)
   test_cam<__nv_bfloat16, float>(37, 1100, 3, 5, 0, true, true, false);
   test_cam<__half, float>(19, 300, 4, 16, 1, true, true, true);
+  // 16-byte row accesses (d a multiple of 8) with a partial last channel tile, soft and hard
+  test_cam<__nv_bfloat16, float>(21, 264, 4, 16, 0, true, true, true);
+  test_cam<__nv_bfloat16, float>(13, 520, 3, 5, 1, true, true, false);
+  test_cam<__half, float>(9, 72, 2, 8, 0, false, true, true, true);     // misaligned view: scalar path
+  test_cam<float>(17, 132, 4, 16, 0, true, true, true);                // float: 4 channels per lane
+  test_cam<float>(0, 64, 2, 4, 0, true, true, true);                   // T = 0: nothing launched
+  test_cam<__nv_bfloat16, float>(1, 8, 1, 1, 1, true, false, true);    // T = 1, one 16-byte lane
+  test_cam<__nv_bfloat16, float>(700, 24, 2, 4, 0, true, true, true);  // two token splits
   test_shrink<float>(37, 100, 3, 5, true);
   test_shrink<float>(1, 1, 1, 1, false);
   test_shrink<float>(100, 257, 4, 16, true);
@@ -379,7 +403,7 @@ int main(int argc, char** argv) {
   test_shrink_tc<__nv_bfloat16>(5, 0, 2, 3, true);           // d == 0
   if (!quick) {
     test_cam<float>(37, 1100, 3, 5, 0, false, true, true);
-    test_cam<float>(5, 300, 8, 64, 0, true, true, false);
+    test_cam<float>(5, 300, 8, 64, 0, true, true, false);  // K*r = 512 in float
     test_cam<float>(70, 129, 4, 16, 0, true, true, true);
     test_shrink<double>(65, 70, 8, 64, true);
     test_shrink_tc<__half>(66, 136, 8, 16, false);             // K*r = 128: two column tiles
