@@ -300,7 +300,10 @@ def layer(rows, m, T, d, K, e=2):
         "routing (softmax, argmax, one-hot, straight-through)": (0, 6),
         "router backward (dl @ W_r, dl^T @ x)": (2 * td, 2),
         "db_s = dz.sum(0)": (td, 1),
-        "autograd: dx of 3 producers summed (2 adds)": (6 * td, 2),
+        # ops.projections: the shrink's dx is the accumulator; the router's dx GEMM (inner dim K,
+        # memory-bound) reads and writes it in place; the shared projection's dx GEMM reads it in
+        # its epilogue (beta = 1), inside a compute-bound GEMM: counted at the matmul rate only
+        "router dx accumulated into the shrink's dx (addmm_)": (2 * td, 1),
         "gradient copies (.to of dw/dg/dB/db/dA/da/dN/dn)": (0, 8),
     }
     torch_t = {k: b / m["dram_bw"] + n * m["launch_s"] for k, (b, n) in torch_ops.items()}

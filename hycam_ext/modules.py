@@ -5,7 +5,6 @@ from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ops
 from ._base import HyCAMParameters, route  # noqa: F401  (route is public: hycam_ext.route)
@@ -42,13 +41,13 @@ class HyCAM(HyCAMParameters):
         def cast(t, dtype=compute_dtype):
             return None if t is None else t.to(dtype)
 
-        z = F.linear(x2, cast(self.shared_weight), cast(self.shared_bias))
-        logits = F.linear(x2, cast(self.router_weight), cast(self.router_bias))
+        z, logits, w = ops.projections(x2, cast(self.shared_weight), cast(self.shared_bias),
+                                       cast(self.router_weight), cast(self.router_bias), cast(self.A),
+                                       cast(self.A_bias), cast(self.N), cast(self.N_bias),
+                                       use_kernels=cfg.use_kernels)
         noise = None if gumbel_noise is None else gumbel_noise.reshape(-1, K)
         g = route(logits, cfg.tau, cfg.hard, self.training, noise)
         self._record(logits, g, lead)
-        w = ops.shrink(x2, cast(self.A), cast(self.A_bias), cast(self.N), cast(self.N_bias),
-                       use_kernels=cfg.use_kernels)
         out = ops.cam(h2, a2, z.to(stream_dtype), w.to(stream_dtype), cast(self.B, stream_dtype),
                       cast(self.B_bias, stream_dtype), g.to(stream_dtype), cfg.scaling,
                       _PLACEMENT_CODE[placement], use_kernels=cfg.use_kernels)

@@ -3,6 +3,8 @@ their autograd. Host-side argument checks live in csrc/api.cpp; this file is thi
 
     shrink(x, A, A_bias, N, N_bias) -> (p, w)          p = A x + a, w = N p + n   [T, K, r]
     shrink_backward(dw, x, p, A, N) -> (dx, dA, dA_bias, dN, dN_bias)
+    projections(x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias) -> (z, logits, w)   (Python: the
+        layer's three maps of x as one autograd node; its backward accumulates dx in place)
     cam_forward(h_in, a, z, w, B, b, g, scale, placement) -> out                  [T, d]
     cam_backward(go, h_in, a, z, w, B, b, g, scale, placement) -> (d_main, dz, dg, dw, dB, db)
 
@@ -53,6 +55,63 @@ def cam(h_in: torch.Tensor, a: Optional[torch.Tensor], z: torch.Tensor, w: torch
     if not _use_kernels(use_kernels):
         return _cam_torch(h_in, a, z, w, B, b, g, float(scale), int(placement))
     return torch.ops.hycam.cam_forward(h_in, a, z, w, B, b, g, float(scale), int(placement))
+
+
+def projections(x: torch.Tensor, W_s: torch.Tensor, b_s: Optional[torch.Tensor], W_r: torch.Tensor,
+                b_r: Optional[torch.Tensor], A: torch.Tensor, A_bias: Optional[torch.Tensor], N: torch.Tensor,
+                N_bias: Optional[torch.Tensor], use_kernels: bool = True):
+    """The three maps of x in a HyCAM layer: z = x W_s^T + b_s (shared CAM), logits = x W_r^T + b_r
+    (router) and w = shrink(x) -> (z, logits, w). With the kernels, one autograd node: the
+    backward's three contributions to dx go into one tensor (the shrink's dx, then the router's
+    and the shared projection's GEMMs accumulating into it in place, beta = 1) instead of three
+    [T, d] tensors that autograd would add in two more passes."""
+    if not _use_kernels(use_kernels):
+        return F.linear(x, W_s, b_s), F.linear(x, W_r, b_r), _shrink_torch(x, A, A_bias, N, N_bias)
+    z, logits, w, _ = _Projections.apply(x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias)
+    return z, logits, w
+
+
+class _Projections(torch.autograd.Function):
+    @staticmethod
+    def forward(x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias):
+        p, w = torch.ops.hycam.shrink(x, A, A_bias, N, N_bias)
+        return F.linear(x, W_s, b_s), F.linear(x, W_r, b_r), w, p
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias = inputs
+        ctx.has_bias = (b_s is not None, b_r is not None, A_bias is not None, N_bias is not None)
+        ctx.save_for_backward(x, W_s, W_r, A, N, output[3])
+        ctx.mark_non_differentiable(output[3])
+        ctx.set_materialize_grads(False)  # an unused output: None, not a [T, d] tensor of zeros
+
+    @staticmethod
+    def backward(ctx, dz, dl, dw, dp_unused):
+        x, W_s, W_r, A, N, p = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx = dA = dAb = dN = dNb = None
+        if dw is not None:
+            dx, dA, dAb, dN, dNb = torch.ops.hycam.shrink_backward(dw.contiguous(), x, p, A, N)
+        if need[0]:
+            dx = torch.zeros_like(x) if dx is None else dx
+            if dl is not None:
+                dx.addmm_(dl, W_r)
+            if dz is not None:
+                dx.addmm_(dz, W_s)
+        else:
+            dx = None
+
+        def weight_grad(dy, i):  # dW = dy^T x, db = sum over tokens
+            if dy is None:
+                return None, None
+            dW = dy.t().mm(x) if need[i] else None
+            db = dy.sum(0) if need[i + 1] and ctx.has_bias[(i - 1) // 2] else None
+            return dW, db
+
+        dW_s, db_s = weight_grad(dz, 1)
+        dW_r, db_r = weight_grad(dl, 3)
+        return (dx, dW_s, db_s, dW_r, db_r, dA, dAb if ctx.has_bias[2] else None, dN,
+                dNb if ctx.has_bias[3] else None)
 
 
 # ---------------------------------------------------------------------------------------

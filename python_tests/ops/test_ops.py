@@ -350,3 +350,48 @@ def test_shrink_zero_hidden_size(device):
     want = torch.autograd.grad(expect, [Ab, N, Nb], go)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------ projections
+def _projection_inputs(device, bias, T=9, d=17, K=3, r=4):
+    def rnd(*s):
+        return (torch.randn(*s, dtype=torch.float64, device=device) * 0.5).requires_grad_()
+    x = rnd(T, d)
+    return (x, rnd(d, d), rnd(d) if bias else None, rnd(K, d), rnd(K) if bias else None, rnd(K, r, d),
+            rnd(K, r) if bias else None, rnd(K, r, r), rnd(K, r) if bias else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_projections_one_node_matches_three_ops(device, bias):
+    """The single autograd node (dx accumulated in place) gives the values and gradients of the
+    three separate maps (F.linear, F.linear, the reference shrink) and passes gradcheck."""
+    args = _projection_inputs(device, bias)
+    got = ops.projections(*args)
+    want = ops.projections(*args, use_kernels=False)
+    gos = [torch.randn_like(t) for t in want]
+    live = [t for t in args if t is not None]
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(got, live, gos)
+    g_want = torch.autograd.grad(want, live, gos)
+    for gg, ww in zip(g_got, g_want):
+        torch.testing.assert_close(gg, ww, rtol=1e-11, atol=1e-11)
+    torch.autograd.gradcheck(lambda *a: ops.projections(*a), args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projections_partial_grads(device):
+    """Only some outputs used, x or the weights frozen: the missing gradients are None or zero
+    exactly as autograd of the three separate maps gives them."""
+    args = list(_projection_inputs(device, True))
+    args[0] = args[0].detach()  # x frozen (the first layer's input)
+    z, logits, w = ops.projections(*args)
+    (w.sum() + logits.sum()).backward()  # z unused
+    assert args[1].grad is None and args[2].grad is None  # W_s, b_s: no gradient reached them
+    assert args[3].grad is not None and args[5].grad is not None
+    ref = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in args]
+    _, l2, w2 = ops.projections(*ref, use_kernels=False)
+    (w2.sum() + l2.sum()).backward()
+    for a, b in zip(args[3:], ref[3:]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-11, atol=1e-11)
