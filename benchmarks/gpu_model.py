@@ -62,11 +62,11 @@ MACHINES = {
 
 # Hand estimates of an independent read of the kernels (code review of 2026-11-23, by reading the
 # sm_90 SASS; no GPU), H100 SXM, same shape, microseconds: (low, high), for comparison.
-# Only for the kernels that have not changed since; the CAM kernels it estimated were replaced on
-# 2026-12-01 (its estimates for them and for the layer: benchmarks/results/model-2026-12-01/).
+# Only for the kernels whose launch has not changed since (the CAM kernels were rebuilt, the shrink
+# split and the backward's split counts changed on 2026-12-01; the review's estimates for those
+# and for the layer are in benchmarks/results/model-2026-12-01/).
 REVIEW_US = {
-    "shrink_tc_kernel": (100, 160), "dx_tc_kernel": (35, 80), "dA_tc_kernel": (35, 80),
-    "small_reductions_kernel": (40, 80),
+    "dx_tc_kernel": (35, 80),
 }
 
 # Emulated token counts per op group: (T1, T2) full and quick. Counts are exactly linear in T only
@@ -74,14 +74,14 @@ REVIEW_US = {
 # boundary falls on the same place: T multiples of each group's token tile (cam_fwd 64, shrink 64),
 # and for the token-split kernels splits of the same size: cam_bwd has S = ceil(T / 512) splits
 # (at most 16) of T / S tokens, so T multiples of 512 up to 8192 (the full shape) give splits of 512
-# tokens, and its partial buffers grow linearly (prow with T, pB with S); shrink_bwd (S = 5 at
-# d = 4096, K = 4, r = 16 from T = 160 on) T multiples of lcm(64, 160) = 320. Hence also: the model
-# is exact for cam_bwd up to T = 8192 only.
+# tokens, and its partial buffers grow linearly (prow with T, pB with S); shrink_bwd likewise with
+# S = ceil(T / 1024) splits (at most 8): T multiples of 1024 up to 8192. Hence also: the model is
+# exact up to T = 8192 only.
 GROUPS = {
     "shrink_fwd": ((128, 256), (64, 128)),
     "cam_fwd": ((64, 128), (64, 128)),
     "cam_bwd": ((512, 1024), (512, 1024)),
-    "shrink_bwd": ((320, 640), (320, 640)),
+    "shrink_bwd": ((1024, 2048), (1024, 2048)),
 }
 COUNTERS = ("blocks", "mma", "shfl")
 # Resident warps per SM that saturate DRAM (assumption, Little's law): ~3.0 TB/s x ~600 ns latency
@@ -92,7 +92,8 @@ TRAFFIC = ("requests", "sectors", "lines", "bytes", "request_unique_bytes", "uni
 
 # cubin name of each emulated launch (bf16 storage, fp32 accumulation)
 CUBIN_NAME = {
-    "shrink_tc_kernel": "shrink_tc_kernel<bf16>", "mix_kernel": "mix_kernel<bf16,fp32>",
+    "shrink_tc_kernel": "shrink_tc_kernel<bf16>", "shrink_finish_kernel": "shrink_finish_kernel<bf16>",
+    "mix_kernel": "mix_kernel<bf16,fp32>",
     "cam_forward_kernel": "cam_forward_kernel<bf16,fp32>",
     "cam_backward_kernel": "cam_backward_kernel<bf16,fp32>", "dp_kernel": "dp_kernel<bf16,fp32>",
     "dx_tc_kernel": "dx_tc_kernel<bf16>", "dA_tc_kernel": "dA_tc_kernel<bf16>",
@@ -202,7 +203,8 @@ def min_bytes(kernel, T, d, K, r, e=2):
     once); partial buffers and their reductions are avoidable (0)."""
     KR = K * r
     return {
-        "shrink_tc_kernel": T * d * e + KR * d * e + T * KR * e,
+        "shrink_tc_kernel": T * d * e + KR * d * e,
+        "shrink_finish_kernel": T * KR * e,
         "mix_kernel": 2 * T * KR * e,
         "cam_forward_kernel": 3 * T * d * e + T * KR * e + K * d * r * e,
         "cam_backward_kernel": 5 * T * d * e + T * KR * e + K * d * r * e + T * K * (r + 1) * e + K * d * (r + 1) * e,

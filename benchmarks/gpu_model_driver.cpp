@@ -1,6 +1,7 @@
 // Runs one op's CUDA kernels in the test-only CPU emulation (python_tests/cuda_emulation/
 // cuda_emulation.h) with the memory-traffic counters on, with the launch configurations and the
-// bfloat16 / tensor-core path the launchers (csrc/*/*_cuda.cu) choose for an H100 (132 SMs), and
+// bfloat16 / tensor-core path the launchers (csrc/*/*_cuda.cu) choose (they depend on the shape
+// only, never on the GPU), and
 // prints one JSON object per launch. Used by benchmarks/gpu_model.py; the counts are not timings.
 //
 //   gpu_model_driver GROUP T d K r hard|soft
@@ -18,8 +19,6 @@
 using namespace hycam;
 using hycam_emu::launch;
 using M = __nv_bfloat16;
-
-static const int64_t kSMs = 132;
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static float urand() {
@@ -91,9 +90,14 @@ int main(int argc, char** argv) {
   if (group == "shrink_fwd") {
     using namespace shrink_kernels;
     Buf<M> x(T * d), A(KR * d), ab(KR), N(K * r * r), nb(KR), p(T * KR), w(T * KR);
-    launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cuda::ceil_div(KR, kMN))), dim3(kMThreads), 0, [&] {
-      shrink_tc_kernel<M>(make_operand<M>(x.p, d), make_operand<M>(A.p, d), ab.p, p.p, T, d, KR);
+    const auto sk = shrink_split_k(d);
+    Buf<float> part(sk.SK * T * KR);
+    launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cuda::ceil_div(KR, kMN)), unsigned(sk.SK)),
+           dim3(kMThreads), 0, [&] {
+      shrink_tc_kernel<M>(make_operand<M>(x.p, d), make_operand<M>(A.p, d), part.p, T, d, KR, sk.per_split);
     }, "shrink_tc_kernel");
+    launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+           [&] { shrink_finish_kernel<M>(part.p, sk.SK, ab.p, p.p, T * KR, KR); }, "shrink_finish_kernel");
     launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
            [&] { mix_kernel<M, float>(p.p, N.p, nb.p, w.p, T, K, r); }, "mix_kernel");
   } else if (group == "cam_fwd") {
@@ -118,7 +122,7 @@ int main(int argc, char** argv) {
   } else if (group == "shrink_bwd") {
     using namespace shrink_kernels;
     Buf<M> dw(T * KR), x(T * d), A(KR * d), N(K * r * r), p(T * KR), dplo(T * KR), dx(T * d);
-    const auto cfg = shrink_backward_config(T, d, K, r, kSMs, /*tensor_cores=*/true);
+    const auto cfg = shrink_backward_config(T, d, K, r, /*tensor_cores=*/true);
     Buf<float> dp(T * KR), pA(cfg.S * KR * d), pS(cfg.S * cfg.nq), sA(KR * d), sS(cfg.nq);
     launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
            [&] { dp_kernel<M, float>(dw.p, N.p, dp.p, dplo.p, T, K, r); }, "dp_kernel");

@@ -132,7 +132,8 @@ void* const* plain() {
 }
 template <typename M>
 void* const* tc() {
-  static void* const k[] = {(void*)&shrink_kernels::shrink_tc_kernel<M>, (void*)&shrink_kernels::dx_tc_kernel<M>,
+  static void* const k[] = {(void*)&shrink_kernels::shrink_tc_kernel<M>, (void*)&shrink_kernels::shrink_finish_kernel<M>,
+                            (void*)&shrink_kernels::dx_tc_kernel<M>,
                             (void*)&shrink_kernels::dA_tc_kernel<M>};
   return k;
 }

@@ -1,5 +1,5 @@
 // Host-side helpers of the CUDA launchers: deterministic partial-sum reduction, shared-memory
-// opt-in, device properties. Device-side helpers: cuda_device.cuh.
+// opt-in. Device-side helpers: cuda_device.cuh.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -46,9 +46,6 @@ inline void set_smem(Kernel kernel, size_t bytes, const char* what) {
   }
 }
 
-inline int num_sms() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-}
 
 }  // namespace cuda
 }  // namespace hycam

@@ -1,6 +1,7 @@
 // Grouped specialist GEMMs on CUDA, twin of shrink_cpu.cpp. All K specialists are one
 // [K*r, d] weight, so the shrink reads x once as a shared-memory tiled GEMM; the backward's
-// reductions over tokens write per-split partials summed in a fixed order (no atomics).
+// reductions over tokens write per-split partials summed in a fixed order (no atomics); split
+// counts depend on the shape only, so results are the same on every GPU model.
 // half/bfloat16 on sm_80+ use the tensor-core kernels (*_tc_kernel) for the three [T, d] GEMMs
 // (x -> p, dp -> dx, dp -> dA); float/double, older GPUs and HYCAM_TENSOR_CORES=0 use the
 // CUDA-core tiles.
@@ -53,14 +54,16 @@ Operand<M> operand(const S* p, int64_t ld) {
 // Tensor-core launches, templates of the torch dtype S so that `if constexpr` drops them for
 // float/double (only reached when use_tensor_cores(dtype)).
 template <typename S>
-void launch_shrink_tc(const S* x, const S* A, const S* ab, S* p, int64_t T, int64_t d, int64_t KR,
-                      cudaStream_t stream) {
+void launch_shrink_tc(const S* x, const S* A, const S* ab, S* p, float* part, const ShrinkSplitK& sk, int64_t T,
+                      int64_t d, int64_t KR, cudaStream_t stream) {
   using M = typename MmaType<S>::type;
   if constexpr (!std::is_void_v<M>) {
-    const dim3 grid(cuda::ceil_div(T, kMM), cuda::ceil_div(KR, kMN));
-    shrink_tc_kernel<M><<<grid, kMThreads, 0, stream>>>(operand<M>(x, d), operand<M>(A, d),
-                                                        reinterpret_cast<const M*>(ab), reinterpret_cast<M*>(p), T,
-                                                        d, KR);
+    const dim3 grid(cuda::ceil_div(T, kMM), cuda::ceil_div(KR, kMN), sk.SK);
+    shrink_tc_kernel<M><<<grid, kMThreads, 0, stream>>>(operand<M>(x, d), operand<M>(A, d), part, T, d, KR,
+                                                        sk.per_split);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    shrink_finish_kernel<M><<<grid_1d(T * KR), 256, 0, stream>>>(part, sk.SK, reinterpret_cast<const M*>(ab),
+                                                                 reinterpret_cast<M*>(p), T * KR, KR);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     TORCH_INTERNAL_ASSERT(false, "hycam: no tensor-core shrink for this dtype");
@@ -99,8 +102,10 @@ std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Te
     const scalar_t* ab = (A_bias.has_value() && A_bias->defined()) ? A_bias->data_ptr<scalar_t>() : nullptr;
     const scalar_t* nb = (N_bias.has_value() && N_bias->defined()) ? N_bias->data_ptr<scalar_t>() : nullptr;
     if (use_tensor_cores(x.scalar_type())) {
-      launch_shrink_tc<scalar_t>(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), ab, p.data_ptr<scalar_t>(), T, d, KR,
-                                 stream);
+      const auto sk = shrink_split_k(d);
+      auto part = at::empty({sk.SK, T, KR}, x.options().dtype(at::kFloat));
+      launch_shrink_tc<scalar_t>(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), ab, p.data_ptr<scalar_t>(),
+                                 part.data_ptr<float>(), sk, T, d, KR, stream);
     } else {
       const dim3 grid(cuda::ceil_div(T, kTM), cuda::ceil_div(KR, kTN));
       shrink_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
@@ -126,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   auto dx = at::empty_like(x);
   auto dp = at::empty({T, KR}, x.options().dtype(acc_type));
   const bool tc = use_tensor_cores(x.scalar_type());
-  const auto cfg = shrink_backward_config(T, d, K, r, cuda::num_sms(), tc);
+  const auto cfg = shrink_backward_config(T, d, K, r, tc);
   const int64_t nO = cfg.nO, nJ = cfg.nJ, S = cfg.S, per_split = cfg.per_split, nq = cfg.nq;
   auto pA = at::empty({S, KR, d}, x.options().dtype(acc_type));
   auto pSmall = at::empty({S, nq}, x.options().dtype(acc_type));

@@ -281,19 +281,52 @@ HYCAM_DEVICE void tile_epilogue(const float* C, int64_t m0, int64_t m_end, int64
   }
 }
 
-// p[t, o] = a[o] + sum_j x[t, j] A[o, j]; grid (ceil(T / kMM), ceil(KR / kMN)).
+// Split-K over d (without it the grid is ceil(T / kMM) * ceil(KR / kMN) blocks: 128 at the
+// design shape, fewer than an H100 has SMs): partial p[split, t, o] = sum_{j in split} x[t, j]
+// A[o, j]; grid (ceil(T / kMM), ceil(KR / kMN), SK); shrink_finish_kernel adds the SK partials in
+// order, adds the bias and rounds.
 template <typename T>
-HYCAM_GLOBAL void shrink_tc_kernel(Operand<T> x, Operand<T> A, const T* __restrict__ ab, T* __restrict__ p,
-                                   int64_t num_tokens, int64_t d, int64_t KR) {
+HYCAM_GLOBAL void shrink_tc_kernel(Operand<T> x, Operand<T> A, float* __restrict__ part, int64_t num_tokens,
+                                   int64_t d, int64_t KR, int64_t per_split) {
 #if HYCAM_MMA_AVAILABLE
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kMM), o0 = blockIdx.y * static_cast<int64_t>(kMN);
-  const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/true>(x, A, t0, num_tokens, o0, KR, 0, d);
-  tile_epilogue(C, t0, num_tokens, o0, KR, [&](int64_t t, int64_t o, float v) {
-    T out;
-    mma::from_float(v + (ab ? mma::to_float(cuda::ld(ab + o)) : 0.f), out);
-    cuda::st(p + t * KR + o, out);
-  });
+  const int64_t split = blockIdx.z, q0 = split * per_split, q1 = min(d, q0 + per_split);
+  const float* C = tc_gemm</*kLmq=*/true, /*kRnq=*/true>(x, A, t0, num_tokens, o0, KR, q0, q1);
+  tile_epilogue(C, t0, num_tokens, o0, KR,
+                [&](int64_t t, int64_t o, float v) { cuda::st(part + (split * num_tokens + t) * KR + o, v); });
 #endif
+}
+
+// p[t, o] = round(a[o] + sum_{s < SK} part[s, t, o]), summed in split order; n = T * KR.
+template <typename T>
+HYCAM_GLOBAL void shrink_finish_kernel(const float* __restrict__ part, int64_t SK, const T* __restrict__ ab,
+                                       T* __restrict__ p, int64_t n, int64_t KR) {
+#if HYCAM_MMA_AVAILABLE
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int64_t sk = 0; sk < SK; ++sk) v += cuda::ld(part + sk * n + q);
+    if (ab) v += mma::to_float(cuda::ld(ab + q % KR));
+    T out;
+    mma::from_float(v, out);
+    cuda::st(p + q, out);
+  }
+#endif
+}
+
+// Split-K of the shrink, from d only (never from the GPU): one split per 1024 channels, at most 4,
+// each a multiple of kMK channels.
+struct ShrinkSplitK {
+  int64_t SK, per_split;
+};
+inline ShrinkSplitK shrink_split_k(int64_t d) {
+  int64_t SK = cuda::ceil_div(d, 1024);
+  SK = SK < 4 ? SK : 4;
+  SK = SK > 1 ? SK : 1;
+  int64_t per = cuda::ceil_div(cuda::ceil_div(d, SK), kMK) * kMK;
+  per = per > kMK ? per : kMK;  // d == 0: one empty split
+  const int64_t n = cuda::ceil_div(d, per);
+  return ShrinkSplitK{n > 1 ? n : 1, per};
 }
 
 // dx[t, j] = sum_o dp[t, o] A[o, j] with dp rounded to T; grid (ceil(T / kMM), ceil(d / kMN)).
@@ -332,17 +365,17 @@ struct ShrinkBackwardConfig {
   int64_t nO, nJ, S, per_split, nq;
 };
 
-// tensor_cores: the dA tiles are kMM rows (dA_tc_kernel) instead of kTM (dA_kernel).
-inline ShrinkBackwardConfig shrink_backward_config(int64_t T, int64_t d, int64_t K, int64_t r, int64_t num_sms,
+// tensor_cores: the dA tiles are kMM rows (dA_tc_kernel) instead of kTM (dA_kernel). The token
+// split count depends on T only (never on the GPU, so the results are the same on every GPU
+// model): one split per 1024 tokens, at most 8.
+inline ShrinkBackwardConfig shrink_backward_config(int64_t T, int64_t d, int64_t K, int64_t r,
                                                    bool tensor_cores = false) {
   ShrinkBackwardConfig c;
   const int64_t KR = K * r;
   c.nO = cuda::ceil_div(KR, tensor_cores ? kMM : kTM);
   c.nJ = cuda::ceil_div(d, kTN);
-  int64_t S = cuda::ceil_div(2 * num_sms, c.nO * c.nJ > 0 ? c.nO * c.nJ : 1);
-  S = S < 32 ? S : 32;
-  const int64_t chunks = cuda::ceil_div(T, kTK);
-  S = S < chunks ? S : chunks;
+  int64_t S = cuda::ceil_div(T, 1024);
+  S = S < 8 ? S : 8;
   c.S = S > 1 ? S : 1;
   c.per_split = cuda::ceil_div(T, c.S);
   c.nq = 2 * KR + K * r * r;

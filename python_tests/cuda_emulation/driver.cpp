@@ -15,7 +15,6 @@
 using namespace hycam;
 using hycam_emu::launch;
 
-static const int64_t kSMs = 132;  // an H100's count: the split logic sees a realistic value
 static int failures = 0;
 
 static uint64_t rng_state = 88172645463325252ull;
@@ -259,7 +258,7 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
       for (int64_t m = 0; m < r; ++m)
         dN[(k * r + i) * r + m] += double(dw[t * KR + o]) * double(pg[t * KR + k * r + m]);
     }
-  const auto cfg = shrink_backward_config(T, d, K, r, kSMs);
+  const auto cfg = shrink_backward_config(T, d, K, r);
   auto dpg = poisoned<S>(T * KR), pA = poisoned<S>(cfg.S * KR * d), pS = poisoned<S>(cfg.S * cfg.nq);
   auto dxg = poisoned<S>(T * d);
   launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
@@ -313,9 +312,13 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
       p[t * KR + o] = v;
     }
   std::vector<M> pg(T * KR, M(NAN)), wg(T * KR, M(NAN));
-  launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cuda::ceil_div(KR, kMN))), dim3(kMThreads), 0, [&] {
-    shrink_tc_kernel<M>(make_operand(x, d), make_operand(A.data(), d), abp, pg.data(), T, d, KR);
-  }, "shrink_tc_kernel");
+  const auto sk = shrink_split_k(d);  // as shrink_cuda.cu: split-K partials, then the ordered finish
+  std::vector<float> part(sk.SK * T * KR, NAN);
+  launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cuda::ceil_div(KR, kMN)), unsigned(sk.SK)), dim3(kMThreads),
+         0, [&] { shrink_tc_kernel<M>(make_operand(x, d), make_operand(A.data(), d), part.data(), T, d, KR,
+                                      sk.per_split); }, "shrink_tc_kernel");
+  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+         [&] { shrink_finish_kernel<M>(part.data(), sk.SK, abp, pg.data(), T * KR, KR); }, "shrink_finish_kernel");
   cmp("p", pg.data(), p, out_tol);
   std::vector<double> w(T * KR);
   for (int64_t t = 0; t < T; ++t)
@@ -329,7 +332,7 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
          [&] { mix_kernel<M, float>(pg.data(), N.data(), nbp, wg.data(), T, K, r); }, "mix_kernel");
   cmp("w", wg.data(), w, out_tol);
   // backward
-  const auto cfg = shrink_backward_config(T, d, K, r, kSMs, /*tensor_cores=*/true);
+  const auto cfg = shrink_backward_config(T, d, K, r, /*tensor_cores=*/true);
   std::vector<float> dpg(T * KR, NAN), pA(cfg.S * KR * d, NAN), pS(cfg.S * cfg.nq, NAN);
   std::vector<M> dplo(T * KR, M(NAN)), dxg(T * d, M(NAN));
   launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
@@ -396,10 +399,13 @@ int main(int argc, char** argv) {
   test_shrink<float>(1, 1, 1, 1, false);
   test_shrink<float>(100, 257, 4, 16, true);
   test_shrink<float>(5, 0, 2, 3, true);  // d == 0
-  test_shrink_tc<__nv_bfloat16>(130, 264, 4, 16, true);      // 16-byte staging, partial tiles, 5 dA splits
+  test_shrink_tc<__nv_bfloat16>(130, 264, 4, 16, true);      // 16-byte staging, partial tiles
   test_shrink_tc<__half>(37, 100, 3, 5, false);              // rows not a multiple of 8: scalar staging
   test_shrink_tc<__nv_bfloat16>(70, 72, 2, 8, true, 1);       // x off a 16-byte boundary
   test_shrink_tc<__half>(1, 1, 1, 1, true);
+  test_shrink_tc<__nv_bfloat16>(33, 2600, 2, 8, true);        // three split-K pieces, the last partial
+  test_shrink_tc<__half>(2100, 24, 2, 4, true);               // three token splits of dA (T / 1024)
+  test_shrink<float>(2100, 20, 2, 3, true);
   test_shrink_tc<__nv_bfloat16>(5, 0, 2, 3, true);           // d == 0
   if (!quick) {
     test_cam<float>(37, 1100, 3, 5, 0, false, true, true);
