@@ -95,7 +95,7 @@ CUBIN_NAME = {
     "shrink_tc_kernel": "shrink_tc_kernel<bf16>", "shrink_finish_kernel": "shrink_finish_kernel<bf16>",
     "mix_kernel": "mix_kernel<bf16,fp32>",
     "cam_forward_kernel": "cam_forward_kernel<bf16,fp32>",
-    "cam_backward_kernel": "cam_backward_kernel<bf16,fp32>", "dp_kernel": "dp_kernel<bf16,fp32>",
+    "cam_backward_kernel": "cam_backward_kernel<bf16,fp32,bf16>", "dp_kernel": "dp_kernel<bf16,fp32>",
     "dx_tc_kernel": "dx_tc_kernel<bf16>", "dA_tc_kernel": "dA_tc_kernel<bf16>",
     "small_reductions_kernel": "small_reductions_kernel<bf16,fp32>",
 }
@@ -174,27 +174,34 @@ def fp32_flops(kernel, T, d, K, r, routed):
 
 def smem_wavefronts(kernel, T, d, K, r, routed, lpr):
     """Analytic shared-memory wavefronts (128 bytes per SM and clock) of the CAM kernels' main loops
-    (bf16: V = 8 channels per lane, lane groups of lpr lanes, 32 / lpr tokens per warp), counted from
-    the code in csrc/cam/cam_kernels.cuh, not measured: a 16-byte load by 32 lanes of distinct
-    addresses is 4 wavefronts, a conflict-free 4-byte access 1, a broadcast (every lane of a token
-    reads the same w values, 16 bytes at a time) 1 per distinct address (an assumption: the
-    quarter-warp phases of a 16-byte broadcast are taken to merge). The other kernels' shared
-    memory is not modelled (0)."""
-    V, R1, rpw, wv = 8, r + 1, 32 // lpr, math.ceil(r / 4)
+    for bf16 (V = 8 channels per lane, lane groups of lpr lanes, 256 / lpr tokens per block step),
+    counted from the code in csrc/cam/cam_kernels.cuh, not measured. Rules (bank model of sm_80 /
+    sm_90: 32 banks of 4 bytes, 128 bytes per wavefront): a warp access costs its distinct bytes /
+    128 when its lanes spread over all banks (a 16-byte load of 512 contiguous bytes: 4), more
+    when they collide (16 bytes of every 32, a lane's 8 floats: 8 per 16-byte access); lanes
+    reading the same address share it (a broadcast of w: 1); a wmma load of a 16 x 16 bf16
+    operand is 4, a store of a 16 x 16 float tile 8. The other kernels' shared memory is not
+    modelled (0)."""
+    V, R1 = 8, r + 1
     units = T * d / (32 * V)  # warp instructions of a per-lane loop over all (token, lane) pairs
-    stage = K * r * lpr * V / 32 * 2  # per block: B transposed into shared memory (2-way conflicts)
-    if kernel == "cam_forward_kernel":  # per routed k: bias + r B loads (16 B), w broadcasts
-        blocks = math.ceil(T / 64) * math.ceil(d / (lpr * V))
-        return units * routed * (4 * R1 + rpw * wv) + blocks * stage
-    if kernel == "cam_backward_kernel":
-        expand = units * K * (4 * R1 + rpw * wv)  # every k (dg needs all of them)
-        dw = units * routed * (2 * V + 4 * r)  # du stored and read back (4 B), B loads for dw
-        # phase 2: per token and 32 columns of one k: the g check; when routed, per chunk of 8 rank
-        # indices one du load and two w broadcasts; accumulators loaded and stored once per tile
-        chunks = math.ceil(R1 / 8)
-        phase2 = T * d / 32 * (K + routed * 3 * chunks) + T * d * K * R1 * 2 / (32 * rpw * 8)
-        blocks = math.ceil(d / (lpr * V)) * min(16, max(1, math.ceil(T / 512)))
-        return expand + dw + phase2 + blocks * stage
+    jt = lpr * V
+    stage = K * r * jt / 32 * 2  # per block: B transposed into shared memory (2-way conflicts)
+    if kernel == "cam_forward_kernel":  # per routed k: bias + r B loads (16 B), r / 4 w broadcasts
+        blocks = math.ceil(T / 64) * math.ceil(d / jt)
+        return units * routed * (4 * (r + 1) + math.ceil(r / 4)) + blocks * stage
+    if kernel == "cam_backward_kernel":  # tensor-core expand (bf16, jt a multiple of 16)
+        rows = 256 // lpr
+        rows16, r16 = math.ceil(rows / 16) * 16, math.ceil(r / 16) * 16
+        tiles = math.ceil(T / rows) * math.ceil(d / jt)
+        mma = tiles * rows16 / 16 * K * jt / 16 * (8 + 8 * r16 / 16)  # store u; both operands per 16 of r
+        wh = tiles * rows16 * K * r16 / 32  # w converted to bf16 (2-byte stores)
+        expand = units * K * (2 * 8 + 4)  # u (two 16-byte loads per lane) + bias
+        dw = units * routed * (2 * 8 + 2 * 8 + 4 * r)  # du stored and read back, B loads for dw
+        # phase 2, per routed token and 32 columns of one k: per chunk of 8 rank indices one du
+        # load and two w broadcasts; the accumulators loaded and stored once per token tile
+        phase2 = T * d / 32 * routed * 3 * math.ceil(R1 / 8) + T * d * K * R1 * 2 / (32 * rows)
+        blocks = math.ceil(d / jt) * min(16, max(1, math.ceil(T / 512)))
+        return mma + wh + expand + dw + phase2 + blocks * stage
     return 0.0
 
 
@@ -300,7 +307,7 @@ def layer(rows, m, T, d, K, e=2):
     torch_ops = {  # bytes, launches
         "router linear fwd (x @ W_r^T)": (td, 1),
         "routing (softmax, argmax, one-hot, straight-through)": (0, 6),
-        "router backward (dl @ W_r, dl^T @ x)": (2 * td, 2),
+        "router weight gradient (dl^T @ x)": (td, 1),
         "db_s = dz.sum(0)": (td, 1),
         # ops.projections: the shrink's dx is the accumulator; the router's dx GEMM (inner dim K,
         # memory-bound) reads and writes it in place; the shared projection's dx GEMM reads it in

@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
     const auto cfg = cam_backward_config(T, d, K, r, sizeof(M), sizeof(float));
     Buf<float> prow(cfg.nJ * T * K * R1), pB(cfg.S * K * R1 * d), rs(T * K * R1), cs(K * R1 * d);
     launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_backward_kernel<M, float>(go.p, h.p, nullptr, z.p, w.p, B.p, b.p, g.p, dm.p, dz.p, prow.p, pB.p, T, d, K, r,
+      cam_backward_kernel<M, float, M>(go.p, h.p, nullptr, z.p, w.p, B.p, b.p, g.p, dm.p, dz.p, prow.p, pB.p, T, d, K, r,
                                     scale, placement, cfg.lpr, cfg.per_split, d % 8 == 0, (d * r) % 8 == 0);
     }, "cam_backward_kernel");
     sum_partials(prow.p, cfg.nJ, T * K * R1, rs.p, "sum_partials_kernel(prow)");

@@ -112,7 +112,8 @@ def built_extension() -> str | None:
 
 
 # The templates cam_cuda.cu and shrink_cuda.cu instantiate (AT_DISPATCH_FLOATING_TYPES_AND2(Half,
-# BFloat16): scalar_t and at::opmath_type<scalar_t>), plus the tensor-core kernels' wmma types.
+# BFloat16): scalar_t, at::opmath_type<scalar_t> and, for the CAM backward, the wmma type or void),
+# plus the tensor-core kernels' wmma types.
 _INSTANTIATIONS = r"""
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -121,10 +122,10 @@ _INSTANTIATIONS = r"""
 #include "cam/cam_kernels.cuh"
 #include "shrink/shrink_kernels.cuh"
 using namespace hycam;
-template <typename S, typename A>
+template <typename S, typename A, typename M>
 void* const* plain() {
   static void* const k[] = {
-      (void*)&cam_kernels::cam_forward_kernel<S, A>, (void*)&cam_kernels::cam_backward_kernel<S, A>, (void*)&shrink_kernels::shrink_kernel<S, A>,
+      (void*)&cam_kernels::cam_forward_kernel<S, A>, (void*)&cam_kernels::cam_backward_kernel<S, A, M>, (void*)&shrink_kernels::shrink_kernel<S, A>,
       (void*)&shrink_kernels::mix_kernel<S, A>, (void*)&shrink_kernels::dp_kernel<S, A>,
       (void*)&shrink_kernels::dx_kernel<S, A>, (void*)&shrink_kernels::dA_kernel<S, A>,
       (void*)&shrink_kernels::small_reductions_kernel<S, A>};
@@ -137,8 +138,8 @@ void* const* tc() {
                             (void*)&shrink_kernels::dA_tc_kernel<M>};
   return k;
 }
-void* const* hycam_all_kernels[] = {plain<float, float>(), plain<double, double>(), plain<c10::Half, float>(),
-                                    plain<c10::BFloat16, float>(), tc<__half>(), tc<__nv_bfloat16>(),
+void* const* hycam_all_kernels[] = {plain<float, float, void>(), plain<double, double, void>(),
+                                    plain<c10::Half, float, __half>(), plain<c10::BFloat16, float, __nv_bfloat16>(), tc<__half>(), tc<__nv_bfloat16>(),
                       reinterpret_cast<void* const*>(&cuda::sum_partials_kernel<float>),
                       reinterpret_cast<void* const*>(&cuda::sum_partials_kernel<double>)};
 """
@@ -201,6 +202,8 @@ def short_name(demangled: str) -> str:
                 a = s
                 break
         args.append(a)
+    while len(args) > 1 and args[-1] == "void":  # a defaulted template argument (no mma type)
+        args.pop()
     return f"{m.group(1)}<{','.join(args)}>"
 
 

@@ -6,6 +6,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <type_traits>
+
 #include "../common/cuda_utils.cuh"
 #include "../kernels.h"
 #include "cam_kernels.cuh"
@@ -92,7 +94,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const bool vec_io = rows_vectorisable(
         d, elem, {go.data_ptr(), h_in.data_ptr(), ap, z.data_ptr(), d_main.data_ptr(), dz.data_ptr()});
     const bool vec_B = (d * r * elem) % 16 == 0 && aligned16(B.data_ptr());
-    auto kernel = cam_backward_kernel<scalar_t, acc_t>;
+    using M = typename cuda::MmaType<scalar_t>::type;
+    if constexpr (!std::is_void_v<M>) {  // the backward's expand runs on tensor cores (bf16/fp16 mma)
+      TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8,
+                  "hycam.cam_backward: float16/bfloat16 on CUDA needs a GPU of compute capability 8.0 or newer");
+    }
+    auto kernel = cam_backward_kernel<scalar_t, acc_t, M>;
     cuda::set_smem(kernel, cfg.smem, "cam_backward");
     kernel<<<cfg.grid, cfg.block, cfg.smem, stream>>>(
         go.data_ptr<scalar_t>(), h_in.data_ptr<scalar_t>(), ap, z.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),

@@ -23,7 +23,10 @@
 // benchmarks/gpu_model.py).
 #pragma once
 
+#include <type_traits>
+
 #include "../common/cuda_device.cuh"
+#include "../common/cuda_mma.cuh"
 #include "../common/hycam_math.h"
 
 namespace hycam {
@@ -39,50 +42,65 @@ constexpr int64_t kSplitTokens = 512;   // at least this many tokens per split
 constexpr int kChunk = 8;               // dB accumulators a thread holds in registers at a time
 
 HYCAM_HD int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
+HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
 
-// Shared-memory layout (byte offsets, each 16-byte aligned). Bs [K][r][jt] and bs [K][jt] in
-// scalar_t; ws [tokens][K][rp] (rp: r rounded up to 16 bytes of acc_t, zero padded, so that w is
-// read as 16-byte broadcasts) and gs [tokens][K] in acc_t; backward only: the routed specialists
-// of each token kl [tokens][K] and their count [tokens] (int), du [tokens][K][jt] (token stride
-// K * jt + lpr) and the dB / db accumulators acc [K][r + 1][jt] in acc_t. du and acc index their
-// channels "lane-minor": channel jl = lane * V + c of the tile sits at x = c * lpr + lane, so that
-// a lane group's per-channel accesses and phase 2's per-column accesses both hit consecutive
-// banks (the lpr padding of du's token stride puts the rows of one warp on different banks).
+// Shared-memory layout (byte offsets, each 32-byte aligned). Bs [K][rb][jt] and bs [K][jt] in
+// scalar_t (rb = r, or r rounded up to 16 with zero rows for the tensor-core expand); ws
+// [tokens][K][rp] (rp: r rounded up to 16 bytes of acc_t, zero padded, so that w is read as
+// 16-byte broadcasts) and gs [tokens][K] in acc_t; backward only: the routed specialists of each
+// token kl [tokens][K] and their count [tokens], the tokens routed to each specialist tl [K][tokens]
+// and their count [K] (int); tensor-core expand only: w in scalar_t, wh
+// [tokens16][K][rb] (tokens16 = tokens rounded up to 16, the mma's M); du [max(tokens,
+// tokens16)][K][jt] (token stride K * jt + max(lpr, 4)) and the dB / db accumulators acc
+// [K][r + 1][jt] in acc_t. Without the tensor-core expand du and acc index their channels
+// "lane-minor": channel jl = lane * V + c of the tile sits at x = c * lpr + lane, so that a lane
+// group's per-channel accesses and phase 2's per-column accesses both hit consecutive banks (the
+// padding of du's token stride puts the rows of one warp on different banks); with it, du first
+// holds the expanded u = B_k w_k written by the mma, in channel order (x = jl), and each du value
+// replaces the u it came from.
 struct Layout {
-  int64_t b, w, g, kl, cnt, du, acc, total;
+  int64_t b, w, g, kl, cnt, tl, tn, wh, du, acc, total;
 };
-HYCAM_HD int64_t du_stride(int64_t K, int64_t jt, int64_t lpr) { return K * jt + lpr; }
+HYCAM_HD int64_t du_stride(int64_t K, int64_t jt, int64_t lpr) { return K * jt + (lpr > 4 ? lpr : 4); }
 HYCAM_HD int64_t w_stride(int64_t r, int64_t acc) { return align16(r * acc) / acc; }
+HYCAM_HD int64_t b_rows(int64_t r, bool tc) { return tc ? (r + 15) / 16 * 16 : r; }
 HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_t tokens, int64_t elem,
-                           int64_t acc, bool backward) {
+                           int64_t acc, bool backward, bool tc) {
   Layout L;
-  int64_t o = align16(K * r * jt * elem);
+  const int64_t rb = b_rows(r, tc), tokens16 = (tokens + 15) / 16 * 16;
+  int64_t o = align32(K * rb * jt * elem);
   L.b = o;
-  o = align16(o + K * jt * elem);
+  o = align32(o + K * jt * elem);
   L.w = o;
-  o = align16(o + tokens * K * w_stride(r, acc) * acc);
+  o = align32(o + tokens * K * w_stride(r, acc) * acc);
   L.g = o;
-  o = align16(o + tokens * K * acc);
-  L.kl = L.cnt = L.du = L.acc = o;
+  o = align32(o + tokens * K * acc);
+  L.kl = L.cnt = L.tl = L.tn = L.wh = L.du = L.acc = o;
   if (backward) {
     L.kl = o;
-    o = align16(o + tokens * K * 4);
+    o = align32(o + tokens * K * 4);
     L.cnt = o;
-    o = align16(o + tokens * 4);
+    o = align32(o + tokens * 4);
+    L.tl = o;
+    o = align32(o + K * tokens * 4);
+    L.tn = o;
+    o = align32(o + K * 4);
+    L.wh = o;
+    if (tc) o = align32(o + tokens16 * K * rb * elem);
     L.du = o;
-    o = align16(o + tokens * du_stride(K, jt, lpr) * acc);
+    o = align32(o + (tc ? tokens16 : tokens) * du_stride(K, jt, lpr) * acc);
     L.acc = o;
-    o = align16(o + K * (r + 1) * jt * acc);
+    o = align32(o + K * (r + 1) * jt * acc);
   }
   L.total = o;
   return L;
 }
 
-// Stage B[:, j0:j0+jt, :] (global [K, d, r]) as Bs [K][r][jt] and b[:, j0:j0+jt] as bs [K][jt],
-// zero past d (so that lanes past d compute zeros). 16-byte loads when `vec`.
+// Stage B[:, j0:j0+jt, :] (global [K, d, r]) as Bs [K][rb][jt] and b[:, j0:j0+jt] as bs [K][jt],
+// zero past d (so that lanes past d compute zeros) and in the rows r..rb. 16-byte loads when `vec`.
 template <typename scalar_t>
 HYCAM_DEVICE void stage_B(scalar_t* Bs, scalar_t* bs, const scalar_t* __restrict__ B, const scalar_t* __restrict__ b,
-                          int64_t j0, int64_t jt, int64_t d, int64_t K, int64_t r, bool vec) {
+                          int64_t j0, int64_t jt, int64_t d, int64_t K, int64_t r, int64_t rb, bool vec) {
   constexpr int V = cuda::Pack16<scalar_t>::kN;
   const int64_t per_k = jt * r, nvalid = (d - j0 < jt ? d - j0 : jt) * r;
   for (int64_t q = static_cast<int64_t>(threadIdx.x) * V; q < K * per_k; q += static_cast<int64_t>(blockDim.x) * V) {
@@ -97,8 +115,12 @@ HYCAM_DEVICE void stage_B(scalar_t* Bs, scalar_t* bs, const scalar_t* __restrict
     }
     for (int c = 0; c < V; ++c) {
       const int64_t jl = (f + c) / r, i = (f + c) % r;
-      Bs[(k * r + i) * jt + jl] = e[c];
+      Bs[(k * rb + i) * jt + jl] = e[c];
     }
+  }
+  for (int64_t q = threadIdx.x; q < K * (rb - r) * jt; q += blockDim.x) {
+    const int64_t k = q / ((rb - r) * jt), f = q % ((rb - r) * jt);
+    Bs[(k * rb + r) * jt + f] = static_cast<scalar_t>(0.0f);
   }
   for (int64_t q = threadIdx.x; q < K * jt; q += blockDim.x) {
     const int64_t k = q / jt, j = j0 + q % jt;
@@ -121,21 +143,48 @@ HYCAM_DEVICE void stage_w(acc_t* ws, const scalar_t* __restrict__ w, int64_t t0,
 // w_k 16-byte aligned and zero padded to a multiple of 16 bytes).
 template <typename scalar_t, typename acc_t>
 HYCAM_DEVICE void expand_lane(const scalar_t* Bs, const scalar_t* bs, const acc_t* wk, int64_t k, int64_t r,
-                              int64_t jt, int64_t jl0, acc_t* u) {
+                              int64_t rb, int64_t jt, int64_t jl0, acc_t* u) {
   constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
   const auto bias = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(bs + k * jt + jl0);
 #pragma unroll
   for (int c = 0; c < V; ++c) u[c] = static_cast<acc_t>(bias.v[c]);
   for (int64_t i0 = 0; i0 < r; i0 += P) {
+    cuda::check_smem16(wk + i0);
     const auto wv = *reinterpret_cast<const cuda::Pack16<acc_t>*>(wk + i0);
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       if (i0 + p < r) {
-        const auto Bv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(Bs + (k * r + i0 + p) * jt + jl0);
+        cuda::check_smem16(Bs + (k * rb + i0 + p) * jt + jl0);
+        const auto Bv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(Bs + (k * rb + i0 + p) * jt + jl0);
 #pragma unroll
         for (int c = 0; c < V; ++c) u[c] += static_cast<acc_t>(Bv.v[c]) * wv.v[p];
       }
     }
+  }
+}
+
+// n = V acc_t values at p <-> v, as 16-byte shared-memory accesses (p 16-byte aligned).
+template <int V, typename acc_t>
+HYCAM_DEVICE void lds_vec(const acc_t* p, acc_t* v) {
+  constexpr int P = cuda::Pack16<acc_t>::kN;
+#pragma unroll
+  for (int c0 = 0; c0 < V; c0 += P) {
+    cuda::check_smem16(p + c0);
+    const auto q = *reinterpret_cast<const cuda::Pack16<acc_t>*>(p + c0);
+#pragma unroll
+    for (int c = 0; c < P; ++c) v[c0 + c] = q.v[c];
+  }
+}
+template <int V, typename acc_t>
+HYCAM_DEVICE void sts_vec(acc_t* p, const acc_t* v) {
+  constexpr int P = cuda::Pack16<acc_t>::kN;
+#pragma unroll
+  for (int c0 = 0; c0 < V; c0 += P) {
+    cuda::Pack16<acc_t> q;
+#pragma unroll
+    for (int c = 0; c < P; ++c) q.v[c] = v[c0 + c];
+    cuda::check_smem16(p + c0);
+    *reinterpret_cast<cuda::Pack16<acc_t>*>(p + c0) = q;
   }
 }
 
@@ -152,13 +201,13 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
   constexpr int V = cuda::Pack16<scalar_t>::kN;
   HYCAM_DYNAMIC_SMEM(smem);
   const int64_t jt = lpr * V, rows = blockDim.x / lpr, rp = w_stride(r, sizeof(acc_t));
-  const Layout L = cam_layout(K, r, jt, lpr, tile, sizeof(scalar_t), sizeof(acc_t), false);
+  const Layout L = cam_layout(K, r, jt, lpr, tile, sizeof(scalar_t), sizeof(acc_t), false, false);
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem);
   scalar_t* bs = reinterpret_cast<scalar_t*>(smem + L.b);
   acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
   acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
   const int64_t t0 = blockIdx.x * tile, nt = min(tile, T - t0), j0 = blockIdx.y * jt;
-  stage_B(Bs, bs, B, b, j0, jt, d, K, r, vec_B);
+  stage_B(Bs, bs, B, b, j0, jt, d, K, r, r, vec_B);
   stage_w(ws, w, t0, nt, tile, K, r);
   for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
   __syncthreads();
@@ -180,7 +229,7 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
     for (int64_t k = 0; k < K; ++k) {
       const acc_t gk = gs[tt * K + k];
       if (gk == acc_t(0)) continue;  // hard routing: only the routed specialist is expanded
-      expand_lane(Bs, bs, ws + (tt * K + k) * rp, k, r, jt, jl0, u);
+      expand_lane(Bs, bs, ws + (tt * K + k) * rp, k, r, r, jt, jl0, u);
 #pragma unroll
       for (int c = 0; c < V; ++c) spec[c] += gk * silu(s * u[c]);
     }
@@ -197,8 +246,11 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
 // per thread): dB / db accumulators += du * w over the tile's tokens. At the end the accumulators
 // go to pB [S, K, r + 1, d] (index r = db).
 // ---------------------------------------------------------------------------------------
-// At most 128 registers per thread, so that two 256-thread blocks (16 warps) fit on an SM.
-template <typename scalar_t, typename acc_t>
+// M: the mma element type of scalar_t (__half, __nv_bfloat16) or void. With M and channel tiles of
+// a multiple of 16 (tc), u = B_k w_k for the tile's tokens and every k comes from tensor-core mma
+// (bf16/fp16 products are exact in float, sums in float) instead of 16-byte shared-memory loads of
+// B per token. At most 128 registers per thread, so that two 256-thread blocks fit on an SM.
+template <typename scalar_t, typename acc_t, typename M = void>
 HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ h_in,
                                       const scalar_t* __restrict__ a, const scalar_t* __restrict__ z,
                                       const scalar_t* __restrict__ w, const scalar_t* __restrict__ B,
@@ -210,19 +262,27 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const sca
   constexpr int V = cuda::Pack16<scalar_t>::kN;
   HYCAM_DYNAMIC_SMEM(smem);
   const int64_t jt = lpr * V, rows = blockDim.x / lpr, R1 = r + 1, rp = w_stride(r, sizeof(acc_t));
-  const Layout L = cam_layout(K, r, jt, lpr, rows, sizeof(scalar_t), sizeof(acc_t), true);
+  const bool tc = !std::is_void_v<M> && jt % 16 == 0;
+  const int64_t rb = b_rows(r, tc), rows16 = (rows + 15) / 16 * 16;
+  const Layout L = cam_layout(K, r, jt, lpr, rows, sizeof(scalar_t), sizeof(acc_t), true, tc);
   const int64_t dst = du_stride(K, jt, lpr);
+  // du / acc index of the lane's channel c, and the channel of index x (see Layout)
+  auto x_of = [&](int64_t li_, int64_t c) { return tc ? li_ * V + c : c * lpr + li_; };
+  auto jl_of = [&](int64_t x) { return tc ? x : (x % lpr) * V + x / lpr; };
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem);
   scalar_t* bs = reinterpret_cast<scalar_t*>(smem + L.b);
   acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
   acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
   int* kl = reinterpret_cast<int*>(smem + L.kl);
   int* cnt = reinterpret_cast<int*>(smem + L.cnt);
+  int* tl = reinterpret_cast<int*>(smem + L.tl);
+  int* tn = reinterpret_cast<int*>(smem + L.tn);
+  scalar_t* wh = reinterpret_cast<scalar_t*>(smem + L.wh);
   acc_t* dus = reinterpret_cast<acc_t*>(smem + L.du);
   acc_t* accs = reinterpret_cast<acc_t*>(smem + L.acc);
   const int64_t j0 = blockIdx.x * jt, split = blockIdx.y;
   const int64_t ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
-  stage_B(Bs, bs, B, b, j0, jt, d, K, r, vec_B);
+  stage_B(Bs, bs, B, b, j0, jt, d, K, r, rb, vec_B);
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) accs[q] = 0;
 
   const int64_t li = threadIdx.x % lpr, row = threadIdx.x / lpr, jl0 = li * V, j = j0 + jl0;
@@ -234,15 +294,50 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const sca
     for (int64_t q = threadIdx.x; q < rows * K; q += blockDim.x)
       gs[q] = q < nt * K ? static_cast<acc_t>(cuda::ld(g + t0 * K + q)) : acc_t(0);
     __syncthreads();
+    if (tc) {  // w again, in scalar_t for the mma (exact: w is scalar_t): [rows16][K][rb], zero padded
+      for (int64_t q = threadIdx.x; q < rows16 * K * rb; q += blockDim.x) {
+        const int64_t tk = q / rb, i = q % rb;
+        wh[q] = static_cast<scalar_t>(i < r && tk < rows * K ? ws[tk * rp + i] : acc_t(0));
+      }
+    }
     for (int64_t tt = threadIdx.x; tt < rows; tt += blockDim.x) {  // routed specialists of each token
       int n = 0;
       for (int64_t k = 0; k < K; ++k)
         if (gs[tt * K + k] != acc_t(0)) kl[tt * K + n++] = static_cast<int>(k);
       cnt[tt] = n;
     }
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {  // tokens routed to each specialist
+      int n = 0;
+      for (int64_t tt = 0; tt < rows; ++tt)
+        if (gs[tt * K + k] != acc_t(0)) tl[k * rows + n++] = static_cast<int>(tt);
+      tn[k] = n;
+    }
     __syncthreads();
     int routed_max = 0;  // the same for the whole block: the dw loop below is uniform
     for (int64_t tt = 0; tt < rows; ++tt) routed_max = cnt[tt] > routed_max ? cnt[tt] : routed_max;
+    if constexpr (!std::is_void_v<M>) {
+      if (tc) {  // u[tt][k][jl] = sum_i w[tt, k, i] B[k, jl, i] into du, one 16 x 16 tile per warp step
+#if HYCAM_MMA_AVAILABLE
+        const int64_t nwarps = blockDim.x / 32, nf = jt / 16, nfrag = rows16 / 16 * K * nf;
+        const M* whm = reinterpret_cast<const M*>(wh);
+        const M* Bm = reinterpret_cast<const M*>(Bs);
+        for (int64_t f = threadIdx.x / 32; f < nfrag; f += nwarps) {
+          const int64_t mi = f / (K * nf), k = (f / nf) % K, n = f % nf;
+          mma::FragC uacc;
+          mma::zero(uacc);
+          for (int64_t i0 = 0; i0 < rb; i0 += 16) {
+            mma::FragA<M, true> fa;
+            mma::FragB<M, true> fb;
+            mma::load_a<true>(fa, whm + (mi * 16 * K + k) * rb + i0, static_cast<unsigned>(K * rb));
+            mma::load_b<true>(fb, Bm + (k * rb + i0) * jt + n * 16, static_cast<unsigned>(jt));
+            mma::mma(uacc, fa, fb);
+          }
+          mma::store(dus + mi * 16 * dst + k * jt + n * 16, uacc, static_cast<unsigned>(dst));
+        }
+#endif
+        __syncthreads();
+      }
+    }
 
     // ---- phase 1: token t0 + row for the lane group (rows past nt compute zeros, store nothing)
     const int64_t tt = row, t = t0 + tt;
@@ -267,15 +362,28 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const sca
     acc_t* prow_t = prow + (static_cast<int64_t>(blockIdx.x) * T + t) * K * R1;
     for (int64_t k = 0; k < K; ++k) {
       const acc_t gk = gs[tt * K + k];
-      expand_lane(Bs, bs, ws + (tt * K + k) * rp, k, r, jt, jl0, u);
-      acc_t pdg = 0;
+      if (tc) {  // the mma's u plus the bias
+        const auto bias = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(bs + k * jt + jl0);
+        lds_vec<V>(dus + tt * dst + k * jt + jl0, u);
+#pragma unroll
+        for (int c = 0; c < V; ++c) u[c] += static_cast<acc_t>(bias.v[c]);
+      } else {
+        expand_lane(Bs, bs, ws + (tt * K + k) * rp, k, r, rb, jt, jl0, u);
+      }
+      acc_t pdg = 0, du[V];
 #pragma unroll
       for (int c = 0; c < V; ++c) {
         const acc_t v = s * u[c], sg = sigmoid(v), ek = silu_from_sigmoid(v, sg);
         pdg += gc[c] * ek;
-        if (gk != acc_t(0)) {
-          spec[c] += gk * ek;
-          dus[tt * dst + k * jt + c * lpr + li] = gc[c] * gk * s * silu_grad_from_sigmoid(v, sg);
+        du[c] = gc[c] * gk * s * silu_grad_from_sigmoid(v, sg);
+        if (gk != acc_t(0)) spec[c] += gk * ek;
+      }
+      if (gk != acc_t(0)) {  // du replaces u (tc: in channel order, 16-byte stores; else lane-minor)
+        if (tc) {
+          sts_vec<V>(dus + tt * dst + k * jt + jl0, du);
+        } else {
+#pragma unroll
+          for (int c = 0; c < V; ++c) dus[tt * dst + k * jt + x_of(li, c)] = du[c];
         }
       }
       pdg = cuda::group_sum(pdg, static_cast<int>(lpr));
@@ -289,12 +397,16 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const sca
     for (int m = 0; m < routed_max; ++m) {
       const int k = m < cnt[tt] ? kl[tt * K + m] : -1;
       acc_t du[V];
+      if (k >= 0 && tc) {
+        lds_vec<V>(dus + tt * dst + k * jt + jl0, du);
+      } else {
 #pragma unroll
-      for (int c = 0; c < V; ++c) du[c] = k >= 0 ? dus[tt * dst + k * jt + c * lpr + li] : acc_t(0);
+        for (int c = 0; c < V; ++c) du[c] = k >= 0 ? dus[tt * dst + k * jt + x_of(li, c)] : acc_t(0);
+      }
       for (int64_t i = 0; i < r; ++i) {
         acc_t p = 0;
         if (k >= 0) {
-          const auto Bv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(Bs + (k * r + i) * jt + jl0);
+          const auto Bv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(Bs + (k * rb + i) * jt + jl0);
 #pragma unroll
           for (int c = 0; c < V; ++c) p += du[c] * static_cast<acc_t>(Bv.v[c]);
         }
@@ -317,14 +429,14 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const sca
 
     // ---- phase 2: column (k, x) of the dB / db accumulators, kChunk rank indices at a time
     for (int64_t col = threadIdx.x; col < K * jt; col += blockDim.x) {
-      const int64_t k = col / jt, x = col % jt, jl = (x % lpr) * V + x / lpr;
+      const int64_t k = col / jt, x = col % jt, jl = jl_of(x);
       if (j0 + jl >= d) continue;
       for (int64_t i0 = 0; i0 < R1; i0 += kChunk) {
         acc_t acc[kChunk];
 #pragma unroll
         for (int c = 0; c < kChunk; ++c) acc[c] = i0 + c < R1 ? accs[(k * R1 + i0 + c) * jt + x] : acc_t(0);
-        for (int64_t q = 0; q < nt; ++q) {
-          if (gs[q * K + k] == acc_t(0)) continue;  // hard routing: only the tokens routed to k
+        for (int n = 0; n < tn[k]; ++n) {  // the tokens routed to k (hard routing: about rows / K)
+          const int64_t q = tl[k * rows + n];
           const acc_t du = dus[q * dst + k * jt + x];
           const acc_t* wq = ws + (q * K + k) * rp + i0;
           acc_t wv[kChunk];  // w_k[i0 + c], 1 at i = r (db), 0 past it
@@ -359,7 +471,7 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const sca
   __syncthreads();
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) {
     const int64_t jl = q % jt, ki = q / jt;  // ki = k * R1 + i; consecutive threads: consecutive j
-    if (j0 + jl < d) cuda::st(pB + (split * K * R1 + ki) * d + j0 + jl, accs[ki * jt + (jl % V) * lpr + jl / V]);
+    if (j0 + jl < d) cuda::st(pB + (split * K * R1 + ki) * d + j0 + jl, accs[ki * jt + x_of(jl / V, jl % V)]);
   }
 }
 
@@ -380,7 +492,8 @@ inline Tiling choose_tiling(int64_t K, int64_t r, int64_t elem, int64_t acc_byte
       const int64_t rows = threads / lpr;
       const int64_t wide = cuda::ceil_div(kFwdTokens, rows) * rows;
       for (int64_t tokens : {backward ? rows : wide, rows}) {
-        const Layout L = cam_layout(K, r, lpr * V, lpr, tokens, elem, acc_bytes, backward);
+        const bool tc = backward && elem == 2 && (lpr * V) % 16 == 0;  // as cam_backward_kernel decides
+        const Layout L = cam_layout(K, r, lpr * V, lpr, tokens, elem, acc_bytes, backward, tc);
         if (L.total <= kSmemBudget) return Tiling{threads, lpr, tokens, L.total};
       }
     }

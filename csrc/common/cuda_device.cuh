@@ -79,6 +79,17 @@ HYCAM_DEVICE void will_load(const T* p, int64_t n HYCAM_SITE_PARAM) {
 #endif
 }
 
+// Under the emulation: fail unless p (a 16-byte shared-memory access) is 16-byte aligned, as the
+// GPU requires; nothing under nvcc.
+HYCAM_DEVICE void check_smem16(const void* p HYCAM_SITE_PARAM) {
+#if defined(HYCAM_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(p) % 16)
+    ::hycam_emu::fail("misaligned 16-byte shared-memory access at " + ::hycam_emu::where(site));
+#else
+  (void)p;
+#endif
+}
+
 // 16 bytes of T (8 half/bfloat16, 4 float, 2 double): one 128-bit access.
 template <typename T>
 struct alignas(16) Pack16 {

@@ -9,6 +9,9 @@
 
 #include <algorithm>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "cuda_device.cuh"
 
 namespace hycam {
@@ -30,6 +33,20 @@ inline at::Tensor sum_partials(const at::Tensor& part) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
+
+// The wmma element type of a torch dtype (void: no tensor-core path).
+template <typename S>
+struct MmaType {
+  using type = void;
+};
+template <>
+struct MmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct MmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
 
 // Dynamic shared memory above 48 KiB needs an opt-in per kernel; fail clearly past the device limit.
 template <typename Kernel>

@@ -23,20 +23,6 @@ using namespace shrink_kernels;
 
 namespace {
 
-// The wmma element type of a torch dtype (void: no tensor-core path).
-template <typename S>
-struct MmaType {
-  using type = void;
-};
-template <>
-struct MmaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct MmaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
 // half/bfloat16 on sm_80+, unless HYCAM_TENSOR_CORES=0 (read on every call, so that tests can
 // compare both paths in one process).
 bool use_tensor_cores(at::ScalarType st) {
@@ -56,7 +42,7 @@ Operand<M> operand(const S* p, int64_t ld) {
 template <typename S>
 void launch_shrink_tc(const S* x, const S* A, const S* ab, S* p, float* part, const ShrinkSplitK& sk, int64_t T,
                       int64_t d, int64_t KR, cudaStream_t stream) {
-  using M = typename MmaType<S>::type;
+  using M = typename cuda::MmaType<S>::type;
   if constexpr (!std::is_void_v<M>) {
     const dim3 grid(cuda::ceil_div(T, kMM), cuda::ceil_div(KR, kMN), sk.SK);
     shrink_tc_kernel<M><<<grid, kMThreads, 0, stream>>>(operand<M>(x, d), operand<M>(A, d), part, T, d, KR,
@@ -73,7 +59,7 @@ void launch_shrink_tc(const S* x, const S* A, const S* ab, S* p, float* part, co
 template <typename S>
 void launch_shrink_backward_tc(const S* dp_lo, const S* x, const S* A, S* dx, float* pA, int64_t T, int64_t d,
                                int64_t KR, const ShrinkBackwardConfig& cfg, cudaStream_t stream) {
-  using M = typename MmaType<S>::type;
+  using M = typename cuda::MmaType<S>::type;
   if constexpr (!std::is_void_v<M>) {
     const auto dpo = operand<M>(dp_lo, KR);
     dx_tc_kernel<M><<<dim3(cuda::ceil_div(T, kMM), cfg.nJ), kMThreads, 0, stream>>>(

@@ -98,6 +98,10 @@ std::vector<S> sum_partials(const std::vector<S>& part, int64_t S_, int64_t n) {
   return out;
 }
 
+// The mma element type cam_cuda.cu passes for a storage type (void: no tensor-core path).
+template <class S>
+using MmaOf = std::conditional_t<std::is_same_v<S, __half> || std::is_same_v<S, __nv_bfloat16>, S, void>;
+
 // S: storage type, Acc: accumulation type (at::opmath_type<S> in cam_cuda.cu: float for the 16-bit types).
 template <class S, class Acc = S>
 void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool has_a, bool has_b, bool hard,
@@ -186,7 +190,7 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
       std::fill(pB.begin(), pB.end(), Acc(0));
     } else {
       launch(cfg.grid, cfg.block, cfg.smem, [&] {
-        cam_backward_kernel<S, Acc>(go.data(), hp, ap, z.data(), w.data(), B.data(), bp, g.data(),
+        cam_backward_kernel<S, Acc, MmaOf<S>>(go.data(), hp, ap, z.data(), w.data(), B.data(), bp, g.data(),
                                     d_main.data(), dzg.data(), prow.data(), pB.data(), T, d, K, r, Acc(scale),
                                     placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
       }, "cam_backward_kernel");

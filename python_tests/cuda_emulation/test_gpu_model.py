@@ -72,8 +72,20 @@ def test_tensor_core_kernels_use_hmma_and_128_bit_loads(kernel_code):
         if "_tc_kernel" in n:
             assert k.hmma > 0, f"{n} sm_{a}: no HMMA"
             assert k.global_loads.get(128, 0) > 0, f"{n} sm_{a}: no 128-bit global loads ({k.global_loads})"
+        elif n in ("cam_backward_kernel<bf16,fp32,bf16>", "cam_backward_kernel<fp16,fp32,fp16>"):
+            assert k.hmma > 0, f"{n} sm_{a}: the backward's expand should run on tensor cores"
         else:
             assert k.hmma == 0, f"{n} sm_{a}: unexpected HMMA"
+
+
+def test_cam_kernels_move_rows_in_16_byte_accesses(kernel_code):
+    """The [T, d] streams of both CAM kernels, every dtype: 128-bit global loads in the machine code
+    (the scalar tail adds narrower ones)."""
+    names = [n for (n, a) in kernel_code if n.startswith(("cam_forward_kernel", "cam_backward_kernel"))]
+    assert len(names) >= 16, names  # 2 kernels x 4 dtypes x 2 archs
+    for (n, a), k in kernel_code.items():
+        if n.startswith(("cam_forward_kernel", "cam_backward_kernel")):
+            assert k.global_loads.get(128, 0) > 0, f"{n} sm_{a}: no 128-bit global loads ({k.global_loads})"
 
 
 @needs_cxx
@@ -92,6 +104,10 @@ def test_every_launch_fits_an_sm(kernel_code, shape):
     checked = 0
     types = {2: "<bf16,fp32>", 4: "<fp32,fp32>", 8: "<fp64,fp64>"}
     for L in launches:
+        if L["kernel"] == "cam_backward_kernel" and L["elem"] == 2:
+            types[2] = "<bf16,fp32,bf16>"  # the backward's wmma element type
+        elif L["elem"] == 2:
+            types[2] = "<bf16,fp32>"
         if L["lanes_per_row"] == 0:  # no tiling fits: the launchers reject K * r with a clear error
             assert L["smem"] == 0 and L["threads"] == 1, L
             continue
