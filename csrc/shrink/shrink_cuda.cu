@@ -82,6 +82,9 @@ std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Te
   auto p = at::empty({T, K, r}, x.options());
   auto w = at::empty({T, K, r}, x.options());
   if (T == 0) return {p, w};
+  // grid.y counts output tiles of kMN (tensor cores) or kTN columns: both 64
+  TORCH_CHECK_VALUE(cuda::ceil_div(KR, kTN) <= 65535, "hycam.shrink: num_specialists * rank = ", KR,
+                    " needs more than 65535 tiles of ", kTN, " outputs; reduce rank or num_specialists");
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -113,6 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
     return {at::zeros_like(x), at::zeros_like(A), at::zeros({K, r}, A.options()), at::zeros_like(N),
             at::zeros({K, r}, N.options())};
   }
+  // grid.y of dx / dA counts tiles of kTN channels
+  TORCH_CHECK_VALUE(cuda::ceil_div(d, kTN) <= 65535, "hycam.shrink_backward: hidden size ", d,
+                    " needs more than 65535 tiles of ", kTN, " channels; reduce the hidden size");
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto dx = at::empty_like(x);
   auto dp = at::empty({T, KR}, x.options().dtype(acc_type));

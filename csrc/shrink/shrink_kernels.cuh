@@ -175,6 +175,7 @@ constexpr int kMThreads = 128;
 constexpr int kMM = 64, kMN = 64, kMK = 32;
 constexpr int kPad = 8;  // keeps every wmma tile pointer 32-byte aligned and spreads banks
 constexpr int kCS = kMN + 4;  // row stride of the float result tile
+static_assert(kMN == kTN, "the launchers' grid checks assume one output-tile width for both paths");
 
 // Copy the [R, C] window at (r0, c0) of a row-major global matrix (row stride ld, valid while
 // row < r_end and col < c_end) into s (row stride C + kPad), zero outside.

@@ -1,8 +1,9 @@
 """Convergence (in the style of Liger-Kernel's): a tiny Hugging Face Llama with HyCAM trained N
 steps through the kernels and through the reference formulation (HyCAMConfig(use_kernels=False))
 on the same data with the same routing noise follows the same loss curve and ends with close
-adapters. fp32: every step's loss within 1e-5 relative. bf16 autocast: the kernels' curve stays
-within a small multiple of the reference's own bf16-vs-float64 spread."""
+adapters. fp32: every step's loss within 1e-5 relative. bf16 autocast: the kernels' curve (hard
+routing) and final adapters (soft routing) stay within a small multiple of the reference's own
+bf16-vs-float64 spread."""
 
 import pytest
 import torch
@@ -41,10 +42,11 @@ def _cfg(**kw):
                                  aux_loss_coef=0.1, **kw)
 
 
-def _train(device, use_kernels, dtype=torch.float32, autocast=None, steps=STEPS):
+def _train(device, use_kernels, dtype=torch.float32, autocast=None, steps=STEPS, hard=True):
     """Loss, aux loss and route distribution per step, and the final adapter weights."""
     torch.manual_seed(0)
-    model = get_hycam_model(tiny_model("llama", seed=0, vocab_size=VOCAB), _cfg(use_kernels=use_kernels))
+    model = get_hycam_model(tiny_model("llama", seed=0, vocab_size=VOCAB),
+                            _cfg(use_kernels=use_kernels, hard=hard))
     perturb_hycam(model, seed=1, scale=0.2)           # start away from the identity CAM = 1
     model = model.to(device=device, dtype=dtype).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -86,9 +88,12 @@ def test_fp32_loss_curve_and_adapter_match_reference(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_loss_curve_within_reference_spread(device):
-    exact, a_exact = _train(device, False, dtype=torch.float64)
-    ref, a_ref = _train(device, False, autocast=torch.bfloat16)
-    kern, a_kern = _train(device, True, autocast=torch.bfloat16)
+    """Hard routing, as trained: the loss curve. (Not the adapters: in bf16 a rounding difference
+    flips the Gumbel route of a token now and then, in the reference against float64 as well, and
+    from then on a different specialist learns from it; the soft-routing test below compares them.)"""
+    exact, _ = _train(device, False, dtype=torch.float64)
+    ref, _ = _train(device, False, autocast=torch.bfloat16)
+    kern, _ = _train(device, True, autocast=torch.bfloat16)
     ref_dev = [abs(r[0] - e[0]) for r, e in zip(ref, exact)]
     kern_dev = [abs(k[0] - e[0]) for k, e in zip(kern, exact)]
     # the reference's own bf16 error is not zero (else this test could not tell anything)
@@ -98,7 +103,16 @@ def test_bf16_autocast_loss_curve_within_reference_spread(device):
     spread = max(ref_dev)
     for step, d in enumerate(kern_dev):
         assert d <= 2.0 * spread, f"step {step}: kernels off float64 by {d}, reference spread {spread}"
-    # final adapters: the kernels' distance from float64 within 2x the reference's
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_adapters_within_reference_spread(device):
+    """Soft routing (no discrete route choices): the final adapters' distance from float64 through
+    the kernels within 2x the reference's own, parameter by parameter."""
+    exact, a_exact = _train(device, False, dtype=torch.float64, hard=False)
+    _, a_ref = _train(device, False, autocast=torch.bfloat16, hard=False)
+    _, a_kern = _train(device, True, autocast=torch.bfloat16, hard=False)
+    assert max((a_ref[k] - a_exact[k]).abs().max().item() for k in a_exact) > 1e-4  # bf16 shows
     for k in a_exact:
         dk = (a_kern[k] - a_exact[k]).abs().max().item()
         dr = (a_ref[k] - a_exact[k]).abs().max().item()
