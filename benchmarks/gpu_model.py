@@ -197,9 +197,9 @@ def smem_wavefronts(kernel, T, d, K, r, routed, lpr):
         wh = tiles * rows16 * K * r16 / 32  # w converted to bf16 (2-byte stores)
         expand = units * K * (2 * 8 + 4)  # u (two 16-byte loads per lane) + bias
         dw = units * routed * (2 * 8 + 2 * 8 + 4 * r)  # du stored and read back, B loads for dw
-        # phase 2, per routed token and 32 columns of one k: per chunk of 8 rank indices one du
-        # load and two w broadcasts; the accumulators loaded and stored once per token tile
-        phase2 = T * d / 32 * routed * 3 * math.ceil(R1 / 8) + T * d * K * R1 * 2 / (32 * rows)
+        # phase 2, per routed token and 32 threads (64 columns of one k): per chunk of 8 rank
+        # indices two du loads and two w broadcasts; accumulators loaded and stored once per tile
+        phase2 = T * d / 64 * routed * 4 * math.ceil(R1 / 8) + T * d * K * R1 * 2 / (32 * rows)
         blocks = math.ceil(d / jt) * min(16, max(1, math.ceil(T / 512)))
         return mma + wh + expand + dw + phase2 + blocks * stage
     return 0.0

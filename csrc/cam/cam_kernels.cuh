@@ -427,44 +427,58 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const sca
     }
     __syncthreads();  // du of the tile complete
 
-    // ---- phase 2: column (k, x) of the dB / db accumulators, kChunk rank indices at a time
-    for (int64_t col = threadIdx.x; col < K * jt; col += blockDim.x) {
-      const int64_t k = col / jt, x = col % jt, jl = jl_of(x);
-      if (j0 + jl >= d) continue;
-      for (int64_t i0 = 0; i0 < R1; i0 += kChunk) {
-        acc_t acc[kChunk];
+    // ---- phase 2: the columns (k, x) and (k, x + jt / 2) of the dB / db accumulators per thread,
+    // sharing the w broadcasts, kC rank indices at a time. Columns past d accumulate du = 0.
+    const int64_t half = jt / 2;  // jt = lpr * V is even
+    constexpr int kC = sizeof(acc_t) == 8 ? kChunk / 2 : kChunk;  // double: half, within 128 registers
+    for (int64_t pc = threadIdx.x; pc < K * half; pc += blockDim.x) {
+      const int64_t k = pc / half, x = pc % half;
+      acc_t* acc_k = accs + k * R1 * jt + x;
+      const acc_t* du_k = dus + k * jt + x;
+      for (int64_t i0 = 0; i0 < R1; i0 += kC) {
+        acc_t a0[kC], a1[kC];
 #pragma unroll
-        for (int c = 0; c < kChunk; ++c) acc[c] = i0 + c < R1 ? accs[(k * R1 + i0 + c) * jt + x] : acc_t(0);
+        for (int c = 0; c < kC; ++c) {
+          a0[c] = i0 + c < R1 ? acc_k[(i0 + c) * jt] : acc_t(0);
+          a1[c] = i0 + c < R1 ? acc_k[(i0 + c) * jt + half] : acc_t(0);
+        }
         for (int n = 0; n < tn[k]; ++n) {  // the tokens routed to k (hard routing: about rows / K)
           const int64_t q = tl[k * rows + n];
-          const acc_t du = dus[q * dst + k * jt + x];
+          const acc_t du0 = du_k[q * dst], du1 = du_k[q * dst + half];
           const acc_t* wq = ws + (q * K + k) * rp + i0;
-          acc_t wv[kChunk];  // w_k[i0 + c], 1 at i = r (db), 0 past it
-          if (i0 + kChunk <= rp) {  // 16-byte broadcasts (i0 is a multiple of kChunk: aligned)
+          acc_t wv[kC];  // w_k[i0 + c], 1 at i = r (db), 0 past it
+          if (i0 + kC <= rp) {  // 16-byte broadcasts (i0 is a multiple of kC: aligned)
             constexpr int P = cuda::Pack16<acc_t>::kN;
 #pragma unroll
-            for (int c0 = 0; c0 < kChunk; c0 += P) {
+            for (int c0 = 0; c0 < kC; c0 += P) {
+              cuda::check_smem16(wq + c0);
               const auto p = *reinterpret_cast<const cuda::Pack16<acc_t>*>(wq + c0);
 #pragma unroll
               for (int c = 0; c < P; ++c) wv[c0 + c] = p.v[c];
             }
           } else {
 #pragma unroll
-            for (int c = 0; c < kChunk; ++c) wv[c] = i0 + c < r ? wq[c] : acc_t(0);
+            for (int c = 0; c < kC; ++c) wv[c] = i0 + c < r ? wq[c] : acc_t(0);
           }
 #pragma unroll
-          for (int c = 0; c < kChunk; ++c) {
+          for (int c = 0; c < kC; ++c) {
             const int64_t i = i0 + c;
             if (i < r) {
-              acc[c] += du * wv[c];
+              a0[c] += du0 * wv[c];
+              a1[c] += du1 * wv[c];
             } else if (i == r) {
-              acc[c] += du;
+              a0[c] += du0;
+              a1[c] += du1;
             }
           }
         }
 #pragma unroll
-        for (int c = 0; c < kChunk; ++c)
-          if (i0 + c < R1) accs[(k * R1 + i0 + c) * jt + x] = acc[c];
+        for (int c = 0; c < kC; ++c) {
+          if (i0 + c < R1) {
+            acc_k[(i0 + c) * jt] = a0[c];
+            acc_k[(i0 + c) * jt + half] = a1[c];
+          }
+        }
       }
     }
   }
