@@ -66,19 +66,6 @@ HYCAM_DEVICE void st(T* p, typename NoDeduce<T>::type v HYCAM_SITE_PARAM) {
 #endif
   *p = v;
 }
-// The loads of p[0..n) that a shared helper of hycam_math.h (common to the CPU kernels, so it
-// cannot call ld) is about to make, one element per load, in that order: recorded under the
-// emulation, nothing under nvcc.
-template <typename T>
-HYCAM_DEVICE void will_load(const T* p, int64_t n HYCAM_SITE_PARAM) {
-#if defined(HYCAM_CUDA_EMULATION)
-  for (int64_t i = 0; i < n; ++i) ::hycam_emu::record(p + i, sizeof(T), false, site);
-#else
-  (void)p;
-  (void)n;
-#endif
-}
-
 // Under the emulation: fail unless p (a 16-byte shared-memory access) is 16-byte aligned, as the
 // GPU requires; nothing under nvcc.
 HYCAM_DEVICE void check_smem16(const void* p HYCAM_SITE_PARAM) {

@@ -63,6 +63,5 @@ inline void set_smem(Kernel kernel, size_t bytes, const char* what) {
   }
 }
 
-
 }  // namespace cuda
 }  // namespace hycam

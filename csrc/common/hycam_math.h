@@ -10,7 +10,7 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HYCAM_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
-#define HYCAM_HD inline __attribute__((always_inline))  // inlined into every vector loop and clone
+#define HYCAM_HD inline __attribute__((always_inline))  // inlined into every vector loop
 #else
 #define HYCAM_HD inline
 #endif
@@ -84,20 +84,6 @@ HYCAM_HD acc_t silu(acc_t v) {
   return silu_from_sigmoid(v, sigmoid(v));
 }
 
-// silu'(v) = sigma(v) * (1 + v * (1 - sigma(v)))
-template <typename acc_t>
-HYCAM_HD acc_t silu_grad(acc_t v) {
-  return silu_grad_from_sigmoid(v, sigmoid(v));
-}
-
-// One specialist channel: u = b + sum_i Bkj[i] * wk[i]   (Bkj: r contiguous values of B[k, j, :])
-template <typename scalar_t, typename acc_t>
-HYCAM_HD acc_t expand_channel(const scalar_t* Bkj, const acc_t* wk, acc_t bias, int64_t r) {
-  acc_t u = bias;
-  for (int64_t i = 0; i < r; ++i) u += static_cast<acc_t>(Bkj[i]) * wk[i];
-  return u;
-}
-
 // Output of one element given the gated specialist sum spec = sum_k g_k e_k.
 //   residual:  (h_in + a) * c     attention: h_in + a * c,   c = 1 + silu(z) + spec
 template <typename acc_t>
@@ -114,32 +100,6 @@ HYCAM_HD acc_t modulate(int64_t placement, acc_t h_in, acc_t a, acc_t c) {
 template <typename acc_t>
 HYCAM_HD acc_t gate_grad(int64_t placement, acc_t go, acc_t h_in, acc_t a) {
   return placement == kResidual ? go * (h_in + a) : go * a;
-}
-
-// du = gc * g_k * s * silu'(s * u)
-template <typename acc_t>
-HYCAM_HD acc_t specialist_grad(acc_t gc, acc_t gk, acc_t s, acc_t u) {
-  return gc * gk * s * silu_grad(s * u);
-}
-
-// w_k = N_k p_k + n_k for one specialist (r x r), p and w r-vectors.
-template <typename scalar_t, typename acc_t>
-HYCAM_HD void mix_rank(const scalar_t* Nk, const scalar_t* nk, const acc_t* p, acc_t* w, int64_t r) {
-  for (int64_t i = 0; i < r; ++i) {
-    acc_t v = nk ? static_cast<acc_t>(nk[i]) : acc_t(0);
-    for (int64_t m = 0; m < r; ++m) v += static_cast<acc_t>(Nk[i * r + m]) * p[m];
-    w[i] = v;
-  }
-}
-
-// dp_k = N_k^T dw_k (r x r).
-template <typename scalar_t, typename acc_t>
-HYCAM_HD void mix_rank_backward(const scalar_t* Nk, const acc_t* dw, acc_t* dp, int64_t r) {
-  for (int64_t m = 0; m < r; ++m) dp[m] = acc_t(0);
-  for (int64_t i = 0; i < r; ++i) {
-    const acc_t gi = dw[i];
-    for (int64_t m = 0; m < r; ++m) dp[m] += static_cast<acc_t>(Nk[i * r + m]) * gi;
-  }
 }
 
 // Layout helpers (int64 throughout): row-major [T, d], [T, K, r], [K, d, r], [K, r, d], [K, r, r].
