@@ -701,36 +701,34 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, const std::source_location& 
   hycam_emu::warp_collective(mask, loc, "__syncwarp", [] {});
 }
 
-// Lane l receives v of lane l + off (its own v when l + off is past the warp), as on the GPU.
+namespace hycam_emu {
+// A shuffle: lane l receives v of lane source(l), or its own v when that is past the warp or
+// outside the mask, as on the GPU.
+template <typename T, typename Source>
+T shuffle(unsigned mask, T v, const char* what, const std::source_location& loc, Source source) {
+  const unsigned t = threadIdx.x, w = t >> 5;
+  g.lane_in[t] = static_cast<double>(v);
+  warp_collective(mask, loc, what, [w, mask, source] {
+    ++g.counters.shfl;
+    for (unsigned l = 0; l < 32; ++l) {
+      const unsigned src = source(l);
+      const bool ok = src < 32 && ((mask >> src) & 1u);
+      g.lane_out[w * 32 + l] = g.lane_in[w * 32 + (ok ? src : l)];
+    }
+  });
+  return static_cast<T>(g.lane_out[t]);
+}
+}  // namespace hycam_emu
+
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, int off, const std::source_location& loc = std::source_location::current()) {
-  const unsigned t = threadIdx.x, w = t >> 5;
-  hycam_emu::g.lane_in[t] = static_cast<double>(v);
-  hycam_emu::warp_collective(mask, loc, "__shfl_down_sync", [w, mask, off] {
-    ++hycam_emu::g.counters.shfl;
-    for (unsigned l = 0; l < 32; ++l) {
-      const unsigned src = l + unsigned(off);
-      const bool ok = src < 32 && ((mask >> src) & 1u);
-      hycam_emu::g.lane_out[w * 32 + l] = hycam_emu::g.lane_in[w * 32 + (ok ? src : l)];
-    }
-  });
-  return static_cast<T>(hycam_emu::g.lane_out[t]);
+  return hycam_emu::shuffle(mask, v, "__shfl_down_sync", loc, [off](unsigned l) { return l + unsigned(off); });
 }
 
-// Lane l receives v of lane l ^ lane_mask (its own v when that lane is outside the mask), as on the GPU.
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, const std::source_location& loc = std::source_location::current()) {
-  const unsigned t = threadIdx.x, w = t >> 5;
-  hycam_emu::g.lane_in[t] = static_cast<double>(v);
-  hycam_emu::warp_collective(mask, loc, "__shfl_xor_sync", [w, mask, lane_mask] {
-    ++hycam_emu::g.counters.shfl;
-    for (unsigned l = 0; l < 32; ++l) {
-      const unsigned src = (l ^ unsigned(lane_mask)) & 31u;
-      const bool ok = (mask >> src) & 1u;
-      hycam_emu::g.lane_out[w * 32 + l] = hycam_emu::g.lane_in[w * 32 + (ok ? src : l)];
-    }
-  });
-  return static_cast<T>(hycam_emu::g.lane_out[t]);
+  return hycam_emu::shuffle(mask, v, "__shfl_xor_sync", loc,
+                            [lane_mask](unsigned l) { return (l ^ unsigned(lane_mask)) & 31u; });
 }
 
 // cuda_fp16.h / cuda_bf16.h storage types and the explicit conversions the kernels use (torch
