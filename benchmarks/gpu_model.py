@@ -429,6 +429,47 @@ def plot(out, path):
     plt.close(fig)
 
 
+def _parts(mo):
+    """A modelled layer split into what a reader compares across versions (seconds)."""
+    L, ks = mo["layer"], mo["kernels"]
+    cam = sum(k["time"] for k in ks if k["group"].startswith("cam"))
+    shrink = sum(k["time"] for k in ks if k["group"].startswith("shrink"))
+    return {"CAM kernels (ours)": cam, "shrink kernels (ours)": shrink,
+            "3 d x d GEMMs": L["gemm_s"], "other torch ops": sum(L["torch_ops_s"].values()),
+            "LAYER": L["total_s"], "floor": L["floor_s"]}
+
+
+def plot_compare(before, after, path, labels=("before", "after")):
+    """Grouped bars of two model runs (model.json dicts) per machine: where the layer's modelled
+    time goes, against its floor. Every bar is MODELLED."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in after["machines"] if n in before["machines"]]
+    if not names:
+        raise ValueError("the two model runs share no machine")
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        pb, pa = _parts(before["machines"][name]), _parts(after["machines"][name])
+        keys = list(pa)
+        y = range(len(keys))
+        ax.barh([i + 0.2 for i in y], [pb[k] * 1e3 for k in keys], height=0.4, label=labels[0])
+        ax.barh([i - 0.2 for i in y], [pa[k] * 1e3 for k in keys], height=0.4, label=labels[1])
+        ax.set_yticks(list(y))
+        ax.set_yticklabels(keys, fontsize=8)
+        ax.set_xlabel("milliseconds (MODELLED, not measured)")
+        s = after["shape"]
+        ax.set_title(f"{name}: MODELLED, bf16 T={s['T']} d={s['d']} K={s['K']} r={s['r']} {s['routing']}\n"
+                     f"layer {pb['LAYER'] * 1e3:.2f} -> {pa['LAYER'] * 1e3:.2f} ms "
+                     f"(floor {pa['floor'] * 1e3:.2f} ms)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="H100 only, smaller emulated T (CI)")
@@ -436,7 +477,11 @@ def main(argv=None):
     ap.add_argument("--routing", choices=("hard", "soft"), default="hard")
     ap.add_argument("--jobs", type=int, default=2, help="emulation processes in parallel")
     ap.add_argument("--out", help="directory for model.json, model.txt, model.png")
+    ap.add_argument("--compare", metavar="MODEL_JSON",
+                    help="an earlier run's model.json: also write compare.png (earlier vs this run) to --out")
     args = ap.parse_args(argv)
+    if args.compare and not args.out:
+        ap.error("--compare writes compare.png into --out: give --out too")
     T, d, K, r = (int(v) for v in args.shape.lower().split("x"))
     out = run(quick=args.quick, T=T, d=d, K=K, r=r, routing=args.routing, jobs=args.jobs)
     out["command"] = "python -m benchmarks.gpu_model " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -448,6 +493,9 @@ def main(argv=None):
         (o / "model.json").write_text(json.dumps(out, indent=1))
         (o / "model.txt").write_text(table + "\n")
         plot(out, o / "model.png")
+        if args.compare:
+            plot_compare(json.loads(pathlib.Path(args.compare).read_text()), out, o / "compare.png",
+                         labels=(str(args.compare), "this run"))
         print(f"wrote {o}/model.json, model.txt, model.png")
 
 

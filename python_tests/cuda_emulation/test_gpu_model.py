@@ -217,3 +217,23 @@ def test_quick_model_table_for_todays_kernels():
     assert by["shrink_tc_kernel"]["tensor_flops"] == pytest.approx(2 * 8192 * 4096 * 64, rel=0.01)
     L = mo["layer"]
     assert L["floor_s"] < L["total_s"] and L["vs_floor"] > 1
+
+
+def test_compare_plot_of_two_runs(tmp_path):
+    """--compare: the layer split into parts for two runs; refuses runs with no machine in common."""
+    pytest.importorskip("matplotlib")
+
+    def run(scale, machine="H100 SXM"):
+        kernels = [{"kernel": "cam_forward_kernel", "group": "cam_fwd", "time": 1e-4 * scale},
+                   {"kernel": "shrink_tc_kernel", "group": "shrink_fwd", "time": 2e-5 * scale}]
+        layer = {"gemm_s": 1e-3, "torch_ops_s": {"a": 1e-5}, "total_s": 1e-3 + 1.3e-4 * scale, "floor_s": 1.1e-3}
+        return {"shape": dict(T=8, d=8, K=1, r=1, routing="hard"),
+                "machines": {machine: {"kernels": kernels, "layer": layer}}}
+
+    parts = gpu_model._parts(run(2.0)["machines"]["H100 SXM"])
+    assert parts["CAM kernels (ours)"] == pytest.approx(2e-4) and parts["shrink kernels (ours)"] == pytest.approx(4e-5)
+    out = tmp_path / "compare.png"
+    gpu_model.plot_compare(run(4.0), run(1.0), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no machine"):
+        gpu_model.plot_compare(run(1.0, "A100 SXM"), run(1.0), out)
