@@ -4,7 +4,7 @@ their autograd. Host-side argument checks live in csrc/api.cpp; this file is thi
     shrink(x, A, A_bias, N, N_bias) -> (p, w)          p = A x + a, w = N p + n   [T, K, r]
     shrink_backward(dw, x, p, A, N) -> (dx, dA, dA_bias, dN, dN_bias)
     projections(x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias) -> (z, logits, w)   (Python: the
-        layer's three maps of x as one autograd node; its backward accumulates dx in place)
+        layer's three maps of x as one autograd node, the router riding on the shrink)
     cam_forward(h_in, a, z, w, B, b, g, scale, placement) -> out                  [T, d]
     cam_backward(go, h_in, a, z, w, B, b, g, scale, placement) -> (d_main, dz, dg, dw, dB, db)
 
@@ -61,21 +61,42 @@ def projections(x: torch.Tensor, W_s: torch.Tensor, b_s: Optional[torch.Tensor],
                 b_r: Optional[torch.Tensor], A: torch.Tensor, A_bias: Optional[torch.Tensor], N: torch.Tensor,
                 N_bias: Optional[torch.Tensor], use_kernels: bool = True):
     """The three maps of x in a HyCAM layer: z = x W_s^T + b_s (shared CAM), logits = x W_r^T + b_r
-    (router) and w = shrink(x) -> (z, logits, w). With the kernels, one autograd node: the
-    backward's three contributions to dx go into one tensor (the shrink's dx, then the router's
-    and the shared projection's GEMMs accumulating into it in place, beta = 1) instead of three
-    [T, d] tensors that autograd would add in two more passes."""
+    (router) and w = shrink(x) -> (z, logits, w).
+
+    With the kernels this is one autograd node, and x is read by two GEMMs instead of three: the
+    router rides on the grouped shrink as extra specialist slots (rows W_r, bias b_r, identity
+    mix, so their w is exactly the logits), and the shared projection is cuBLAS. In the backward
+    the shrink's GEMMs give dx, dA and dW_r in one pass, and the shared projection's dx GEMM
+    accumulates into that dx in its epilogue (beta = 1): no [T, d] gradient is added afterwards."""
     if not _use_kernels(use_kernels):
         return F.linear(x, W_s, b_s), F.linear(x, W_r, b_r), _shrink_torch(x, A, A_bias, N, N_bias)
     z, logits, w, _ = _Projections.apply(x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias)
     return z, logits, w
 
 
+def _with_router(W_r, b_r, A, A_bias, N, N_bias):
+    """The shrink's weights with the router appended as S = ceil(K_r / r) specialist slots: rows
+    W_r (zero padded to S * r), bias b_r, mix N = identity, n = 0 (absent biases as zeros)."""
+    K, r, d = A.shape
+    Kr = W_r.shape[0]
+    S = -(-Kr // r)
+    pad = S * r - Kr
+    zeros = A.new_zeros(K, r)
+    A_ext = torch.cat([A, F.pad(W_r, (0, 0, 0, pad)).view(S, r, d)])
+    b = b_r if b_r is not None else W_r.new_zeros(Kr)
+    ab_ext = torch.cat([A_bias if A_bias is not None else zeros, F.pad(b, (0, pad)).view(S, r)])
+    N_ext = torch.cat([N, torch.eye(r, dtype=N.dtype, device=N.device).expand(S, r, r)])
+    nb_ext = torch.cat([N_bias if N_bias is not None else zeros, N.new_zeros(S, r)])
+    return A_ext, ab_ext, N_ext, nb_ext
+
+
 class _Projections(torch.autograd.Function):
     @staticmethod
     def forward(x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias):
-        p, w = torch.ops.hycam.shrink(x, A, A_bias, N, N_bias)
-        return F.linear(x, W_s, b_s), F.linear(x, W_r, b_r), w, p
+        K, Kr = A.shape[0], W_r.shape[0]
+        p_ext, w_ext = torch.ops.hycam.shrink(x, *_with_router(W_r, b_r, A, A_bias, N, N_bias))
+        logits = w_ext[:, K:].reshape(x.shape[0], (w_ext.shape[1] - K) * w_ext.shape[2])[:, :Kr].contiguous()
+        return F.linear(x, W_s, b_s), logits, w_ext[:, :K].contiguous(), p_ext
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -87,29 +108,30 @@ class _Projections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz, dl, dw, dp_unused):
-        x, W_s, W_r, A, N, p = ctx.saved_tensors
+        x, W_s, W_r, A, N, p_ext = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx = dA = dAb = dN = dNb = None
-        if dw is not None:
-            dx, dA, dAb, dN, dNb = torch.ops.hycam.shrink_backward(dw.contiguous(), x, p, A, N)
-        if need[0]:
-            dx = torch.zeros_like(x) if dx is None else dx
+        T, (K, r, d), Kr = x.shape[0], A.shape, W_r.shape[0]
+        dx = dA = dAb = dN = dNb = dW_r = db_r = None
+        if dw is not None or dl is not None:
+            dw_ext = x.new_zeros(T, p_ext.shape[1], r)
+            if dw is not None:
+                dw_ext[:, :K] = dw
             if dl is not None:
-                dx.addmm_(dl, W_r)
-            if dz is not None:
-                dx.addmm_(dz, W_s)
-        else:
+                dw_ext[:, K:].view(T, (p_ext.shape[1] - K) * r)[:, :Kr] = dl
+            A_ext, _, N_ext, _ = _with_router(W_r, None, A, None, N, None)
+            dx, dA_ext, dAb_ext, dN_ext, dNb_ext = torch.ops.hycam.shrink_backward(dw_ext, x, p_ext, A_ext, N_ext)
+            dA, dAb, dN, dNb = dA_ext[:K], dAb_ext[:K], dN_ext[:K], dNb_ext[:K]
+            if dl is not None:
+                dW_r = dA_ext[K:].reshape((p_ext.shape[1] - K) * r, d)[:Kr] if need[3] else None
+                db_r = dAb_ext[K:].reshape(-1)[:Kr] if need[4] and ctx.has_bias[1] else None
+        if not need[0]:
             dx = None
-
-        def weight_grad(dy, i):  # dW = dy^T x, db = sum over tokens
-            if dy is None:
-                return None, None
-            dW = dy.t().mm(x) if need[i] else None
-            db = dy.sum(0) if need[i + 1] and ctx.has_bias[(i - 1) // 2] else None
-            return dW, db
-
-        dW_s, db_s = weight_grad(dz, 1)
-        dW_r, db_r = weight_grad(dl, 3)
+        elif dz is not None:  # the shared projection's dx, accumulated in the GEMM (beta = 1)
+            dx = dz.mm(W_s) if dx is None else dx.addmm_(dz, W_s)
+        elif dx is None:
+            dx = torch.zeros_like(x)
+        dW_s = dz.t().mm(x) if dz is not None and need[1] else None
+        db_s = dz.sum(0) if dz is not None and need[2] and ctx.has_bias[0] else None
         return (dx, dW_s, db_s, dW_r, db_r, dA, dAb if ctx.has_bias[2] else None, dN,
                 dNb if ctx.has_bias[3] else None)
 
