@@ -15,9 +15,10 @@ shared memory come from the machine code (benchmarks/gpu_occupancy.py).
 
 What is modelled (constants and sources in MACHINES below and in benchmarks/README.md): DRAM
 bytes = unique sectors touched x 32 (each sector moved once; L2 reuse assumed perfect within a
-kernel, none between kernels); time of one kernel = max(DRAM bytes / copy bandwidth, L1 lines /
-(SMs x 1 line per clock) with the CAM kernels' analytic shared-memory wavefronts added to the lines, shuffles / (SMs x 1 warp shuffle per clock), FP32 FLOPs / FP32 peak,
-tensor FLOPs / tensor peak) / SM balance + launch overhead, where SM balance = (blocks / SMs) /
+kernel, none between kernels); time of one kernel = max(DRAM bytes / copy bandwidth, (L1 lines +
+the CAM kernels' analytic shared-memory wavefronts) / (SMs x 1 per clock), shuffles / (SMs x 1 warp
+shuffle per clock), FP32 FLOPs / FP32 peak, tensor FLOPs / tensor peak) / SM balance + launch
+overhead, where SM balance = (blocks / SMs) /
 ceil(blocks / SMs) (the busiest SM sets the time) and the DRAM term is divided by the share of
 memory parallelism the resident warps provide (MLP_WARPS). FP32 FLOPs are analytic (formulas in fp32_flops). The
 three d x d GEMMs of the shared projection are modelled at the matmul rate only. docs/gpu-cost-model.md
@@ -381,7 +382,8 @@ def format_table(out) -> str:
         lines.append("")
         lines.append(f"== {name} (modelled) ==")
         lines.append(f"{'kernel':28s} {'blocks':>7s} {'occ':>4s} {'waves':>5s} {'min MB':>7s} {'DRAM MB':>8s} "
-                     f"{'sect.eff':>8s} {'L1 Mlines':>9s} {'smem Mwf':>8s} {'shfl M':>7s} {'FP32 GF':>7s} {'TC GF':>6s} "
+                     f"{'sect.eff':>8s} {'L1 Mlines':>9s} {'smem Mwf':>8s} {'shfl M':>7s} {'FP32 GF':>7s} "
+                     f"{'TC GF':>6s} "
                      f"{'model us':>8s} {'floor us':>8s}  limiter")
         for k in mo["kernels"]:
             floor_us = k["min_bytes"] / mo["constants"]["dram_bw"] * 1e6
@@ -389,7 +391,8 @@ def format_table(out) -> str:
             lines.append(
                 f"{k['kernel'][:28]:28s} {k['blocks']:7.0f} {k['occupancy']:4.0%} {k['waves']:5d} "
                 f"{k['min_bytes'] / 1e6:7.1f} {k['dram_bytes'] / 1e6:8.1f} {k['sector_eff']:8.1%} "
-                f"{k['l1_lines'] / 1e6:9.2f} {k['smem_wavefronts'] / 1e6:8.2f} {k['shfl'] / 1e6:7.2f} {k['fp32_flops'] / 1e9:7.1f} "
+                f"{k['l1_lines'] / 1e6:9.2f} {k['smem_wavefronts'] / 1e6:8.2f} {k['shfl'] / 1e6:7.2f} "
+                f"{k['fp32_flops'] / 1e9:7.1f} "
                 f"{k['tensor_flops'] / 1e9:6.1f} {k['time'] * 1e6:8.1f} {floor_us:8.1f}  {k['limiter']}"
                 + (f"  [review: {review[0]}-{review[1]} us]" if review and name == "H100 SXM" and hard else ""))
         L = mo["layer"]

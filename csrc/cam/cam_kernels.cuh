@@ -242,16 +242,17 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
 // ---------------------------------------------------------------------------------------
 // backward: grid (channel tiles, token splits). Per tile of `rows` tokens: stage w, g and the
 // routed lists; phase 1 (a token per lane group): elementwise grads, dg and dw partials (written
-// to prow [nJ, T, K, r + 1], index r = dg), du into shared memory; phase 2 (a (k, channel) column
-// per thread): dB / db accumulators += du * w over the tile's tokens. At the end the accumulators
-// go to pB [S, K, r + 1, d] (index r = db).
+// to prow [nJ, T, K, r + 1], index r = dg), du into shared memory; phase 2 (two (k, channel)
+// columns per thread): dB / db accumulators += du * w over the tile's tokens routed to k. At the
+// end the accumulators go to pB [S, K, r + 1, d] (index r = db).
 // ---------------------------------------------------------------------------------------
 // M: the mma element type of scalar_t (__half, __nv_bfloat16) or void. With M and channel tiles of
 // a multiple of 16 (tc), u = B_k w_k for the tile's tokens and every k comes from tensor-core mma
 // (bf16/fp16 products are exact in float, sums in float) instead of 16-byte shared-memory loads of
 // B per token. At most 128 registers per thread, so that two 256-thread blocks fit on an SM.
 template <typename scalar_t, typename acc_t, typename M = void>
-HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2) cam_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ h_in,
+HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
+    cam_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ h_in,
                                       const scalar_t* __restrict__ a, const scalar_t* __restrict__ z,
                                       const scalar_t* __restrict__ w, const scalar_t* __restrict__ B,
                                       const scalar_t* __restrict__ b, const scalar_t* __restrict__ g,
