@@ -363,10 +363,12 @@ def _projection_inputs(device, bias, T=9, d=17, K=3, r=4):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_projections_one_node_matches_three_ops(device, bias):
-    """The single autograd node (dx accumulated in place) gives the values and gradients of the
-    three separate maps (F.linear, F.linear, the reference shrink) and passes gradcheck."""
-    args = _projection_inputs(device, bias)
+@pytest.mark.parametrize("K,r", [(3, 4), (5, 2), (2, 2)])  # router slots: 1 padded, 3 padded, 1 exact
+def test_projections_one_node_matches_three_ops(device, bias, K, r):
+    """The single autograd node (the router as extra shrink slots, dx accumulated in place) gives
+    the values and gradients of the three separate maps (F.linear, F.linear, the reference shrink)
+    and passes gradcheck."""
+    args = _projection_inputs(device, bias, K=K, r=r)
     got = ops.projections(*args)
     want = ops.projections(*args, use_kernels=False)
     gos = [torch.randn_like(t) for t in want]
