@@ -163,6 +163,17 @@ HYCAM_DEVICE void expand_lane(const scalar_t* Bs, const scalar_t* bs, const acc_
   }
 }
 
+// The row of an optional [T, d] input (a), zeros when it is absent.
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void ld_row_or_zero(const scalar_t* __restrict__ p, int64_t e, bool vec, int64_t valid, acc_t* out) {
+  if (p) {
+    cuda::ld_row(p + e, vec, valid, out);
+  } else {
+#pragma unroll
+    for (int c = 0; c < cuda::Pack16<scalar_t>::kN; ++c) out[c] = acc_t(0);
+  }
+}
+
 // n = V acc_t values at p <-> v, as 16-byte shared-memory accesses (p 16-byte aligned).
 template <int V, typename acc_t>
 HYCAM_DEVICE void lds_vec(const acc_t* p, acc_t* v) {
@@ -218,12 +229,7 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
     acc_t hv[V], zv[V], av[V], spec[V], u[V];
     cuda::ld_row(h_in + e, vec_io, valid, hv);
     cuda::ld_row(z + e, vec_io, valid, zv);
-    if (a) {
-      cuda::ld_row(a + e, vec_io, valid, av);
-    } else {
-#pragma unroll
-      for (int c = 0; c < V; ++c) av[c] = 0;
-    }
+    ld_row_or_zero(a, e, vec_io, valid, av);
 #pragma unroll
     for (int c = 0; c < V; ++c) spec[c] = 0;
     for (int64_t k = 0; k < K; ++k) {
@@ -349,12 +355,7 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
     cuda::ld_row(go + e, vec_io, lv, gov);
     cuda::ld_row(h_in + e, vec_io, lv, hv);
     cuda::ld_row(z + e, vec_io, lv, zv);
-    if (a) {
-      cuda::ld_row(a + e, vec_io, lv, av);
-    } else {
-#pragma unroll
-      for (int c = 0; c < V; ++c) av[c] = 0;
-    }
+    ld_row_or_zero(a, e, vec_io, lv, av);
 #pragma unroll
     for (int c = 0; c < V; ++c) {
       gc[c] = gate_grad(placement, gov[c], hv[c], av[c]);
