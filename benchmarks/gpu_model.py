@@ -75,7 +75,7 @@ REVIEW_US = {
 # boundary falls on the same place: T multiples of each group's token tile (cam_fwd 64, shrink 64),
 # and for the token-split kernels splits of the same size: cam_bwd has S = ceil(T / 512) splits
 # (at most 16) of T / S tokens, so T multiples of 512 up to 8192 (the full shape) give splits of 512
-# tokens, and its partial buffers grow linearly (prow with T, pB with S); shrink_bwd likewise with
+# tokens, and its partial buffers grow linearly (pdw, pdg with T, pB with S); shrink_bwd likewise with
 # S = ceil(T / 1024) splits (at most 8): T multiples of 1024 up to 8192. Hence also: the model is
 # exact up to T = 8192 only.
 GROUPS = {
@@ -96,7 +96,8 @@ CUBIN_NAME = {
     "shrink_tc_kernel": "shrink_tc_kernel<bf16>", "shrink_finish_kernel": "shrink_finish_kernel<bf16>",
     "mix_kernel": "mix_kernel<bf16,fp32>",
     "cam_forward_kernel": "cam_forward_kernel<bf16,fp32>",
-    "cam_backward_kernel": "cam_backward_kernel<bf16,fp32,bf16>", "dp_kernel": "dp_kernel<bf16,fp32>",
+    "cam_backward_kernel": "cam_backward_kernel<bf16,fp32,bf16>", "sum_dwdg_kernel": "sum_dwdg_kernel<bf16,fp32,bf16>",
+    "dp_kernel": "dp_kernel<bf16,fp32>",
     "dx_tc_kernel": "dx_tc_kernel<bf16>", "dA_tc_kernel": "dA_tc_kernel<bf16>",
     "small_reductions_kernel": "small_reductions_kernel<bf16,fp32>",
 }
@@ -164,8 +165,8 @@ def fp32_flops(kernel, T, d, K, r, routed):
     KR = K * r
     if kernel == "cam_forward_kernel":
         return T * d * (routed * (2 * r + 14) + 18)
-    if kernel == "cam_backward_kernel":  # expand all K, dw and dB / db of the routed ones
-        return T * d * (K * (2 * r + 16) + routed * (4 * r + 10) + 24)
+    if kernel == "cam_backward_kernel":  # activations of all K (bf16: the expand is on tensor
+        return T * d * (K * 16 + routed * (4 * r + 10) + 24)  # cores), dw and dB / db of the routed
     if kernel in ("mix_kernel", "dp_kernel"):
         return T * KR * 2 * r
     if kernel == "small_reductions_kernel":
@@ -173,16 +174,36 @@ def fp32_flops(kernel, T, d, K, r, routed):
     return 0.0
 
 
+def _expected_items(rows, K, routed, per_item=4):
+    """Expected phase-1b items of a backward tile: sum over k of ceil(tokens routed to k / per_item),
+    the tokens of a tile routed uniformly at random (hard routing: Binomial(rows, 1 / K) per k)
+    or to every k (soft routing)."""
+    if routed >= K:
+        return K * math.ceil(rows / per_item)
+    p = 1.0 / K
+    return K * sum(math.comb(rows, x) * p ** x * (1 - p) ** (rows - x) * math.ceil(x / per_item)
+                   for x in range(rows + 1))
+
+
+def _mma_a_loads(rows16, K, nf, nwarps=8):
+    """w-operand loads per tile of the backward's mma (r <= 16): each warp takes a contiguous run
+    of the (mi, k, n) tiles and loads the w tile once per (mi, k) in its run."""
+    nfrag = rows16 // 16 * K * nf
+    per = math.ceil(nfrag / nwarps)
+    return sum(len({f // nf for f in range(w * per, min(nfrag, (w + 1) * per))}) for w in range(nwarps))
+
+
 def smem_wavefronts(kernel, T, d, K, r, routed, lpr):
     """Analytic shared-memory wavefronts (128 bytes per SM and clock) of the CAM kernels' main loops
     for bf16 (V = 8 channels per lane, lane groups of lpr lanes, 256 / lpr tokens per block step),
     counted from the code in csrc/cam/cam_kernels.cuh, not measured. Rules (bank model of sm_80 /
     sm_90: 32 banks of 4 bytes, 128 bytes per wavefront): a warp access costs its distinct bytes /
-    128 when its lanes spread over all banks (a 16-byte load of 512 contiguous bytes: 4), more
-    when they collide (16 bytes of every 32, a lane's 8 floats: 8 per 16-byte access); lanes
-    reading the same address share it (a broadcast of w: 1); a wmma load of a 16 x 16 bf16
-    operand is 4, a store of a 16 x 16 float tile 8. The other kernels' shared memory is not
-    modelled (0)."""
+    128 when its lanes spread over all banks (a 16-byte load of 512 contiguous bytes: 4; the
+    backward's x order makes every per-lane access of du and B part of a contiguous stretch);
+    lanes reading the same address share it (a broadcast of w: 1); a wmma load of a 16 x 16 bf16
+    operand is 4, a store of a 16 x 16 float tile 8. Hard routing assumes uniformly random routes
+    for the phase-1b items (the emulation's routes are balanced: slightly fewer). The other
+    kernels' shared memory is not modelled (0)."""
     V, R1 = 8, r + 1
     units = T * d / (32 * V)  # warp instructions of a per-lane loop over all (token, lane) pairs
     jt = lpr * V
@@ -194,13 +215,21 @@ def smem_wavefronts(kernel, T, d, K, r, routed, lpr):
         rows = 256 // lpr
         rows16, r16 = math.ceil(rows / 16) * 16, math.ceil(r / 16) * 16
         tiles = math.ceil(T / rows) * math.ceil(d / jt)
-        mma = tiles * rows16 / 16 * K * jt / 16 * (8 + 8 * r16 / 16)  # store u; both operands per 16 of r
+        nf = jt // 16
+        frags = rows16 // 16 * K * nf
+        a_loads = _mma_a_loads(rows16, K, nf) if r16 == 16 else frags * r16 / 16
+        mma = tiles * (frags * (8 + 4 * r16 / 16) + 4 * a_loads)  # u stores, B operands, w operands
         wh = tiles * rows16 * K * r16 / 32  # w converted to bf16 (2-byte stores)
-        expand = units * K * (2 * 8 + 4)  # u (two 16-byte loads per lane) + bias
-        dw = units * routed * (2 * 8 + 2 * 8 + 4 * r)  # du stored and read back, B loads for dw
-        # phase 2, per routed token and 32 threads (64 columns of one k): per chunk of 8 rank
-        # indices two du loads and two w broadcasts; accumulators loaded and stored once per tile
-        phase2 = T * d / 64 * routed * 4 * math.ceil(R1 / 8) + T * d * K * R1 * 2 / (32 * rows)
+        # phase 1: u (two 16-byte loads per lane: 8) + bias (two 8-byte loads, shared by the lane
+        # groups of a warp) for every k; du stored (8) for the routed ones
+        expand = units * K * (8 + 2 * max(1, lpr * 8 / 128)) + units * routed * 8
+        # phase 1b: du read back (8 per routed token row); per item (up to 4 tokens of one k) r
+        # B rows of two 8-byte loads per lane: r * lpr / 8
+        dw = units * routed * 8 + tiles * _expected_items(rows, K, routed) * r * lpr / 8
+        # phase 2, per routed token and 32 threads (64 columns of one k): two du loads per chunk of
+        # 8 rank indices and r / 4 w broadcasts; accumulators loaded and stored once per tile
+        phase2 = (T * d / 64 * routed * (2 * math.ceil(r / 8) + math.ceil(r / 4))
+                  + T * d * K * R1 * 2 / (32 * rows))
         blocks = math.ceil(d / jt) * min(16, max(1, math.ceil(T / 512)))
         return mma + wh + expand + dw + phase2 + blocks * stage
     return 0.0

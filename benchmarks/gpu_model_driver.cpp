@@ -112,12 +112,15 @@ int main(int argc, char** argv) {
     using namespace cam_kernels;
     Buf<M> go(T * d), h(T * d), z(T * d), w(T * KR), B(K * d * r), b(K * d), dm(T * d), dz(T * d);
     const auto cfg = cam_backward_config(T, d, K, r, sizeof(M), sizeof(float));
-    Buf<float> prow(cfg.nJ * T * K * R1), pB(cfg.S * K * R1 * d), rs(T * K * R1), cs(K * R1 * d);
+    Buf<float> pdw(cfg.nJ * T * KR), pdg(cfg.nJ * T * K), pB(cfg.S * K * R1 * d), cs(K * R1 * d);
+    Buf<M> dw(T * KR), dg(T * K);
     launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_backward_kernel<M, float, M>(go.p, h.p, nullptr, z.p, w.p, B.p, b.p, g.p, dm.p, dz.p, prow.p, pB.p, T, d, K, r,
-                                    scale, placement, cfg.lpr, cfg.per_split, d % 8 == 0, (d * r) % 8 == 0);
+      cam_backward_kernel<M, float, M>(go.p, h.p, nullptr, z.p, w.p, B.p, b.p, g.p, dm.p, dz.p, pdw.p, pdg.p, pB.p, T,
+                                       d, K, r, scale, placement, cfg.lpr, cfg.per_split, d % 8 == 0,
+                                       (d * r) % 8 == 0);
     }, "cam_backward_kernel");
-    sum_partials(prow.p, cfg.nJ, T * K * R1, rs.p, "sum_partials_kernel(prow)");
+    launch(dim3(unsigned(shrink_kernels::grid_1d(T * K * R1))), dim3(256), 0,
+           [&] { sum_dwdg_kernel<M, float>(pdw.p, pdg.p, g.p, cfg.nJ, T * K, r, dw.p, dg.p); }, "sum_dwdg_kernel");
     sum_partials(pB.p, cfg.S, K * R1 * d, cs.p, "sum_partials_kernel(pB)");
   } else if (group == "shrink_bwd") {
     using namespace shrink_kernels;

@@ -84,7 +84,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t elem = h_in.element_size();
   const auto cfg = cam_backward_config(T, d, K, r, elem, at::elementSize(acc_type));
   check_tiling(cfg.lpr, K, r, "cam_backward");
-  auto prow = at::empty({cfg.nJ, T, K, R1}, h_in.options().dtype(acc_type));
+  auto pdw = at::empty({cfg.nJ, T, K, r}, h_in.options().dtype(acc_type));  // routed pairs only
+  auto pdg = at::empty({cfg.nJ, T, K}, h_in.options().dtype(acc_type));
+  auto dw = at::empty_like(w, at::MemoryFormat::Contiguous);
+  auto dg = at::empty_like(g, at::MemoryFormat::Contiguous);
   auto pB = at::empty({cfg.S, K, R1, d}, h_in.options().dtype(acc_type));
   auto stream = at::cuda::getCurrentCUDAStream();
 
@@ -104,19 +107,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     kernel<<<cfg.grid, cfg.block, cfg.smem, stream>>>(
         go.data_ptr<scalar_t>(), h_in.data_ptr<scalar_t>(), ap, z.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
         B.data_ptr<scalar_t>(), opt_ptr<scalar_t>(b), g.data_ptr<scalar_t>(), d_main.data_ptr<scalar_t>(),
-        dz.data_ptr<scalar_t>(), prow.data_ptr<acc_t>(), pB.data_ptr<acc_t>(), T, d, K, r, static_cast<acc_t>(scale),
-        placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
+        dz.data_ptr<scalar_t>(), pdw.data_ptr<acc_t>(), pdg.data_ptr<acc_t>(), pB.data_ptr<acc_t>(), T, d, K, r,
+        static_cast<acc_t>(scale), placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t n = T * K * (r + 1);
+    sum_dwdg_kernel<scalar_t, acc_t><<<std::min<int64_t>(cuda::ceil_div(n, 256), 65535), 256, 0, stream>>>(
+        pdw.data_ptr<acc_t>(), pdg.data_ptr<acc_t>(), g.data_ptr<scalar_t>(), cfg.nJ, T * K, r,
+        dw.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  auto rows_sum = cuda::sum_partials(prow);  // [T, K, R1]
   auto cols_sum = cuda::sum_partials(pB);    // [K, R1, d]
   // every output its own tensor: .to()/.contiguous() may otherwise return views of one buffer
   auto fresh = [](const at::Tensor& t, at::ScalarType st) {
     return t.to(st, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
   };
-  auto dw = fresh(rows_sum.narrow(2, 0, r), w.scalar_type());
-  auto dg = fresh(rows_sum.select(2, r), g.scalar_type());
   auto dB = fresh(cols_sum.narrow(1, 0, r).transpose(1, 2), B.scalar_type());
   auto db = fresh(cols_sum.select(1, r), B.scalar_type());
   return {d_main, dz, dg, dw, dB, db};

@@ -11,9 +11,11 @@
 // of r elements: ~7% sector efficiency).
 //
 // The backward is one pass over [T, d]: d_main and dz (elementwise), dg and dw (reductions over
-// channels: lane groups, then one partial per channel tile in prow) and dB and db (reductions over
-// tokens: the block's du values go through shared memory into per-block accumulators, one partial
-// per token split in pB). prow and pB are summed in a fixed order by sum_partials_kernel. No
+// channels: lane groups, then one partial per channel tile in pdg and, for routed (token,
+// specialist) pairs only, pdw) and dB and db (reductions over tokens: the block's du values go
+// through shared memory into per-block accumulators, one partial per token split in pB). pdg and
+// pB are summed in a fixed order, pB by sum_partials_kernel, pdw and pdg by sum_dwdg_kernel (zeros
+// for the unrouted pairs' dw, whose partials are never written). No
 // atomics: results are bitwise reproducible, and every split and tile count depends only on the
 // shape (never on the GPU), so they are the same on every GPU model.
 //
@@ -39,7 +41,6 @@ constexpr int64_t kSmemBudget = 99 * 1024;
 constexpr int64_t kFwdTokens = 64;      // tokens per forward block (rounded up to a multiple of rows)
 constexpr int64_t kMaxSplits = 16;      // token splits of the backward (partials pB [S, K, r + 1, d])
 constexpr int64_t kSplitTokens = 512;   // at least this many tokens per split
-constexpr int kChunk = 8;               // dB accumulators a thread holds in registers at a time
 
 HYCAM_HD int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
 HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
@@ -47,23 +48,35 @@ HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
 // Shared-memory layout (byte offsets, each 32-byte aligned). Bs [K][rb][jt] and bs [K][jt] in
 // scalar_t (rb = r, or r rounded up to 16 with zero rows for the tensor-core expand); ws
 // [tokens][K][rp] (rp: r rounded up to 16 bytes of acc_t, zero padded, so that w is read as
-// 16-byte broadcasts) and gs [tokens][K] in acc_t; backward only: the routed specialists of each
-// token kl [tokens][K] and their count [tokens], the tokens routed to each specialist tl [K][tokens]
-// and their count [K] (int); tensor-core expand only: w in scalar_t, wh
-// [tokens16][K][rb] (tokens16 = tokens rounded up to 16, the mma's M); du [max(tokens,
-// tokens16)][K][jt] (token stride K * jt + max(lpr, 4)) and the dB / db accumulators acc
-// [K][r + 1][jt] in acc_t. Without the tensor-core expand du and acc index their channels
-// "lane-minor": channel jl = lane * V + c of the tile sits at x = c * lpr + lane, so that a lane
-// group's per-channel accesses and phase 2's per-column accesses both hit consecutive banks (the
-// padding of du's token stride puts the rows of one warp on different banks); with it, du first
-// holds the expanded u = B_k w_k written by the mma, in channel order (x = jl), and each du value
-// replaces the u it came from.
+// 16-byte broadcasts) and gs [tokens][K] in acc_t; backward only: the tokens routed to each
+// specialist tl [K][tokens] and their count tn [K] (int); tensor-core expand only: w in scalar_t,
+// wh [tokens16][K][rb] (tokens16 = tokens rounded up to 16, the mma's M); du [max(tokens,
+// tokens16)][K][jt] (token stride du_stride) and the dB / db accumulators acc [K][r + 1][jt] in
+// acc_t.
+//
+// The backward keeps its channels in "x order": du, acc and (both staged by the backward) Bs and
+// bs hold channel jl = lane * V + c of the tile at x = (c / P) * lpr * P + lane * P + c % P, where
+// P is 16 bytes of acc_t (4 float, 2 double). A lane's V channels are V / P runs of P, and the runs
+// of one lane group are contiguous, so each per-lane access (16 bytes of du, P elements of B) is
+// part of one contiguous stretch of the lane group: no bank conflicts. For float and double
+// V == P and x order is channel order; for 16-bit types a lane reads its B values as two 8-byte
+// runs. The tensor-core expand writes u in x order because Bs is in x order, and each du value
+// replaces the u it came from. The forward keeps channel order (x_pos with P = V).
 struct Layout {
-  int64_t b, w, g, kl, cnt, tl, tn, wh, du, acc, total;
+  int64_t b, w, g, tl, tn, wh, du, acc, total;
 };
-HYCAM_HD int64_t du_stride(int64_t K, int64_t jt, int64_t lpr) { return K * jt + (lpr > 4 ? lpr : 4); }
+// du's token stride: K * jt plus a pad that puts the rows sharing a quarter-warp (lpr < 8) on
+// different banks and makes the mma's row stride 8 words off a multiple of 32 (lpr >= 8).
+HYCAM_HD int64_t du_stride(int64_t K, int64_t jt, int64_t lpr, int64_t acc) {
+  return K * jt + (lpr >= 8 ? 32 : lpr * 16) / acc;
+}
 HYCAM_HD int64_t w_stride(int64_t r, int64_t acc) { return align16(r * acc) / acc; }
 HYCAM_HD int64_t b_rows(int64_t r, bool tc) { return tc ? (r + 15) / 16 * 16 : r; }
+// x order (see Layout): the position of tile channel jl
+HYCAM_HD int64_t x_pos(int64_t jl, int64_t lpr, int64_t V, int64_t P) {
+  const int64_t li = jl / V, c = jl % V;
+  return (c / P) * lpr * P + li * P + c % P;
+}
 HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_t tokens, int64_t elem,
                            int64_t acc, bool backward, bool tc) {
   Layout L;
@@ -75,12 +88,8 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
   o = align32(o + tokens * K * w_stride(r, acc) * acc);
   L.g = o;
   o = align32(o + tokens * K * acc);
-  L.kl = L.cnt = L.tl = L.tn = L.wh = L.du = L.acc = o;
+  L.tl = L.tn = L.wh = L.du = L.acc = o;
   if (backward) {
-    L.kl = o;
-    o = align32(o + tokens * K * 4);
-    L.cnt = o;
-    o = align32(o + tokens * 4);
     L.tl = o;
     o = align32(o + K * tokens * 4);
     L.tn = o;
@@ -88,7 +97,7 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
     L.wh = o;
     if (tc) o = align32(o + tokens16 * K * rb * elem);
     L.du = o;
-    o = align32(o + (tc ? tokens16 : tokens) * du_stride(K, jt, lpr) * acc);
+    o = align32(o + (tc ? tokens16 : tokens) * du_stride(K, jt, lpr, acc) * acc);
     L.acc = o;
     o = align32(o + K * (r + 1) * jt * acc);
   }
@@ -97,10 +106,12 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
 }
 
 // Stage B[:, j0:j0+jt, :] (global [K, d, r]) as Bs [K][rb][jt] and b[:, j0:j0+jt] as bs [K][jt],
-// zero past d (so that lanes past d compute zeros) and in the rows r..rb. 16-byte loads when `vec`.
+// channel jl at x_pos(jl, lpr, V, P) (P = V: channel order), zero past d (so that lanes past d
+// compute zeros) and in the rows r..rb. 16-byte loads when `vec`.
 template <typename scalar_t>
 HYCAM_DEVICE void stage_B(scalar_t* Bs, scalar_t* bs, const scalar_t* __restrict__ B, const scalar_t* __restrict__ b,
-                          int64_t j0, int64_t jt, int64_t d, int64_t K, int64_t r, int64_t rb, bool vec) {
+                          int64_t j0, int64_t jt, int64_t d, int64_t K, int64_t r, int64_t rb, bool vec,
+                          int64_t lpr, int64_t P) {
   constexpr int V = cuda::Pack16<scalar_t>::kN;
   const int64_t per_k = jt * r, nvalid = (d - j0 < jt ? d - j0 : jt) * r;
   for (int64_t q = static_cast<int64_t>(threadIdx.x) * V; q < K * per_k; q += static_cast<int64_t>(blockDim.x) * V) {
@@ -115,7 +126,7 @@ HYCAM_DEVICE void stage_B(scalar_t* Bs, scalar_t* bs, const scalar_t* __restrict
     }
     for (int c = 0; c < V; ++c) {
       const int64_t jl = (f + c) / r, i = (f + c) % r;
-      Bs[(k * rb + i) * jt + jl] = e[c];
+      Bs[(k * rb + i) * jt + x_pos(jl, lpr, V, P)] = e[c];
     }
   }
   for (int64_t q = threadIdx.x; q < K * (rb - r) * jt; q += blockDim.x) {
@@ -123,8 +134,8 @@ HYCAM_DEVICE void stage_B(scalar_t* Bs, scalar_t* bs, const scalar_t* __restrict
     Bs[(k * rb + r) * jt + f] = static_cast<scalar_t>(0.0f);
   }
   for (int64_t q = threadIdx.x; q < K * jt; q += blockDim.x) {
-    const int64_t k = q / jt, j = j0 + q % jt;
-    bs[q] = (b && j < d) ? cuda::ld(b + k * d + j) : static_cast<scalar_t>(0.0f);
+    const int64_t k = q / jt, jl = q % jt, j = j0 + jl;
+    bs[k * jt + x_pos(jl, lpr, V, P)] = (b && j < d) ? cuda::ld(b + k * d + j) : static_cast<scalar_t>(0.0f);
   }
 }
 
@@ -139,25 +150,49 @@ HYCAM_DEVICE void stage_w(acc_t* ws, const scalar_t* __restrict__ w, int64_t t0,
   }
 }
 
-// u[c] = b_k[j] + sum_i w_k[i] B_k[j, i] for the lane's V channels (B and b from shared memory;
-// w_k 16-byte aligned and zero padded to a multiple of 16 bytes).
-template <typename scalar_t, typename acc_t>
-HYCAM_DEVICE void expand_lane(const scalar_t* Bs, const scalar_t* bs, const acc_t* wk, int64_t k, int64_t r,
-                              int64_t rb, int64_t jt, int64_t jl0, acc_t* u) {
-  constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
-  const auto bias = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(bs + k * jt + jl0);
+// The V values of lane li in a shared-memory row of x order with runs of P (see Layout): V / P
+// accesses of P * sizeof(T) bytes, as acc_t (P = V: one access at li * V, channel order).
+template <int V, int P, typename T, typename acc_t>
+HYCAM_DEVICE void lds_lane(const T* row, int64_t li, int64_t lpr, acc_t* out) {
 #pragma unroll
-  for (int c = 0; c < V; ++c) u[c] = static_cast<acc_t>(bias.v[c]);
-  for (int64_t i0 = 0; i0 < r; i0 += P) {
+  for (int g = 0; g < V / P; ++g) {
+    const T* p = row + g * lpr * P + li * P;
+    cuda::check_smem_aligned(p, P * sizeof(T));
+    const auto q = *reinterpret_cast<const cuda::VecN<T, P>*>(p);
+#pragma unroll
+    for (int c = 0; c < P; ++c) out[g * P + c] = static_cast<acc_t>(q.v[c]);
+  }
+}
+template <int V, int P, typename acc_t>
+HYCAM_DEVICE void sts_lane(acc_t* row, int64_t li, int64_t lpr, const acc_t* in) {
+#pragma unroll
+  for (int g = 0; g < V / P; ++g) {
+    cuda::VecN<acc_t, P> q;
+#pragma unroll
+    for (int c = 0; c < P; ++c) q.v[c] = in[g * P + c];
+    acc_t* p = row + g * lpr * P + li * P;
+    cuda::check_smem_aligned(p, P * sizeof(acc_t));
+    *reinterpret_cast<cuda::VecN<acc_t, P>*>(p) = q;
+  }
+}
+
+// u[c] = b_k[j] + sum_i w_k[i] B_k[j, i] for the V channels of lane li (B and b from shared
+// memory in x order with runs of P; w_k 16-byte aligned and zero padded to a multiple of 16 bytes).
+template <int V, int P, typename scalar_t, typename acc_t>
+HYCAM_DEVICE void expand_lane(const scalar_t* Bs, const scalar_t* bs, const acc_t* wk, int64_t k, int64_t r,
+                              int64_t rb, int64_t jt, int64_t li, int64_t lpr, acc_t* u) {
+  constexpr int W = cuda::Pack16<acc_t>::kN;
+  lds_lane<V, P>(bs + k * jt, li, lpr, u);
+  for (int64_t i0 = 0; i0 < r; i0 += W) {
     cuda::check_smem16(wk + i0);
     const auto wv = *reinterpret_cast<const cuda::Pack16<acc_t>*>(wk + i0);
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
+    for (int p = 0; p < W; ++p) {
       if (i0 + p < r) {
-        cuda::check_smem16(Bs + (k * rb + i0 + p) * jt + jl0);
-        const auto Bv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(Bs + (k * rb + i0 + p) * jt + jl0);
+        acc_t Bv[V];
+        lds_lane<V, P>(Bs + (k * rb + i0 + p) * jt, li, lpr, Bv);
 #pragma unroll
-        for (int c = 0; c < V; ++c) u[c] += static_cast<acc_t>(Bv.v[c]) * wv.v[p];
+        for (int c = 0; c < V; ++c) u[c] += Bv[c] * wv.v[p];
       }
     }
   }
@@ -171,31 +206,6 @@ HYCAM_DEVICE void ld_row_or_zero(const scalar_t* __restrict__ p, int64_t e, bool
   } else {
 #pragma unroll
     for (int c = 0; c < cuda::Pack16<scalar_t>::kN; ++c) out[c] = acc_t(0);
-  }
-}
-
-// n = V acc_t values at p <-> v, as 16-byte shared-memory accesses (p 16-byte aligned).
-template <int V, typename acc_t>
-HYCAM_DEVICE void lds_vec(const acc_t* p, acc_t* v) {
-  constexpr int P = cuda::Pack16<acc_t>::kN;
-#pragma unroll
-  for (int c0 = 0; c0 < V; c0 += P) {
-    cuda::check_smem16(p + c0);
-    const auto q = *reinterpret_cast<const cuda::Pack16<acc_t>*>(p + c0);
-#pragma unroll
-    for (int c = 0; c < P; ++c) v[c0 + c] = q.v[c];
-  }
-}
-template <int V, typename acc_t>
-HYCAM_DEVICE void sts_vec(acc_t* p, const acc_t* v) {
-  constexpr int P = cuda::Pack16<acc_t>::kN;
-#pragma unroll
-  for (int c0 = 0; c0 < V; c0 += P) {
-    cuda::Pack16<acc_t> q;
-#pragma unroll
-    for (int c = 0; c < P; ++c) q.v[c] = v[c0 + c];
-    cuda::check_smem16(p + c0);
-    *reinterpret_cast<cuda::Pack16<acc_t>*>(p + c0) = q;
   }
 }
 
@@ -218,11 +228,11 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
   acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
   acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
   const int64_t t0 = blockIdx.x * tile, nt = min(tile, T - t0), j0 = blockIdx.y * jt;
-  stage_B(Bs, bs, B, b, j0, jt, d, K, r, r, vec_B);
+  stage_B(Bs, bs, B, b, j0, jt, d, K, r, r, vec_B, lpr, V);
   stage_w(ws, w, t0, nt, tile, K, r);
   for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
   __syncthreads();
-  const int64_t jl0 = (threadIdx.x % lpr) * V, j = j0 + jl0, valid = d - j;
+  const int64_t li = threadIdx.x % lpr, j = j0 + li * V, valid = d - j;
   if (valid <= 0) return;
   for (int64_t tt = threadIdx.x / lpr; tt < nt; tt += rows) {
     const int64_t e = idx_td(t0 + tt, j, d);
@@ -235,7 +245,7 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
     for (int64_t k = 0; k < K; ++k) {
       const acc_t gk = gs[tt * K + k];
       if (gk == acc_t(0)) continue;  // hard routing: only the routed specialist is expanded
-      expand_lane(Bs, bs, ws + (tt * K + k) * rp, k, r, r, jt, jl0, u);
+      expand_lane<V, V>(Bs, bs, ws + (tt * K + k) * rp, k, r, r, jt, li, lpr, u);
 #pragma unroll
       for (int c = 0; c < V; ++c) spec[c] += gk * silu(s * u[c]);
     }
@@ -247,15 +257,18 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
 
 // ---------------------------------------------------------------------------------------
 // backward: grid (channel tiles, token splits). Per tile of `rows` tokens: stage w, g and the
-// routed lists; phase 1 (a token per lane group): elementwise grads, dg and dw partials (written
-// to prow [nJ, T, K, r + 1], index r = dg), du into shared memory; phase 2 (two (k, channel)
-// columns per thread): dB / db accumulators += du * w over the tile's tokens routed to k. At the
-// end the accumulators go to pB [S, K, r + 1, d] (index r = db).
+// token lists; phase 1 (a token per lane group): elementwise grads, dg partials (pdg [nJ, T, K]),
+// du into shared memory; then, after one barrier, phase 1b (up to kDwTokens tokens routed to one
+// specialist per lane group): the dw partials of routed pairs (pdw [nJ, T, K, r]); phase 2 (two (k, x) columns per thread): the dB / db accumulators +=
+// du * w over the tile's tokens routed to k. At the end the accumulators go to pB [S, K, r + 1,
+// d] (index r = db).
 // ---------------------------------------------------------------------------------------
+constexpr int kDwTokens = 4;  // tokens of one specialist that share each B load of phase 1b
+
 // M: the mma element type of scalar_t (__half, __nv_bfloat16) or void. With M and channel tiles of
 // a multiple of 16 (tc), u = B_k w_k for the tile's tokens and every k comes from tensor-core mma
-// (bf16/fp16 products are exact in float, sums in float) instead of 16-byte shared-memory loads of
-// B per token. At most 128 registers per thread, so that two 256-thread blocks fit on an SM.
+// (bf16/fp16 products are exact in float, sums in float) instead of shared-memory loads of B per
+// token. At most 128 registers per thread, so that two 256-thread blocks fit on an SM.
 template <typename scalar_t, typename acc_t, typename M = void>
 HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
     cam_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ h_in,
@@ -263,25 +276,21 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
                                       const scalar_t* __restrict__ w, const scalar_t* __restrict__ B,
                                       const scalar_t* __restrict__ b, const scalar_t* __restrict__ g,
                                       scalar_t* __restrict__ d_main, scalar_t* __restrict__ dz,
-                                      acc_t* __restrict__ prow, acc_t* __restrict__ pB, int64_t T, int64_t d,
+                                      acc_t* __restrict__ pdw, acc_t* __restrict__ pdg, acc_t* __restrict__ pB,
+                                      int64_t T, int64_t d,
                                       int64_t K, int64_t r, acc_t s, int64_t placement, int64_t lpr,
                                       int64_t per_split, bool vec_io, bool vec_B) {
-  constexpr int V = cuda::Pack16<scalar_t>::kN;
+  constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
   HYCAM_DYNAMIC_SMEM(smem);
   const int64_t jt = lpr * V, rows = blockDim.x / lpr, R1 = r + 1, rp = w_stride(r, sizeof(acc_t));
   const bool tc = !std::is_void_v<M> && jt % 16 == 0;
   const int64_t rb = b_rows(r, tc), rows16 = (rows + 15) / 16 * 16;
   const Layout L = cam_layout(K, r, jt, lpr, rows, sizeof(scalar_t), sizeof(acc_t), true, tc);
-  const int64_t dst = du_stride(K, jt, lpr);
-  // du / acc index of the lane's channel c, and the channel of index x (see Layout)
-  auto x_of = [&](int64_t li_, int64_t c) { return tc ? li_ * V + c : c * lpr + li_; };
-  auto jl_of = [&](int64_t x) { return tc ? x : (x % lpr) * V + x / lpr; };
+  const int64_t dst = du_stride(K, jt, lpr, sizeof(acc_t));
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem);
   scalar_t* bs = reinterpret_cast<scalar_t*>(smem + L.b);
   acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
   acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
-  int* kl = reinterpret_cast<int*>(smem + L.kl);
-  int* cnt = reinterpret_cast<int*>(smem + L.cnt);
   int* tl = reinterpret_cast<int*>(smem + L.tl);
   int* tn = reinterpret_cast<int*>(smem + L.tn);
   scalar_t* wh = reinterpret_cast<scalar_t*>(smem + L.wh);
@@ -289,14 +298,16 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   acc_t* accs = reinterpret_cast<acc_t*>(smem + L.acc);
   const int64_t j0 = blockIdx.x * jt, split = blockIdx.y;
   const int64_t ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
-  stage_B(Bs, bs, B, b, j0, jt, d, K, r, rb, vec_B);
+  acc_t* pdw_j = pdw + static_cast<int64_t>(blockIdx.x) * T * K * r;  // this channel tile's partials
+  acc_t* pdg_j = pdg + static_cast<int64_t>(blockIdx.x) * T * K;
+  stage_B(Bs, bs, B, b, j0, jt, d, K, r, rb, vec_B, lpr, P);
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) accs[q] = 0;
 
-  const int64_t li = threadIdx.x % lpr, row = threadIdx.x / lpr, jl0 = li * V, j = j0 + jl0;
+  const int64_t li = threadIdx.x % lpr, row = threadIdx.x / lpr, j = j0 + li * V;
   const int64_t valid = d - j;  // <= 0: a lane past d (computes zeros, stores nothing)
   for (int64_t t0 = ts0; t0 < ts1; t0 += rows) {
     const int64_t nt = min(rows, ts1 - t0);
-    __syncthreads();  // the previous tile's phase 2 is done with ws, gs, du
+    __syncthreads();  // the previous tile's phases 1b and 2 are done with ws, gs, tl, du
     stage_w(ws, w, t0, nt, rows, K, r);
     for (int64_t q = threadIdx.x; q < rows * K; q += blockDim.x)
       gs[q] = q < nt * K ? static_cast<acc_t>(cuda::ld(g + t0 * K + q)) : acc_t(0);
@@ -307,12 +318,6 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
         wh[q] = static_cast<scalar_t>(i < r && tk < rows * K ? ws[tk * rp + i] : acc_t(0));
       }
     }
-    for (int64_t tt = threadIdx.x; tt < rows; tt += blockDim.x) {  // routed specialists of each token
-      int n = 0;
-      for (int64_t k = 0; k < K; ++k)
-        if (gs[tt * K + k] != acc_t(0)) kl[tt * K + n++] = static_cast<int>(k);
-      cnt[tt] = n;
-    }
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {  // tokens routed to each specialist
       int n = 0;
       for (int64_t tt = 0; tt < rows; ++tt)
@@ -320,26 +325,35 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
       tn[k] = n;
     }
     __syncthreads();
-    int routed_max = 0;  // the same for the whole block: the dw loop below is uniform
-    for (int64_t tt = 0; tt < rows; ++tt) routed_max = cnt[tt] > routed_max ? cnt[tt] : routed_max;
     if constexpr (!std::is_void_v<M>) {
-      if (tc) {  // u[tt][k][jl] = sum_i w[tt, k, i] B[k, jl, i] into du, one 16 x 16 tile per warp step
+      if (tc) {  // u[tt][k][x] = sum_i w[tt, k, i] B[k, x, i] into du, 16 x 16 tiles
 #if HYCAM_MMA_AVAILABLE
+        // each warp takes a contiguous run of the (mi, k, n) tiles and loads the w tile of an
+        // (mi, k) once for all its n when r <= 16
         const int64_t nwarps = blockDim.x / 32, nf = jt / 16, nfrag = rows16 / 16 * K * nf;
+        const int64_t per = (nfrag + nwarps - 1) / nwarps, wid = threadIdx.x / 32;
+        const int64_t f1 = min(nfrag, (wid + 1) * per);
         const M* whm = reinterpret_cast<const M*>(wh);
         const M* Bm = reinterpret_cast<const M*>(Bs);
-        for (int64_t f = threadIdx.x / 32; f < nfrag; f += nwarps) {
-          const int64_t mi = f / (K * nf), k = (f / nf) % K, n = f % nf;
-          mma::FragC uacc;
-          mma::zero(uacc);
-          for (int64_t i0 = 0; i0 < rb; i0 += 16) {
-            mma::FragA<M, true> fa;
-            mma::FragB<M, true> fb;
-            mma::load_a<true>(fa, whm + (mi * 16 * K + k) * rb + i0, static_cast<unsigned>(K * rb));
-            mma::load_b<true>(fb, Bm + (k * rb + i0) * jt + n * 16, static_cast<unsigned>(jt));
-            mma::mma(uacc, fa, fb);
+        for (int64_t f = wid * per; f < f1;) {
+          const int64_t mk = f / nf, mi = mk / K, k = mk % K, fe = min(f1, (mk + 1) * nf);
+          mma::FragA<M, true> fa;
+          bool have_a = false;
+          for (; f < fe; ++f) {
+            const int64_t n = f % nf;
+            mma::FragC uacc;
+            mma::zero(uacc);
+            for (int64_t i0 = 0; i0 < rb; i0 += 16) {
+              if (rb > 16 || !have_a) {
+                mma::load_a<true>(fa, whm + (mi * 16 * K + k) * rb + i0, static_cast<unsigned>(K * rb));
+                have_a = true;
+              }
+              mma::FragB<M, true> fb;
+              mma::load_b<true>(fb, Bm + (k * rb + i0) * jt + n * 16, static_cast<unsigned>(jt));
+              mma::mma(uacc, fa, fb);
+            }
+            mma::store(dus + mi * 16 * dst + k * jt + n * 16, uacc, static_cast<unsigned>(dst));
           }
-          mma::store(dus + mi * 16 * dst + k * jt + n * 16, uacc, static_cast<unsigned>(dst));
         }
 #endif
         __syncthreads();
@@ -347,139 +361,184 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
     }
 
     // ---- phase 1: token t0 + row for the lane group (rows past nt compute zeros, store nothing)
-    const int64_t tt = row, t = t0 + tt;
-    const bool active = tt < nt;
-    const int64_t lv = active ? valid : 0;
-    const int64_t e = idx_td(active ? t : 0, j, d);
-    acc_t gov[V], hv[V], av[V], zv[V], gc[V], spec[V], u[V];
-    cuda::ld_row(go + e, vec_io, lv, gov);
-    cuda::ld_row(h_in + e, vec_io, lv, hv);
-    cuda::ld_row(z + e, vec_io, lv, zv);
-    ld_row_or_zero(a, e, vec_io, lv, av);
-#pragma unroll
-    for (int c = 0; c < V; ++c) {
-      gc[c] = gate_grad(placement, gov[c], hv[c], av[c]);
-      spec[c] = 0;
-    }
-    acc_t* prow_t = prow + (static_cast<int64_t>(blockIdx.x) * T + t) * K * R1;
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t gk = gs[tt * K + k];
-      if (tc) {  // the mma's u plus the bias
-        const auto bias = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(bs + k * jt + jl0);
-        lds_vec<V>(dus + tt * dst + k * jt + jl0, u);
-#pragma unroll
-        for (int c = 0; c < V; ++c) u[c] += static_cast<acc_t>(bias.v[c]);
-      } else {
-        expand_lane(Bs, bs, ws + (tt * K + k) * rp, k, r, rb, jt, jl0, u);
-      }
-      acc_t pdg = 0, du[V];
+    {
+      const int64_t tt = row, t = t0 + tt;
+      const bool active = tt < nt;
+      const int64_t lv = active ? valid : 0;
+      const int64_t e = idx_td(active ? t : 0, j, d);
+      acc_t gov[V], hv[V], av[V], zv[V], gc[V], spec[V], u[V];
+      cuda::ld_row(go + e, vec_io, lv, gov);
+      cuda::ld_row(h_in + e, vec_io, lv, hv);
+      cuda::ld_row(z + e, vec_io, lv, zv);
+      ld_row_or_zero(a, e, vec_io, lv, av);
 #pragma unroll
       for (int c = 0; c < V; ++c) {
-        const acc_t v = s * u[c], sg = sigmoid(v), ek = silu_from_sigmoid(v, sg);
-        pdg += gc[c] * ek;
-        du[c] = gc[c] * gk * s * silu_grad_from_sigmoid(v, sg);
-        if (gk != acc_t(0)) spec[c] += gk * ek;
+        gc[c] = gate_grad(placement, gov[c], hv[c], av[c]);
+        spec[c] = 0;
       }
-      if (gk != acc_t(0)) {  // du replaces u (tc: in channel order, 16-byte stores; else lane-minor)
-        if (tc) {
-          sts_vec<V>(dus + tt * dst + k * jt + jl0, du);
+      acc_t dgk = 0;  // lane li keeps dg of the k with k % lpr == li
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t gk = gs[tt * K + k];
+        acc_t* du_row = dus + tt * dst + k * jt;
+        if (tc) {  // the mma's u plus the bias
+          acc_t bias[V];
+          lds_lane<V, P>(du_row, li, lpr, u);
+          lds_lane<V, P>(bs + k * jt, li, lpr, bias);
+#pragma unroll
+          for (int c = 0; c < V; ++c) u[c] += bias[c];
         } else {
-#pragma unroll
-          for (int c = 0; c < V; ++c) dus[tt * dst + k * jt + x_of(li, c)] = du[c];
+          expand_lane<V, P>(Bs, bs, ws + (tt * K + k) * rp, k, r, rb, jt, li, lpr, u);
         }
-      }
-      pdg = cuda::group_sum(pdg, static_cast<int>(lpr));
-      if (active) {
-        if (li == r % lpr) cuda::st(prow_t + k * R1 + r, pdg);
-        if (gk == acc_t(0))  // no gradient reaches w_k of a specialist the token was not routed to
-          for (int64_t i = li; i < r; i += lpr) cuda::st(prow_t + k * R1 + i, acc_t(0));
-      }
-    }
-    // dw_k[i] = sum_j du_k[j] B_k[j, i] for the routed specialists (routed_max rounds, uniform)
-    for (int m = 0; m < routed_max; ++m) {
-      const int k = m < cnt[tt] ? kl[tt * K + m] : -1;
-      acc_t du[V];
-      if (k >= 0 && tc) {
-        lds_vec<V>(dus + tt * dst + k * jt + jl0, du);
-      } else {
+        acc_t sdg = 0, du[V];
 #pragma unroll
-        for (int c = 0; c < V; ++c) du[c] = k >= 0 ? dus[tt * dst + k * jt + x_of(li, c)] : acc_t(0);
-      }
-      for (int64_t i = 0; i < r; ++i) {
-        acc_t p = 0;
-        if (k >= 0) {
-          const auto Bv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(Bs + (k * rb + i) * jt + jl0);
-#pragma unroll
-          for (int c = 0; c < V; ++c) p += du[c] * static_cast<acc_t>(Bv.v[c]);
+        for (int c = 0; c < V; ++c) {
+          const acc_t v = s * u[c], sg = sigmoid(v), ek = silu_from_sigmoid(v, sg);
+          sdg += gc[c] * ek;
+          du[c] = gc[c] * gk * s * silu_grad_from_sigmoid(v, sg);
+          if (gk != acc_t(0)) spec[c] += gk * ek;
         }
-        p = cuda::group_sum(p, static_cast<int>(lpr));
-        if (active && k >= 0 && li == i % lpr) cuda::st(prow_t + k * R1 + i, p);
+        if (gk != acc_t(0)) sts_lane<V, P>(du_row, li, lpr, du);  // du replaces u
+        sdg = cuda::group_sum(sdg, static_cast<int>(lpr));
+        const int64_t kb = k % lpr;
+        if (li == kb) dgk = sdg;
+        if (active && (kb == lpr - 1 || k == K - 1) && li <= kb) cuda::st(pdg_j + t * K + k - kb + li, dgk);
       }
-    }
-    if (active && valid > 0) {
-      acc_t dm[V], dzv[V];
+      if (active && valid > 0) {
+        acc_t dm[V], dzv[V];
 #pragma unroll
-      for (int c = 0; c < V; ++c) {
-        const acc_t sz = sigmoid(zv[c]);
-        dm[c] = gov[c] * (acc_t(1) + silu_from_sigmoid(zv[c], sz) + spec[c]);
-        dzv[c] = gc[c] * silu_grad_from_sigmoid(zv[c], sz);
+        for (int c = 0; c < V; ++c) {
+          const acc_t sz = sigmoid(zv[c]);
+          dm[c] = gov[c] * (acc_t(1) + silu_from_sigmoid(zv[c], sz) + spec[c]);
+          dzv[c] = gc[c] * silu_grad_from_sigmoid(zv[c], sz);
+        }
+        cuda::st_row(d_main + e, vec_io, valid, dm);
+        cuda::st_row(dz + e, vec_io, valid, dzv);
       }
-      cuda::st_row(d_main + e, vec_io, valid, dm);
-      cuda::st_row(dz + e, vec_io, valid, dzv);
     }
     __syncthreads();  // du of the tile complete
 
+    // ---- phase 1b: dw_k[t, i] = sum_x du_k[t, x] B_k[x, i] over the tile's channels. Items of up
+    // to kDwTokens tokens routed to one k, one item per lane group at a time, so each B load
+    // serves them all. A warp skips a round in which none of its lane groups has an item and
+    // reduces only as many tokens as its fullest item (warp-uniform: full-warp shuffles). A lane
+    // keeps the sum of rank i when i % lpr is its lane, and the group stores up to lpr ranks of a
+    // token at once (consecutive addresses).
+    {
+      int64_t nitems = 0;
+      for (int64_t k = 0; k < K; ++k) nitems += (tn[k] + kDwTokens - 1) / kDwTokens;
+      // item `it`: specialist k (-1: none), its first token n0 in tl[k] and the count nm
+      auto item = [&](int64_t it, int64_t& k, int64_t& n0, int64_t& nm) {
+        k = -1;
+        n0 = nm = 0;
+        for (int64_t kk = 0, rem = it; kk < K && it < nitems; ++kk) {
+          const int64_t ni = (tn[kk] + kDwTokens - 1) / kDwTokens;
+          if (rem < ni) {
+            k = kk;
+            n0 = rem * kDwTokens;
+            nm = min(static_cast<int64_t>(kDwTokens), tn[kk] - n0);
+            return;
+          }
+          rem -= ni;
+        }
+      };
+      const int64_t gpw = 32 / lpr, row0 = threadIdx.x / 32 * gpw;  // lane groups of this warp
+      for (int64_t base = 0; base < nitems; base += rows) {  // the same rounds for the whole block
+        int64_t k, n0, nm, nmw = 0;
+        for (int64_t gi = 0; gi < gpw; ++gi) {
+          item(base + row0 + gi, k, n0, nm);
+          nmw = nm > nmw ? nm : nmw;
+        }
+        if (nmw == 0) continue;  // no item in this warp
+        item(base + row, k, n0, nm);
+        acc_t dv[kDwTokens][V], keep[kDwTokens];
+        int tq[kDwTokens];
+#pragma unroll
+        for (int m = 0; m < kDwTokens; ++m) {
+          tq[m] = m < nm ? tl[k * rows + n0 + m] : 0;
+          keep[m] = 0;
+          if (m < nm) {
+            lds_lane<V, P>(dus + tq[m] * dst + k * jt, li, lpr, dv[m]);
+          } else {
+#pragma unroll
+            for (int c = 0; c < V; ++c) dv[m][c] = 0;
+          }
+        }
+        for (int64_t i = 0; i < r; ++i) {
+          acc_t Bv[V];
+          if (k >= 0) {
+            lds_lane<V, P>(Bs + (k * rb + i) * jt, li, lpr, Bv);
+          } else {
+#pragma unroll
+            for (int c = 0; c < V; ++c) Bv[c] = 0;
+          }
+          const int64_t ib = i % lpr;
+#pragma unroll
+          for (int m = 0; m < kDwTokens; ++m) {
+            if (m < nmw) {
+              acc_t p = 0;
+#pragma unroll
+              for (int c = 0; c < V; ++c) p += dv[m][c] * Bv[c];
+              p = cuda::group_sum(p, static_cast<int>(lpr));
+              if (li == ib) keep[m] = p;
+            }
+          }
+          if ((ib == lpr - 1 || i == r - 1) && li <= ib) {
+#pragma unroll
+            for (int m = 0; m < kDwTokens; ++m)
+              if (m < nm) cuda::st(pdw_j + ((t0 + tq[m]) * K + k) * r + i - ib + li, keep[m]);
+          }
+        }
+      }
+    }
+
     // ---- phase 2: the columns (k, x) and (k, x + jt / 2) of the dB / db accumulators per thread,
-    // sharing the w broadcasts, kC rank indices at a time. Columns past d accumulate du = 0.
+    // sharing the w broadcasts, kC rank indices at a time (the first chunk also carries db).
+    // Columns past d accumulate du = 0.
     const int64_t half = jt / 2;  // jt = lpr * V is even
-    constexpr int kC = sizeof(acc_t) == 8 ? kChunk / 2 : kChunk;  // double: half, within 128 registers
+    constexpr int kC = 8;  // rank indices per chunk: no spills at 128 registers (float and double)
     for (int64_t pc = threadIdx.x; pc < K * half; pc += blockDim.x) {
       const int64_t k = pc / half, x = pc % half;
+      if (tn[k] == 0) continue;  // no token of the tile routed to k: its accumulators stay as they are
       acc_t* acc_k = accs + k * R1 * jt + x;
       const acc_t* du_k = dus + k * jt + x;
-      for (int64_t i0 = 0; i0 < R1; i0 += kC) {
-        acc_t a0[kC], a1[kC];
+      for (int64_t i0 = 0; i0 < r || i0 == 0; i0 += kC) {
+        const bool first = i0 == 0;
+        acc_t a0[kC], a1[kC], db0 = first ? acc_k[r * jt] : acc_t(0), db1 = first ? acc_k[r * jt + half] : acc_t(0);
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
-          a0[c] = i0 + c < R1 ? acc_k[(i0 + c) * jt] : acc_t(0);
-          a1[c] = i0 + c < R1 ? acc_k[(i0 + c) * jt + half] : acc_t(0);
+          a0[c] = i0 + c < r ? acc_k[(i0 + c) * jt] : acc_t(0);
+          a1[c] = i0 + c < r ? acc_k[(i0 + c) * jt + half] : acc_t(0);
         }
         for (int n = 0; n < tn[k]; ++n) {  // the tokens routed to k (hard routing: about rows / K)
           const int64_t q = tl[k * rows + n];
           const acc_t du0 = du_k[q * dst], du1 = du_k[q * dst + half];
           const acc_t* wq = ws + (q * K + k) * rp + i0;
-          acc_t wv[kC];  // w_k[i0 + c], 1 at i = r (db), 0 past it
-          if (i0 + kC <= rp) {  // 16-byte broadcasts (i0 is a multiple of kC: aligned)
-            constexpr int P = cuda::Pack16<acc_t>::kN;
+          // w_k[i0 + c0 .. + P) as 16-byte broadcasts up to rp (zero padded past r); none past rp
 #pragma unroll
-            for (int c0 = 0; c0 < kC; c0 += P) {
+          for (int c0 = 0; c0 < kC; c0 += P) {
+            if (i0 + c0 < rp) {
               cuda::check_smem16(wq + c0);
-              const auto p = *reinterpret_cast<const cuda::Pack16<acc_t>*>(wq + c0);
+              const auto wv = *reinterpret_cast<const cuda::Pack16<acc_t>*>(wq + c0);
 #pragma unroll
-              for (int c = 0; c < P; ++c) wv[c0 + c] = p.v[c];
-            }
-          } else {
-#pragma unroll
-            for (int c = 0; c < kC; ++c) wv[c] = i0 + c < r ? wq[c] : acc_t(0);
-          }
-#pragma unroll
-          for (int c = 0; c < kC; ++c) {
-            const int64_t i = i0 + c;
-            if (i < r) {
-              a0[c] += du0 * wv[c];
-              a1[c] += du1 * wv[c];
-            } else if (i == r) {
-              a0[c] += du0;
-              a1[c] += du1;
+              for (int c = 0; c < P; ++c) {
+                a0[c0 + c] += du0 * wv.v[c];
+                a1[c0 + c] += du1 * wv.v[c];
+              }
             }
           }
+          db0 += du0;
+          db1 += du1;
         }
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
-          if (i0 + c < R1) {
+          if (i0 + c < r) {
             acc_k[(i0 + c) * jt] = a0[c];
             acc_k[(i0 + c) * jt + half] = a1[c];
           }
+        }
+        if (first) {
+          acc_k[r * jt] = db0;
+          acc_k[r * jt + half] = db1;
         }
       }
     }
@@ -487,7 +546,31 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   __syncthreads();
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) {
     const int64_t jl = q % jt, ki = q / jt;  // ki = k * R1 + i; consecutive threads: consecutive j
-    if (j0 + jl < d) cuda::st(pB + (split * K * R1 + ki) * d + j0 + jl, accs[ki * jt + x_of(jl / V, jl % V)]);
+    if (j0 + jl < d) cuda::st(pB + (split * K * R1 + ki) * d + j0 + jl, accs[ki * jt + x_pos(jl, lpr, V, P)]);
+  }
+}
+
+// The per-token reductions over the channel tiles c, in order: dg[t, k] = sum_c pdg[c, t, k] and
+// dw[t, k, i] = sum_c pdw[c, t, k, i] when token t is routed to k (g[t, k] != 0, the backward's
+// test), else 0 without reading pdw (the backward writes pdw only for routed pairs: hard routing
+// skips (K - 1) / K of it). One thread per output: TK * r of dw, then TK of dg (TK = T * K).
+// out_t: the storage type (what cam_cuda.cu launches) or acc_t (the emulation tests check the sums).
+template <typename scalar_t, typename acc_t, typename out_t = scalar_t>
+HYCAM_GLOBAL void sum_dwdg_kernel(const acc_t* __restrict__ pdw, const acc_t* __restrict__ pdg,
+                                  const scalar_t* __restrict__ g, int64_t nJ, int64_t TK, int64_t r,
+                                  out_t* __restrict__ dw, out_t* __restrict__ dg) {
+  const int64_t nw = TK * r;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nw + TK;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t s = 0;
+    if (q < nw) {
+      if (static_cast<acc_t>(cuda::ld(g + q / r)) != acc_t(0))
+        for (int64_t c = 0; c < nJ; ++c) s += cuda::ld(pdw + c * nw + q);
+      cuda::st(dw + q, static_cast<out_t>(s));
+    } else {
+      for (int64_t c = 0; c < nJ; ++c) s += cuda::ld(pdg + c * TK + q - nw);
+      cuda::st(dg + q - nw, static_cast<out_t>(s));
+    }
   }
 }
 
@@ -543,7 +626,8 @@ struct CamBackwardConfig {
   dim3 grid, block;
 };
 
-// prow [nJ, T, K, r + 1] and pB [S, K, r + 1, d] are the partial buffers. S depends on T only.
+// pdw [nJ, T, K, r], pdg [nJ, T, K] and pB [S, K, r + 1, d] are the partial buffers. S depends on T
+// only.
 inline CamBackwardConfig cam_backward_config(int64_t T, int64_t d, int64_t K, int64_t r, int64_t elem,
                                              int64_t acc_bytes) {
   const Tiling t = choose_tiling(K, r, elem, acc_bytes, true);

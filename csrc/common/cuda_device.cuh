@@ -66,16 +66,25 @@ HYCAM_DEVICE void st(T* p, typename NoDeduce<T>::type v HYCAM_SITE_PARAM) {
 #endif
   *p = v;
 }
-// Under the emulation: fail unless p (a 16-byte shared-memory access) is 16-byte aligned, as the
-// GPU requires; nothing under nvcc.
-HYCAM_DEVICE void check_smem16(const void* p HYCAM_SITE_PARAM) {
+// Under the emulation: fail unless p (a shared-memory access of `bytes`, a power of two) is
+// aligned to its size, as the GPU requires; nothing under nvcc.
+HYCAM_DEVICE void check_smem_aligned(const void* p, int bytes HYCAM_SITE_PARAM) {
 #if defined(HYCAM_CUDA_EMULATION)
-  if (reinterpret_cast<uintptr_t>(p) % 16)
-    ::hycam_emu::fail("misaligned 16-byte shared-memory access at " + ::hycam_emu::where(site));
+  if (reinterpret_cast<uintptr_t>(p) % bytes)
+    ::hycam_emu::fail("misaligned " + std::to_string(bytes) + "-byte shared-memory access at " +
+                      ::hycam_emu::where(site));
 #else
   (void)p;
+  (void)bytes;
 #endif
 }
+HYCAM_DEVICE void check_smem16(const void* p HYCAM_SITE_PARAM) { check_smem_aligned(p, 16 HYCAM_SITE_ARG); }
+
+// N consecutive T as one access of N * sizeof(T) bytes (a power of two <= 16).
+template <typename T, int N>
+struct alignas(N * sizeof(T)) VecN {
+  T v[N];
+};
 
 // 16 bytes of T (8 half/bfloat16, 4 float, 2 double): one 128-bit access.
 template <typename T>

@@ -104,7 +104,9 @@ using MmaOf = std::conditional_t<std::is_same_v<S, __half> || std::is_same_v<S, 
 
 // S: storage type, Acc: accumulation type (at::opmath_type<S> in cam_cuda.cu: float for the 16-bit types).
 template <class S, class Acc = S>
-void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool has_a, bool has_b, bool hard,
+// hard: 0 soft routing (every g > 0), 1 hard routing cycling over the specialists, 2 hard routing
+// skewed to specialist 0 (four tokens in five).
+void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool has_a, bool has_b, int hard,
               bool misalign = false) {
   using namespace cam_kernels;
   std::printf("cam    T=%ld d=%ld K=%ld r=%ld placement=%d a=%d b=%d hard=%d misaligned=%d %s acc %s\n", long(T),
@@ -116,7 +118,8 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
   const S* bp = has_b ? b.data() : nullptr;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < K; ++k)
-      g[t * K + k] = hard ? S(k == (t * 7 + 3) % K ? 1.0 : 0.0) : S(0.5 + 0.5 * std::fabs(as_double(g[t * K + k])));
+      g[t * K + k] = hard == 0 ? S(0.5 + 0.5 * std::fabs(as_double(g[t * K + k])))
+                     : S(k == (hard == 1 ? (t * 7 + 3) % K : (t % 5 ? 0 : (t / 5) % K)) ? 1.0 : 0.0);
   // float64 reference
   std::vector<double> out(T * d), dm(T * d), dz(T * d), dg(T * K), dw(T * K * r, 0), dB(K * d * r, 0), db(K * d, 0);
   std::vector<double> u(K * d), gc(d);
@@ -184,23 +187,34 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
     const auto cfg = cam_backward_config(T, d, K, r, sizeof(S), sizeof(Acc));
     if (cfg.lpr == 0) hycam_emu::fail("cam_backward_config: no tiling fits");
     auto d_main = poisoned<S>(T * d), dzg = poisoned<S>(T * d);
-    auto prow = poisoned<Acc>(cfg.nJ * T * K * R1), pB = poisoned<Acc>(cfg.S * K * R1 * d);
+    auto pdw = poisoned<Acc>(cfg.nJ * T * K * r), pdg = poisoned<Acc>(cfg.nJ * T * K);
+    auto pB = poisoned<Acc>(cfg.S * K * R1 * d);
+    // dw and dg: the sums in Acc (tight tolerance), and as cam_backward_cuda launches it, rounded to S
+    auto gdw = poisoned<Acc>(T * K * r), gdg = poisoned<Acc>(T * K);
+    auto sdw = poisoned<S>(T * K * r), sdg = poisoned<S>(T * K);
     if (T == 0 || d == 0) {  // cam_backward_cuda returns zeros without a launch
-      std::fill(prow.begin(), prow.end(), Acc(0));
       std::fill(pB.begin(), pB.end(), Acc(0));
+      std::fill(gdw.begin(), gdw.end(), Acc(0));
+      std::fill(gdg.begin(), gdg.end(), Acc(0));
+      std::fill(sdw.begin(), sdw.end(), S(0.0f));
+      std::fill(sdg.begin(), sdg.end(), S(0.0f));
     } else {
       launch(cfg.grid, cfg.block, cfg.smem, [&] {
         cam_backward_kernel<S, Acc, MmaOf<S>>(go.data(), hp, ap, z.data(), w.data(), B.data(), bp, g.data(),
-                                    d_main.data(), dzg.data(), prow.data(), pB.data(), T, d, K, r, Acc(scale),
-                                    placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
+                                    d_main.data(), dzg.data(), pdw.data(), pdg.data(), pB.data(), T, d, K, r,
+                                    Acc(scale), placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
       }, "cam_backward_kernel");
+      // unrouted pairs' pdw stays poisoned: sum_dwdg_kernel must not read it
+      const dim3 grid(unsigned(std::min<int64_t>((T * K * R1 + 255) / 256, 65535)));
+      launch(grid, dim3(256), 0, [&] {
+        sum_dwdg_kernel<S, Acc, Acc>(pdw.data(), pdg.data(), g.data(), cfg.nJ, T * K, r, gdw.data(), gdg.data());
+      }, "sum_dwdg_kernel");
+      launch(grid, dim3(256), 0, [&] {
+        sum_dwdg_kernel<S, Acc>(pdw.data(), pdg.data(), g.data(), cfg.nJ, T * K, r, sdw.data(), sdg.data());
+      }, "sum_dwdg_kernel");
     }
-    const auto rs = sum_partials(prow, cfg.nJ, T * K * R1), cs = sum_partials(pB, cfg.S, K * R1 * d);
-    std::vector<Acc> gdw(T * K * r), gdg(T * K), gdB(K * d * r), gdb(K * d);
-    for (int64_t q = 0; q < T * K; ++q) {
-      for (int64_t i = 0; i < r; ++i) gdw[q * r + i] = rs[q * R1 + i];
-      gdg[q] = rs[q * R1 + r];
-    }
+    const auto cs = sum_partials(pB, cfg.S, K * R1 * d);
+    std::vector<Acc> gdB(K * d * r), gdb(K * d);
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < d; ++j) {
         for (int64_t i = 0; i < r; ++i) gdB[(k * d + j) * r + i] = cs[(k * R1 + i) * d + j];
@@ -210,6 +224,8 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
     cmp("dz", dzg.data(), dz, out_tol);
     cmp("dg", gdg.data(), dg, red_tol);
     cmp("dw", gdw.data(), dw, red_tol);
+    cmp("dw (storage)", sdw.data(), dw, out_tol);
+    cmp("dg (storage)", sdg.data(), dg, out_tol);
     cmp("dB", gdB.data(), dB, red_tol);
     cmp("db", gdb.data(), db, red_tol);
   }
@@ -399,6 +415,8 @@ int main(int argc, char** argv) {
   test_cam<float>(0, 64, 2, 4, 0, true, true, true);                   // T = 0: nothing launched
   test_cam<__nv_bfloat16, float>(1, 8, 1, 1, 1, true, false, true);    // T = 1, one 16-byte lane
   test_cam<__nv_bfloat16, float>(700, 24, 2, 4, 0, true, true, true);  // two token splits
+  test_cam<__nv_bfloat16, float>(45, 264, 3, 20, 1, true, true, 2);    // r > 16: two mma k-steps; skewed
+  test_cam<__half, float>(40, 128, 8, 3, 0, false, true, 0);           // soft, K = 8: several dw rounds
   test_shrink<float>(37, 100, 3, 5, true);
   test_shrink<float>(1, 1, 1, 1, false);
   test_shrink<float>(100, 257, 4, 16, true);

@@ -205,14 +205,15 @@ def test_quick_model_table_for_todays_kernels():
         # what each kernel must move is a lower bound of what the emulation saw it touch
         assert k["dram_bytes"] >= 0.99 * k["min_bytes"], k
     by = {k["kernel"]: k for k in mo["kernels"]}
-    # facts of today's kernels the model must reproduce: the tensor-core kernels and the CAM
-    # forward stream with full sectors (16-byte row accesses, B staged once per block); the CAM
-    # backward's [T, d] streams too, its per-token dg partials are single 4-byte stores
+    # facts of today's kernels the model must reproduce: the tensor-core kernels and both CAM
+    # kernels stream with full sectors (16-byte row accesses, B staged once per block, the
+    # backward's dg / dw partials stored a lane group's row at a time)
     assert by["dx_tc_kernel"]["sector_eff"] > 0.95
     assert by["cam_forward_kernel"]["sector_eff"] > 0.95
-    assert 0.8 < by["cam_backward_kernel"]["sector_eff"] < 1
-    # one pass over [T, d] in the backward: what it moves is its minimum plus the partials
-    assert by["cam_backward_kernel"]["dram_bytes"] < 1.3 * by["cam_backward_kernel"]["min_bytes"]
+    assert by["cam_backward_kernel"]["sector_eff"] > 0.95
+    # one pass over [T, d] in the backward: what it moves is its minimum plus the partials, of
+    # which the dw partials only for routed pairs (hard routing: 1 in K)
+    assert by["cam_backward_kernel"]["dram_bytes"] < 1.15 * by["cam_backward_kernel"]["min_bytes"]
     assert by["cam_backward_kernel"]["smem_wavefronts"] > 0
     # (K + the router's ceil(K / r) slots) * r = 80 outputs: two 64-wide tiles of tensor-core work
     assert by["shrink_tc_kernel"]["tensor_flops"] == pytest.approx(2 * 8192 * 4096 * 128, rel=0.01)
