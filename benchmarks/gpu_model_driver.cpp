@@ -54,7 +54,7 @@ static void print(const hycam_emu::Counters& c, const char* group) {
 
 template <class S>
 static void sum_partials(const S* part, int64_t S_, int64_t n, S* out, const char* name) {
-  launch(dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>(cuda::ceil_div(n, 256), 65535)))), dim3(256), 0,
+  launch(dim3(unsigned(cuda::grid_1d(n))), dim3(256), 0,
          [&] { cuda::sum_partials_kernel<S>(part, S_, n, out); }, name);
 }
 
@@ -96,9 +96,9 @@ int main(int argc, char** argv) {
            dim3(kMThreads), 0, [&] {
       shrink_tc_kernel<M>(make_operand<M>(x.p, d), make_operand<M>(A.p, d), part.p, T, d, KR, sk.per_split);
     }, "shrink_tc_kernel");
-    launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+    launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
            [&] { shrink_finish_kernel<M>(part.p, sk.SK, ab.p, p.p, T * KR, KR); }, "shrink_finish_kernel");
-    launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+    launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
            [&] { mix_kernel<M, float>(p.p, N.p, nb.p, w.p, T, K, r); }, "mix_kernel");
   } else if (group == "cam_fwd") {
     using namespace cam_kernels;
@@ -119,7 +119,7 @@ int main(int argc, char** argv) {
                                        d, K, r, scale, placement, cfg.lpr, cfg.per_split, d % 8 == 0,
                                        (d * r) % 8 == 0);
     }, "cam_backward_kernel");
-    launch(dim3(unsigned(shrink_kernels::grid_1d(T * K * R1))), dim3(256), 0,
+    launch(dim3(unsigned(cuda::grid_1d(T * K * R1))), dim3(256), 0,
            [&] { sum_dwdg_kernel<M, float>(pdw.p, pdg.p, g.p, cfg.nJ, T * K, r, dw.p, dg.p); }, "sum_dwdg_kernel");
     sum_partials(pB.p, cfg.S, K * R1 * d, cs.p, "sum_partials_kernel(pB)");
   } else if (group == "shrink_bwd") {
@@ -127,7 +127,7 @@ int main(int argc, char** argv) {
     Buf<M> dw(T * KR), x(T * d), A(KR * d), N(K * r * r), p(T * KR), dplo(T * KR), dx(T * d);
     const auto cfg = shrink_backward_config(T, d, K, r, /*tensor_cores=*/true);
     Buf<float> dp(T * KR), pA(cfg.S * KR * d), pS(cfg.S * cfg.nq), sA(KR * d), sS(cfg.nq);
-    launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+    launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
            [&] { dp_kernel<M, float>(dw.p, N.p, dp.p, dplo.p, T, K, r); }, "dp_kernel");
     const auto dpo = make_operand<M>(dplo.p, KR);
     launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cfg.nJ)), dim3(kMThreads), 0,

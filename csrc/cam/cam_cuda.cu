@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         static_cast<acc_t>(scale), placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t n = T * K * (r + 1);
-    sum_dwdg_kernel<scalar_t, acc_t><<<std::min<int64_t>(cuda::ceil_div(n, 256), 65535), 256, 0, stream>>>(
+    sum_dwdg_kernel<scalar_t, acc_t><<<cuda::grid_1d(n), 256, 0, stream>>>(
         pdw.data_ptr<acc_t>(), pdg.data_ptr<acc_t>(), g.data_ptr<scalar_t>(), cfg.nJ, T * K, r,
         dw.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -49,7 +49,8 @@ HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
 // scalar_t (rb = r, or r rounded up to 16 with zero rows for the tensor-core expand); ws
 // [tokens][K][rp] (rp: r rounded up to 16 bytes of acc_t, zero padded, so that w is read as
 // 16-byte broadcasts) and gs [tokens][K] in acc_t; backward only: the tokens routed to each
-// specialist tl [K][tokens] and their count tn [K] (int); tensor-core expand only: w in scalar_t,
+// specialist tl [K][tokens], their count tn [K] and the first phase-1b item of each specialist
+// istart [K + 1] (int); tensor-core expand only: w in scalar_t,
 // wh [tokens16][K][rb] (tokens16 = tokens rounded up to 16, the mma's M); du [max(tokens,
 // tokens16)][K][jt] (token stride du_stride) and the dB / db accumulators acc [K][r + 1][jt] in
 // acc_t.
@@ -93,7 +94,7 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
     L.tl = o;
     o = align32(o + K * tokens * 4);
     L.tn = o;
-    o = align32(o + K * 4);
+    o = align32(o + (2 * K + 1) * 4);  // tn [K], then phase 1b's first item of each specialist [K + 1]
     L.wh = o;
     if (tc) o = align32(o + tokens16 * K * rb * elem);
     L.du = o;
@@ -259,9 +260,9 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
 // backward: grid (channel tiles, token splits). Per tile of `rows` tokens: stage w, g and the
 // token lists; phase 1 (a token per lane group): elementwise grads, dg partials (pdg [nJ, T, K]),
 // du into shared memory; then, after one barrier, phase 1b (up to kDwTokens tokens routed to one
-// specialist per lane group): the dw partials of routed pairs (pdw [nJ, T, K, r]); phase 2 (two (k, x) columns per thread): the dB / db accumulators +=
-// du * w over the tile's tokens routed to k. At the end the accumulators go to pB [S, K, r + 1,
-// d] (index r = db).
+// specialist per lane group): the dw partials of routed pairs (pdw [nJ, T, K, r]); phase 2 (two
+// (k, x) columns per thread): the dB / db accumulators += du * w over the tile's tokens routed to
+// k. At the end the accumulators go to pB [S, K, r + 1, d] (index r = db).
 // ---------------------------------------------------------------------------------------
 constexpr int kDwTokens = 4;  // tokens of one specialist that share each B load of phase 1b
 
@@ -293,6 +294,7 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
   int* tl = reinterpret_cast<int*>(smem + L.tl);
   int* tn = reinterpret_cast<int*>(smem + L.tn);
+  int* istart = tn + K;
   scalar_t* wh = reinterpret_cast<scalar_t*>(smem + L.wh);
   acc_t* dus = reinterpret_cast<acc_t*>(smem + L.du);
   acc_t* accs = reinterpret_cast<acc_t*>(smem + L.acc);
@@ -415,7 +417,15 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
         cuda::st_row(dz + e, vec_io, valid, dzv);
       }
     }
-    __syncthreads();  // du of the tile complete
+    if (threadIdx.x == 0) {  // phase 1b's items: the first one of each specialist
+      int n = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        istart[k] = n;
+        n += (tn[k] + kDwTokens - 1) / kDwTokens;
+      }
+      istart[K] = n;
+    }
+    __syncthreads();  // du and istart of the tile complete
 
     // ---- phase 1b: dw_k[t, i] = sum_x du_k[t, x] B_k[x, i] over the tile's channels. Items of up
     // to kDwTokens tokens routed to one k, one item per lane group at a time, so each B load
@@ -424,22 +434,25 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
     // keeps the sum of rank i when i % lpr is its lane, and the group stores up to lpr ranks of a
     // token at once (consecutive addresses).
     {
-      int64_t nitems = 0;
-      for (int64_t k = 0; k < K; ++k) nitems += (tn[k] + kDwTokens - 1) / kDwTokens;
-      // item `it`: specialist k (-1: none), its first token n0 in tl[k] and the count nm
+      const int64_t nitems = istart[K];
+      // item `it`: specialist k (-1: none), its first token n0 in tl[k] and the count nm. k is the
+      // last specialist whose first item is <= it (binary search: istart[0] = 0 <= it < nitems)
       auto item = [&](int64_t it, int64_t& k, int64_t& n0, int64_t& nm) {
         k = -1;
         n0 = nm = 0;
-        for (int64_t kk = 0, rem = it; kk < K && it < nitems; ++kk) {
-          const int64_t ni = (tn[kk] + kDwTokens - 1) / kDwTokens;
-          if (rem < ni) {
-            k = kk;
-            n0 = rem * kDwTokens;
-            nm = min(static_cast<int64_t>(kDwTokens), tn[kk] - n0);
-            return;
+        if (it >= nitems) return;
+        int64_t lo = 0, hi = K;
+        while (hi - lo > 1) {
+          const int64_t mid = (lo + hi) / 2;
+          if (istart[mid] <= it) {
+            lo = mid;
+          } else {
+            hi = mid;
           }
-          rem -= ni;
         }
+        k = lo;
+        n0 = (it - istart[lo]) * kDwTokens;
+        nm = min(static_cast<int64_t>(kDwTokens), tn[lo] - n0);
       };
       const int64_t gpw = 32 / lpr, row0 = threadIdx.x / 32 * gpw;  // lane groups of this warp
       for (int64_t base = 0; base < nitems; base += rows) {  // the same rounds for the whole block

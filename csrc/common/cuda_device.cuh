@@ -24,7 +24,7 @@
 #define HYCAM_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
 #define HYCAM_DEVICE __device__ __forceinline__
 #define HYCAM_SHARED __shared__
-#define HYCAM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define HYCAM_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]  // wmma needs 32
 #define HYCAM_SITE_PARAM
 #define HYCAM_SITE_ARG
 #endif
@@ -133,6 +133,11 @@ HYCAM_DEVICE acc_t group_sum(acc_t v, int width HYCAM_SITE_PARAM) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Blocks of 256 threads for a grid-stride loop over n elements: at least 1, at most 65535.
+inline int64_t grid_1d(int64_t n) {
+  const int64_t g = ceil_div(n, 256);
+  return g < 1 ? 1 : (g > 65535 ? 65535 : g);
+}
 
 // out[q] = sum_{s < S} part[s * n + q], summed in order of s: deterministic, no atomics.
 template <typename acc_t>

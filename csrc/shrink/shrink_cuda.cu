@@ -48,7 +48,7 @@ void launch_shrink_tc(const S* x, const S* A, const S* ab, S* p, float* part, co
     shrink_tc_kernel<M><<<grid, kMThreads, 0, stream>>>(operand<M>(x, d), operand<M>(A, d), part, T, d, KR,
                                                         sk.per_split);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    shrink_finish_kernel<M><<<grid_1d(T * KR), 256, 0, stream>>>(part, sk.SK, reinterpret_cast<const M*>(ab),
+    shrink_finish_kernel<M><<<cuda::grid_1d(T * KR), 256, 0, stream>>>(part, sk.SK, reinterpret_cast<const M*>(ab),
                                                                  reinterpret_cast<M*>(p), T * KR, KR);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
@@ -101,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Te
                                                                     ab, p.data_ptr<scalar_t>(), T, d, KR);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    mix_kernel<scalar_t, acc_t><<<grid_1d(T * KR), 256, 0, stream>>>(p.data_ptr<scalar_t>(), N.data_ptr<scalar_t>(),
-                                                                     nb, w.data_ptr<scalar_t>(), T, K, r);
+    mix_kernel<scalar_t, acc_t><<<cuda::grid_1d(T * KR), 256, 0, stream>>>(
+        p.data_ptr<scalar_t>(), N.data_ptr<scalar_t>(), nb, w.data_ptr<scalar_t>(), T, K, r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {p, w};
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dp_kernel<scalar_t, acc_t><<<grid_1d(T * KR), 256, 0, stream>>>(
+    dp_kernel<scalar_t, acc_t><<<cuda::grid_1d(T * KR), 256, 0, stream>>>(
         dw.data_ptr<scalar_t>(), N.data_ptr<scalar_t>(), dp.data_ptr<acc_t>(),
         tc ? dp_lo.data_ptr<scalar_t>() : nullptr, T, K, r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -356,11 +356,6 @@ HYCAM_GLOBAL void dA_tc_kernel(Operand<T> dp, Operand<T> x, float* __restrict__ 
 #endif
 }
 
-inline int64_t grid_1d(int64_t n) {
-  const int64_t g = cuda::ceil_div(n, 256);
-  return g < 1 ? 1 : (g > 65535 ? 65535 : g);
-}
-
 // launch configuration of the backward (host side; shared with the emulation test)
 struct ShrinkBackwardConfig {
   int64_t nO, nJ, S, per_split, nq;

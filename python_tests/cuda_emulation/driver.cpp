@@ -93,7 +93,7 @@ const char* type_name() {
 template <class S>
 std::vector<S> sum_partials(const std::vector<S>& part, int64_t S_, int64_t n) {
   std::vector<S> out(n, S(0));
-  launch(dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>(cuda::ceil_div(n, 256), 65535)))), dim3(256), 0,
+  launch(dim3(unsigned(cuda::grid_1d(n))), dim3(256), 0,
          [&] { cuda::sum_partials_kernel<S>(part.data(), S_, n, out.data()); }, "sum_partials_kernel");
   return out;
 }
@@ -205,7 +205,7 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
                                     Acc(scale), placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
       }, "cam_backward_kernel");
       // unrouted pairs' pdw stays poisoned: sum_dwdg_kernel must not read it
-      const dim3 grid(unsigned(std::min<int64_t>((T * K * R1 + 255) / 256, 65535)));
+      const dim3 grid(unsigned(cuda::grid_1d(T * K * R1)));
       launch(grid, dim3(256), 0, [&] {
         sum_dwdg_kernel<S, Acc, Acc>(pdw.data(), pdg.data(), g.data(), cfg.nJ, T * K, r, gdw.data(), gdg.data());
       }, "sum_dwdg_kernel");
@@ -259,7 +259,7 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
   auto pg = poisoned<S>(T * KR), wg = poisoned<S>(T * KR);
   launch(dim3(unsigned(cuda::ceil_div(T, kTM)), unsigned(cuda::ceil_div(KR, kTN))), dim3(kThreads), 0,
          [&] { shrink_kernel<S, S>(x.data(), A.data(), abp, pg.data(), T, d, KR); }, "shrink_kernel");
-  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+  launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
          [&] { mix_kernel<S, S>(pg.data(), N.data(), nbp, wg.data(), T, K, r); }, "mix_kernel");
   cmp("p", pg.data(), p, tol);
   cmp("w", wg.data(), w, tol);
@@ -281,7 +281,7 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
   const auto cfg = shrink_backward_config(T, d, K, r);
   auto dpg = poisoned<S>(T * KR), pA = poisoned<S>(cfg.S * KR * d), pS = poisoned<S>(cfg.S * cfg.nq);
   auto dxg = poisoned<S>(T * d);
-  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+  launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
          [&] { dp_kernel<S, S>(dw.data(), N.data(), dpg.data(), nullptr, T, K, r); }, "dp_kernel");
   if (d > 0) {
     launch(dim3(unsigned(cuda::ceil_div(T, kTM)), unsigned(cfg.nJ)), dim3(kThreads), 0,
@@ -337,7 +337,7 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
   launch(dim3(unsigned(cuda::ceil_div(T, kMM)), unsigned(cuda::ceil_div(KR, kMN)), unsigned(sk.SK)), dim3(kMThreads),
          0, [&] { shrink_tc_kernel<M>(make_operand(x, d), make_operand(A.data(), d), part.data(), T, d, KR,
                                       sk.per_split); }, "shrink_tc_kernel");
-  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+  launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
          [&] { shrink_finish_kernel<M>(part.data(), sk.SK, abp, pg.data(), T * KR, KR); }, "shrink_finish_kernel");
   cmp("p", pg.data(), p, out_tol);
   std::vector<double> w(T * KR);
@@ -348,14 +348,14 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
         for (int64_t m = 0; m < r; ++m) v += f(N[(k * r + i) * r + m]) * f(pg[t * KR + k * r + m]);
         w[t * KR + k * r + i] = v;
       }
-  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+  launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
          [&] { mix_kernel<M, float>(pg.data(), N.data(), nbp, wg.data(), T, K, r); }, "mix_kernel");
   cmp("w", wg.data(), w, out_tol);
   // backward
   const auto cfg = shrink_backward_config(T, d, K, r, /*tensor_cores=*/true);
   std::vector<float> dpg(T * KR, NAN), pA(cfg.S * KR * d, NAN), pS(cfg.S * cfg.nq, NAN);
   std::vector<M> dplo(T * KR, M(NAN)), dxg(T * d, M(NAN));
-  launch(dim3(unsigned(grid_1d(T * KR))), dim3(256), 0,
+  launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
          [&] { dp_kernel<M, float>(dw.data(), N.data(), dpg.data(), dplo.data(), T, K, r); }, "dp_kernel");
   const std::vector<double> dp = dp_reference(N, dw, T, K, r);
   std::vector<double> dpr(T * KR);
