@@ -13,9 +13,9 @@
 // The backward is one pass over [T, d]: d_main and dz (elementwise), dg and dw (reductions over
 // channels: lane groups, then one partial per channel tile in pdg and, for routed (token,
 // specialist) pairs only, pdw) and dB and db (reductions over tokens: the block's du values go
-// through shared memory into per-block accumulators, one partial per token split in pB). pdg and
-// pB are summed in a fixed order, pB by sum_partials_kernel, pdw and pdg by sum_dwdg_kernel (zeros
-// for the unrouted pairs' dw, whose partials are never written). No
+// through shared memory into per-block accumulators, one partial per token split in pB). The
+// partials are summed in a fixed order: pB by sum_partials_kernel, pdw and pdg by sum_dwdg_kernel
+// (zeros for the unrouted pairs' dw, whose partials are never written). No
 // atomics: results are bitwise reproducible, and every split and tile count depends only on the
 // shape (never on the GPU), so they are the same on every GPU model.
 //
@@ -50,10 +50,9 @@ HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
 // [tokens][K][rp] (rp: r rounded up to 16 bytes of acc_t, zero padded, so that w is read as
 // 16-byte broadcasts) and gs [tokens][K] in acc_t; backward only: the tokens routed to each
 // specialist tl [K][tokens], their count tn [K] and the first phase-1b item of each specialist
-// istart [K + 1] (int); tensor-core expand only: w in scalar_t,
-// wh [tokens16][K][rb] (tokens16 = tokens rounded up to 16, the mma's M); du [max(tokens,
-// tokens16)][K][jt] (token stride du_stride) and the dB / db accumulators acc [K][r + 1][jt] in
-// acc_t.
+// istart [K + 1] (int); tensor-core expand only: w in scalar_t, wh [tokens16][K][rb] (tokens16 =
+// tokens rounded up to 16, the mma's M); du [max(tokens, tokens16)][K][jt] (token stride
+// du_stride) and the dB / db accumulators acc [K][r + 1][jt] in acc_t.
 //
 // The backward keeps its channels in "x order": du, acc and (both staged by the backward) Bs and
 // bs hold channel jl = lane * V + c of the tile at x = (c / P) * lpr * P + lane * P + c % P, where
@@ -278,9 +277,8 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
                                       const scalar_t* __restrict__ b, const scalar_t* __restrict__ g,
                                       scalar_t* __restrict__ d_main, scalar_t* __restrict__ dz,
                                       acc_t* __restrict__ pdw, acc_t* __restrict__ pdg, acc_t* __restrict__ pB,
-                                      int64_t T, int64_t d,
-                                      int64_t K, int64_t r, acc_t s, int64_t placement, int64_t lpr,
-                                      int64_t per_split, bool vec_io, bool vec_B) {
+                                      int64_t T, int64_t d, int64_t K, int64_t r, acc_t s, int64_t placement,
+                                      int64_t lpr, int64_t per_split, bool vec_io, bool vec_B) {
   constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
   HYCAM_DYNAMIC_SMEM(smem);
   const int64_t jt = lpr * V, rows = blockDim.x / lpr, R1 = r + 1, rp = w_stride(r, sizeof(acc_t));
