@@ -231,7 +231,10 @@ def smem_wavefronts(kernel, T, d, K, r, routed, lpr):
         phase2 = (T * d / 64 * routed * (2 * math.ceil(r / 8) + math.ceil(r / 4))
                   + T * d * K * R1 * 2 / (32 * rows))
         blocks = math.ceil(d / jt) * min(16, max(1, math.ceil(T / 512)))
-        return mma + wh + expand + dw + phase2 + blocks * stage
+        # the sums of dz (z_bias's gradient): each lane loads and stores its 8 float sums per
+        # token (8 + 8), then per block one pass over the rows x jt sums (4-byte loads by 256 threads)
+        zsum = units * 16 + blocks * rows * jt * 4 / 128
+        return mma + wh + expand + dw + phase2 + zsum + blocks * stage
     return 0.0
 
 
@@ -334,14 +337,13 @@ def layer(rows, m, T, d, K, e=2):
     three d x d GEMMs at the matmul rate, and PyTorch's other ops at their minimum bytes at the
     copy bandwidth plus one launch each."""
     gemm = 3 * 2 * T * d * d / m["gemm"]
-    td = T * d * e
     torch_ops = {  # bytes, launches
         # the router's x @ W_r^T, dl @ W_r and dl^T @ x ride on the shrink's GEMMs (ops.projections:
         # extra specialist slots, modelled in the shrink kernels); the shared projection's dx GEMM
         # accumulates into the shrink's dx in its epilogue (beta = 1), inside a compute-bound GEMM:
         # counted at the matmul rate only
         "routing (softmax, argmax, one-hot, straight-through)": (0, 6),
-        "db_s = dz.sum(0)": (td, 1),
+        # db_s: inside the CAM backward (z_bias; its partial row in pB), no pass over dz
         "router / shrink weight concatenation and gradient copies": (0, 12),
     }
     torch_t = {k: b / m["dram_bw"] + n * m["launch_s"] for k, (b, n) in torch_ops.items()}

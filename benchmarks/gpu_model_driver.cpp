@@ -102,26 +102,27 @@ int main(int argc, char** argv) {
            [&] { mix_kernel<M, float>(p.p, N.p, nb.p, w.p, T, K, r); }, "mix_kernel");
   } else if (group == "cam_fwd") {
     using namespace cam_kernels;
-    Buf<M> h(T * d), z(T * d), w(T * KR), B(K * d * r), b(K * d), out(T * d);
+    Buf<M> h(T * d), z(T * d), zb(d), w(T * KR), B(K * d * r), b(K * d), out(T * d);
     const auto cfg = cam_forward_config(T, d, K, r, sizeof(M), sizeof(float));
     launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_forward_kernel<M, float>(h.p, nullptr, z.p, w.p, B.p, b.p, g.p, out.p, T, d, K, r, scale, placement, cfg.lpr,
+      cam_forward_kernel<M, float>(h.p, nullptr, z.p, zb.p, w.p, B.p, b.p, g.p, out.p, T, d, K, r, scale, placement, cfg.lpr,
                                    cfg.tile, d % 8 == 0, (d * r) % 8 == 0);
     }, "cam_forward_kernel");
   } else if (group == "cam_bwd") {
     using namespace cam_kernels;
-    Buf<M> go(T * d), h(T * d), z(T * d), w(T * KR), B(K * d * r), b(K * d), dm(T * d), dz(T * d);
+    Buf<M> go(T * d), h(T * d), z(T * d), zb(d), w(T * KR), B(K * d * r), b(K * d), dm(T * d), dz(T * d);
     const auto cfg = cam_backward_config(T, d, K, r, sizeof(M), sizeof(float));
-    Buf<float> pdw(cfg.nJ * T * KR), pdg(cfg.nJ * T * K), pB(cfg.S * K * R1 * d), cs(K * R1 * d);
+    const int64_t nB = K * R1 + 1;  // dB, db and the sum of dz (z_bias's gradient)
+    Buf<float> pdw(cfg.nJ * T * KR), pdg(cfg.nJ * T * K), pB(cfg.S * nB * d), cs(nB * d);
     Buf<M> dw(T * KR), dg(T * K);
     launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_backward_kernel<M, float, M>(go.p, h.p, nullptr, z.p, w.p, B.p, b.p, g.p, dm.p, dz.p, pdw.p, pdg.p, pB.p, T,
+      cam_backward_kernel<M, float, M>(go.p, h.p, nullptr, z.p, zb.p, w.p, B.p, b.p, g.p, dm.p, dz.p, pdw.p, pdg.p, pB.p, T,
                                        d, K, r, scale, placement, cfg.lpr, cfg.per_split, d % 8 == 0,
                                        (d * r) % 8 == 0);
     }, "cam_backward_kernel");
     launch(dim3(unsigned(cuda::grid_1d(T * K * R1))), dim3(256), 0,
            [&] { sum_dwdg_kernel<M, float>(pdw.p, pdg.p, g.p, cfg.nJ, T * K, r, dw.p, dg.p); }, "sum_dwdg_kernel");
-    sum_partials(pB.p, cfg.S, K * R1 * d, cs.p, "sum_partials_kernel(pB)");
+    sum_partials(pB.p, cfg.S, nB * d, cs.p, "sum_partials_kernel(pB)");
   } else if (group == "shrink_bwd") {
     using namespace shrink_kernels;
     Buf<M> dw(T * KR), x(T * d), A(KR * d), N(K * r * r), p(T * KR), dplo(T * KR), dx(T * d);

@@ -73,7 +73,8 @@ void check_placement(const char* op, int64_t placement, const OptTensor& a) {
 
 // [T, d], [T, K, r], [K, d, r] ... of the CAM ops; returns (T, d, K, r).
 void check_cam_args(const char* op, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z,
-                    const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g) {
+                    const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g,
+                    const OptTensor& z_bias) {
   TORCH_CHECK_VALUE(h_in.defined() && h_in.dim() == 2, "hycam.", op, ": h_in must be a 2-D tensor [T, d], got ",
                     h_in.defined() ? shape_str(h_in) : std::string("undefined"));
   TORCH_CHECK_VALUE(B.defined() && B.dim() == 3, "hycam.", op, ": B must be a 3-D tensor [K, d, r], got ",
@@ -82,6 +83,7 @@ void check_cam_args(const char* op, const at::Tensor& h_in, const OptTensor& a, 
   check_arg(op, "h_in", h_in, {T, d}, nullptr, nullptr);
   check_opt(op, "a", a, {T, d}, &h_in, "h_in");
   check_arg(op, "z", z, {T, d}, &h_in, "h_in");
+  check_opt(op, "z_bias", z_bias, {d}, &h_in, "h_in");
   check_arg(op, "B", B, {K, d, r}, &h_in, "h_in");
   check_opt(op, "b", b, {K, d}, &h_in, "h_in");
   check_arg(op, "w", w, {T, K, r}, &h_in, "h_in");
@@ -136,30 +138,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
 
 at::Tensor cam_forward(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
                        const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
-                       int64_t placement) {
-  check_cam_args("cam_forward", h_in, a, z, w, B, b, g);
+                       int64_t placement, const OptTensor& z_bias) {
+  check_cam_args("cam_forward", h_in, a, z, w, B, b, g, z_bias);
   check_placement("cam_forward", placement, a);
   auto hc = h_in.contiguous(), zc = z.contiguous(), wc = w.contiguous(), Bc = B.contiguous(), gc = g.contiguous();
-  auto ac = contig(a), bc = contig(b);
+  auto ac = contig(a), bc = contig(b), zbc = contig(z_bias);
 #ifdef HYCAM_WITH_CUDA
-  if (h_in.is_cuda()) return cam_forward_cuda(hc, ac, zc, wc, Bc, bc, gc, scale, placement);
+  if (h_in.is_cuda()) return cam_forward_cuda(hc, ac, zc, wc, Bc, bc, gc, scale, placement, zbc);
 #endif
-  return cpu_kernels(h_in.scalar_type()).cam_forward(hc, ac, zc, wc, Bc, bc, gc, scale, placement);
+  return cpu_kernels(h_in.scalar_type()).cam_forward(hc, ac, zc, wc, Bc, bc, gc, scale, placement, zbc);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cam_backward(
-    const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-    const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement) {
-  check_cam_args("cam_backward", h_in, a, z, w, B, b, g);
+CamBackwardOut cam_backward(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z,
+                            const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g,
+                            double scale, int64_t placement, const OptTensor& z_bias) {
+  check_cam_args("cam_backward", h_in, a, z, w, B, b, g, z_bias);
   check_arg("cam_backward", "go", go, {h_in.size(0), h_in.size(1)}, &h_in, "h_in");
   check_placement("cam_backward", placement, a);
   auto goc = go.contiguous(), hc = h_in.contiguous(), zc = z.contiguous(), wc = w.contiguous(),
        Bc = B.contiguous(), gc = g.contiguous();
-  auto ac = contig(a), bc = contig(b);
+  auto ac = contig(a), bc = contig(b), zbc = contig(z_bias);
 #ifdef HYCAM_WITH_CUDA
-  if (h_in.is_cuda()) return cam_backward_cuda(goc, hc, ac, zc, wc, Bc, bc, gc, scale, placement);
+  if (h_in.is_cuda()) return cam_backward_cuda(goc, hc, ac, zc, wc, Bc, bc, gc, scale, placement, zbc);
 #endif
-  return cpu_kernels(h_in.scalar_type()).cam_backward(goc, hc, ac, zc, wc, Bc, bc, gc, scale, placement);
+  return cpu_kernels(h_in.scalar_type()).cam_backward(goc, hc, ac, zc, wc, Bc, bc, gc, scale, placement, zbc);
 }
 
 bool built_with_cuda() {
@@ -182,9 +184,10 @@ TORCH_LIBRARY(hycam, m) {
   m.def("shrink_backward(Tensor dw, Tensor x, Tensor p, Tensor A, Tensor N) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", tags);
   m.def("cam_forward(Tensor h_in, Tensor? a, Tensor z, Tensor w, Tensor B, Tensor? b, Tensor g, "
-        "float scale, int placement) -> Tensor", tags);
+        "float scale, int placement, Tensor? z_bias=None) -> Tensor", tags);
   m.def("cam_backward(Tensor go, Tensor h_in, Tensor? a, Tensor z, Tensor w, Tensor B, Tensor? b, "
-        "Tensor g, float scale, int placement) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", tags);
+        "Tensor g, float scale, int placement, Tensor? z_bias=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", tags);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_isa_variants() -> str[]", &cpu_isa_variants);

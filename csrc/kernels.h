@@ -18,13 +18,17 @@ using ShrinkFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x, const a
 // dx [T, d], dA [K, r, d], dA_bias [K, r], dN [K, r, r], dN_bias [K, r]
 using ShrinkBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N);
+// z_bias [d] (optional): c = 1 + silu(z + z_bias) + ...
 using CamForwardFn = at::Tensor(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
                                 const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
-                                int64_t placement);
-// d_main [T, d], dz [T, d], dg [T, K], dw [T, K, r], dB [K, d, r], db [K, d]
-using CamBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-    const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement);
+                                int64_t placement, const OptTensor& z_bias);
+// d_main [T, d], dz [T, d], dg [T, K], dw [T, K, r], dB [K, d, r], db [K, d], dz_bias [d] = sum_t dz
+// (an empty tensor when z_bias is absent)
+using CamBackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using CamBackwardFn = CamBackwardOut(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a,
+                                     const at::Tensor& z, const at::Tensor& w, const at::Tensor& B,
+                                     const OptTensor& b, const at::Tensor& g, double scale, int64_t placement,
+                                     const OptTensor& z_bias);
 
 struct CpuKernels {
   const char* isa;  // the variant's name: "baseline", "avx2"
@@ -44,12 +48,8 @@ std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Te
                                                const at::Tensor& N, const OptTensor& N_bias);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward_cuda(
     const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N);
-at::Tensor cam_forward_cuda(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-                            const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
-                            int64_t placement);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cam_backward_cuda(
-    const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-    const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement);
+CamForwardFn cam_forward_cuda;
+CamBackwardFn cam_backward_cuda;
 #endif
 
 }  // namespace hycam

@@ -202,7 +202,8 @@ def _cam_inputs(T, d, K, r, device, gen, placement, with_a, routing):
     else:
         g = torch.softmax(logits / 0.5, dim=-1)
     a = rnd(T, d) if (with_a or placement == 1) else None
-    return [rnd(T, d), a, rnd(T, d), rnd(T, K, r), rnd(K, d, r, scale=r ** -0.5), rnd(K, d, scale=0.1), g]
+    z_bias = rnd(d, scale=0.5) if with_a else None  # the shared projection's bias, inside the op
+    return [rnd(T, d), a, rnd(T, d), rnd(T, K, r), rnd(K, d, r, scale=r ** -0.5), rnd(K, d, scale=0.1), g, z_bias]
 
 
 def _tolerance(dtype: torch.dtype, ref_err: float, tiny: bool) -> float:
@@ -272,8 +273,9 @@ def run_checks(devices: Sequence[str], dtypes: Sequence[str],
                         else:
                             placement, with_a, routing = params
                             inputs = _cam_inputs(T, d, K, r, device, gen, placement, with_a, routing)
-                            kfn = lambda *t, p=placement: [ops.cam(*t, 2.0, p)]  # noqa: E731
-                            rfn = lambda *t, p=placement: [reference_cam(*t, 2.0, p)]  # noqa: E731
+                            kfn = lambda *t, p=placement: [ops.cam(*t[:7], 2.0, p, z_bias=t[7])]  # noqa: E731
+                            rfn = lambda *t, p=placement: [reference_cam(  # noqa: E731
+                                *t[:2], t[2] if t[7] is None else t[2] + t[7], *t[3:7], 2.0, p)]
                         start = time.perf_counter()
                         try:
                             with _env("HYCAM_TENSOR_CORES", tc):

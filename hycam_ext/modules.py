@@ -41,7 +41,9 @@ class HyCAM(HyCAMParameters):
         def cast(t, dtype=compute_dtype):
             return None if t is None else t.to(dtype)
 
-        z, logits, w = ops.projections(x2, cast(self.shared_weight), cast(self.shared_bias),
+        # the shared projection's bias b_s is added inside the CAM op (z_bias), whose backward
+        # sums its gradient in the same pass over [T, d] (no separate dz.sum(0))
+        z, logits, w = ops.projections(x2, cast(self.shared_weight), None,
                                        cast(self.router_weight), cast(self.router_bias), cast(self.A),
                                        cast(self.A_bias), cast(self.N), cast(self.N_bias),
                                        use_kernels=cfg.use_kernels)
@@ -50,7 +52,8 @@ class HyCAM(HyCAMParameters):
         self._record(logits, g, lead)
         out = ops.cam(h2, a2, z.to(stream_dtype), w.to(stream_dtype), cast(self.B, stream_dtype),
                       cast(self.B_bias, stream_dtype), g.to(stream_dtype), cfg.scaling,
-                      _PLACEMENT_CODE[placement], use_kernels=cfg.use_kernels)
+                      _PLACEMENT_CODE[placement], use_kernels=cfg.use_kernels,
+                      z_bias=cast(self.shared_bias, stream_dtype))
         return out.reshape(h_in.shape)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor,

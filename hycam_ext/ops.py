@@ -5,13 +5,16 @@ their autograd. Host-side argument checks live in csrc/api.cpp; this file is thi
     shrink_backward(dw, x, p, A, N) -> (dx, dA, dA_bias, dN, dN_bias)
     projections(x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias) -> (z, logits, w)   (Python: the
         layer's three maps of x as one autograd node, the router riding on the shrink)
-    cam_forward(h_in, a, z, w, B, b, g, scale, placement) -> out                  [T, d]
-    cam_backward(go, h_in, a, z, w, B, b, g, scale, placement) -> (d_main, dz, dg, dw, dB, db)
+    cam_forward(h_in, a, z, w, B, b, g, scale, placement, z_bias=None) -> out     [T, d]
+    cam_backward(go, h_in, a, z, w, B, b, g, scale, placement, z_bias=None)
+        -> (d_main, dz, dg, dw, dB, db, dz_bias)     dz_bias = sum_t dz ([d]; empty without z_bias)
 
 placement 0 ("residual"): out = (h_in + a) * c  (a may be None: out = h_in * c)
 placement 1 ("attention"): out = h_in + a * c
-c = 1 + silu(z) + sum_k g[:, k] * silu(scale * (B_k w_k + b_k)); specialists with g == 0 are
-skipped (hard routing computes only the routed one).
+c = 1 + silu(z + z_bias) + sum_k g[:, k] * silu(scale * (B_k w_k + b_k)); specialists with g == 0
+are skipped (hard routing computes only the routed one). z_bias (optional, [d]) is the shared
+projection's bias: inside this op its gradient comes out of the CAM backward's pass over [T, d]
+instead of a separate dz.sum(0).
 """
 from __future__ import annotations
 
@@ -50,11 +53,11 @@ def shrink(x: torch.Tensor, A: torch.Tensor, A_bias: Optional[torch.Tensor], N: 
 
 def cam(h_in: torch.Tensor, a: Optional[torch.Tensor], z: torch.Tensor, w: torch.Tensor,
         B: torch.Tensor, b: Optional[torch.Tensor], g: torch.Tensor, scale: float,
-        placement: int = 0, use_kernels: bool = True) -> torch.Tensor:
-    """The fused CAM modulation (see the module docstring)."""
+        placement: int = 0, use_kernels: bool = True, z_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused CAM modulation (see the module docstring); z_bias [d] is added to z."""
     if not _use_kernels(use_kernels):
-        return _cam_torch(h_in, a, z, w, B, b, g, float(scale), int(placement))
-    return torch.ops.hycam.cam_forward(h_in, a, z, w, B, b, g, float(scale), int(placement))
+        return _cam_torch(h_in, a, z, w, B, b, g, float(scale), int(placement), z_bias)
+    return torch.ops.hycam.cam_forward(h_in, a, z, w, B, b, g, float(scale), int(placement), z_bias)
 
 
 def projections(x: torch.Tensor, W_s: torch.Tensor, b_s: Optional[torch.Tensor], W_r: torch.Tensor,
@@ -148,10 +151,12 @@ def _shrink_torch(x, A, A_bias, N, N_bias):
     return w if N_bias is None else w + N_bias
 
 
-def _cam_torch(h_in, a, z, w, B, b, g, scale, placement):
+def _cam_torch(h_in, a, z, w, B, b, g, scale, placement, z_bias=None):
     u = torch.einsum("tkr,kdr->tkd", w, B)
     if b is not None:
         u = u + b
+    if z_bias is not None:
+        z = z + z_bias
     c = 1 + F.silu(z) + (g.unsqueeze(-1) * F.silu(scale * u)).sum(dim=1)
     if placement == 0:
         return (h_in if a is None else h_in + a) * c
@@ -174,14 +179,15 @@ if kernels_available():
                 torch.empty_like(N), N.new_empty(K, r))
 
     @torch.library.register_fake("hycam::cam_forward")
-    def _cam_forward_fake(h_in, a, z, w, B, b, g, scale, placement):
+    def _cam_forward_fake(h_in, a, z, w, B, b, g, scale, placement, z_bias=None):
         return torch.empty_like(h_in)
 
     @torch.library.register_fake("hycam::cam_backward")
-    def _cam_backward_fake(go, h_in, a, z, w, B, b, g, scale, placement):
+    def _cam_backward_fake(go, h_in, a, z, w, B, b, g, scale, placement, z_bias=None):
         K, d = B.shape[0], B.shape[1]
         return (torch.empty_like(h_in), torch.empty_like(z), torch.empty_like(g),
-                torch.empty_like(w), torch.empty_like(B), B.new_empty(K, d))
+                torch.empty_like(w), torch.empty_like(B), B.new_empty(K, d),
+                z.new_empty(d if z_bias is not None else 0))
 
     # -----------------------------------------------------------------------------------
     # autograd
@@ -203,21 +209,22 @@ if kernels_available():
     torch.library.register_autograd("hycam::shrink", _shrink_backward, setup_context=_shrink_setup)
 
     def _cam_setup(ctx, inputs, output):
-        h_in, a, z, w, B, b, g, scale, placement = inputs
+        h_in, a, z, w, B, b, g, scale, placement, z_bias = inputs
         ctx.scale, ctx.placement = scale, placement
-        ctx.has_a, ctx.has_b = a is not None, b is not None
-        ctx.save_for_backward(h_in, a, z, w, B, b, g)
+        ctx.has_a, ctx.has_b, ctx.has_zb = a is not None, b is not None, z_bias is not None
+        ctx.save_for_backward(h_in, a, z, w, B, b, g, z_bias)
 
     def _cam_backward(ctx, go):
-        h_in, a, z, w, B, b, g = ctx.saved_tensors
-        d_main, dz, dg, dw, dB, db = torch.ops.hycam.cam_backward(
-            go, h_in, a, z, w, B, b, g, ctx.scale, ctx.placement)
+        h_in, a, z, w, B, b, g, z_bias = ctx.saved_tensors
+        d_main, dz, dg, dw, dB, db, dzb = torch.ops.hycam.cam_backward(
+            go, h_in, a, z, w, B, b, g, ctx.scale, ctx.placement, z_bias)
         if ctx.placement == 0:
             d_h, d_a = d_main, (d_main if ctx.has_a else None)
         else:
             d_h, d_a = go, d_main
-        # one gradient per op argument: h_in, a, z, w, B, b, g, scale, placement
-        return d_h, d_a, dz, dw, dB, (db if ctx.has_b else None), dg, None, None
+        # one gradient per op argument: h_in, a, z, w, B, b, g, scale, placement, z_bias
+        return (d_h, d_a, dz, dw, dB, (db if ctx.has_b else None), dg, None, None,
+                (dzb if ctx.has_zb else None))
 
     torch.library.register_autograd("hycam::cam_forward", _cam_backward,
                                     setup_context=_cam_setup)

@@ -56,6 +56,15 @@ inline const acc_t* row_in(const scalar_t* base, int64_t row, int64_t d, acc_t* 
   }
 }
 
+// The row of z as acc_t plus z_bias (widened, nullptr when absent; then in buf).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* z_row(const scalar_t* zp, const acc_t* zbias, int64_t row, int64_t d, acc_t* buf) {
+  if (zbias == nullptr) return row_in<scalar_t, acc_t>(zp, row, d, buf);
+  const scalar_t* src = zp + row * d;
+  for (int64_t j = 0; j < d; ++j) buf[j] = static_cast<acc_t>(src[j]) + zbias[j];
+  return buf;
+}
+
 // Where an output row is computed: in place when the types match, else in buf (then narrowed).
 template <typename scalar_t, typename acc_t>
 inline acc_t* row_out(scalar_t* base, int64_t row, int64_t d, acc_t* buf) {
@@ -77,12 +86,15 @@ inline void row_store(scalar_t* base, int64_t row, int64_t d, const acc_t* buf) 
 template <typename scalar_t>
 void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
                       const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement,
-                      at::Tensor& out) {
+                      const OptTensor& z_bias, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
   const acc_t s = static_cast<acc_t>(scale);
   const auto Bt = transpose_B<scalar_t, acc_t>(B);
   const auto bias = widen_bias<scalar_t, acc_t>(b, K * d);
+  const bool has_zb = z_bias.has_value() && z_bias->defined();
+  const auto zbias = widen_bias<scalar_t, acc_t>(z_bias, has_zb ? d : 0);
+  const acc_t* zbp = has_zb ? zbias.data() : nullptr;
   const scalar_t* hp = h_in.data_ptr<scalar_t>();
   const scalar_t* ap = (a.has_value() && a->defined()) ? a->data_ptr<scalar_t>() : nullptr;
   const scalar_t* zp = z.data_ptr<scalar_t>();
@@ -120,7 +132,7 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
       }
       for (int64_t t = w0; t < w1; ++t) {
         acc_t* o = row_out<scalar_t, acc_t>(op, t, d, ob.data());
-        const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
+        const acc_t* zr = z_row<scalar_t, acc_t>(zp, zbp, t, d, zb.data());
         rows::sigmoid_scaled(zr, acc_t(1), sg.data(), d);
         rows::cam_epilogue(row_in<scalar_t, acc_t>(hp, t, d, hb.data()), row_in<scalar_t, acc_t>(ap, t, d, ab.data()),
                            zr, sg.data(), spec.data() + (t - w0) * d, o, d, placement);
@@ -133,13 +145,17 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
 template <typename scalar_t>
 void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z,
                        const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g,
-                       double scale, int64_t placement, at::Tensor& d_main, at::Tensor& dz, at::Tensor& dg,
-                       at::Tensor& dw, at::Tensor& dB, at::Tensor& db) {
+                       double scale, int64_t placement, const OptTensor& z_bias, at::Tensor& d_main,
+                       at::Tensor& dz, at::Tensor& dg, at::Tensor& dw, at::Tensor& dB, at::Tensor& db,
+                       at::Tensor& dzb) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
   const acc_t s = static_cast<acc_t>(scale);
   const auto Bt = transpose_B<scalar_t, acc_t>(B);
   const auto bias = widen_bias<scalar_t, acc_t>(b, K * d);
+  const bool has_zb = z_bias.has_value() && z_bias->defined();
+  const auto zbias = widen_bias<scalar_t, acc_t>(z_bias, has_zb ? d : 0);
+  const acc_t* zbp = has_zb ? zbias.data() : nullptr;
   const scalar_t* gop = go.data_ptr<scalar_t>();
   const scalar_t* hp = h_in.data_ptr<scalar_t>();
   const scalar_t* ap = (a.has_value() && a->defined()) ? a->data_ptr<scalar_t>() : nullptr;
@@ -154,6 +170,7 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
   const cpu::Chunks chunks(T);
   const int64_t nB = K * r * d, nb = K * d;
   std::vector<acc_t> dBt_part(chunks.n * nB, acc_t(0)), db_part(chunks.n * nb, acc_t(0));
+  std::vector<acc_t> dzb_part(has_zb ? chunks.n * d : 0, acc_t(0));  // sums of dz (unrounded) per chunk
 
   at::parallel_for(0, chunks.n, 1, [&](int64_t c0, int64_t c1) {
     // U [kEB, K, d]: u of every specialist for a block of tokens (expanded together, one pass over
@@ -167,6 +184,7 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* dBt = dBt_part.data() + c * nB;
       acc_t* dbb = db_part.data() + c * nb;
+      acc_t* dzs = has_zb ? dzb_part.data() + c * d : nullptr;
       for (int64_t tb = chunks.begin(c); tb < chunks.end(c); tb += kEB) {
         const int64_t nb_t = std::min(kEB, chunks.end(c) - tb);
         for (int64_t q = 0; q < nb_t; ++q) tok[q] = tb + q;
@@ -189,12 +207,14 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
           }
           acc_t* dm = row_out<scalar_t, acc_t>(dmp, t, d, dmb.data());
           acc_t* dzr = row_out<scalar_t, acc_t>(dzp, t, d, dzb.data());
-          const acc_t* zr = row_in<scalar_t, acc_t>(zp, t, d, zb.data());
+          const acc_t* zr = z_row<scalar_t, acc_t>(zp, zbp, t, d, zb.data());
           rows::sigmoid_scaled(zr, acc_t(1), sgz.data(), d);
           rows::cam_backward_epilogue(row_in<scalar_t, acc_t>(gop, t, d, gob.data()),
                                       row_in<scalar_t, acc_t>(hp, t, d, hb.data()),
                                       row_in<scalar_t, acc_t>(ap, t, d, ab.data()), zr, sgz.data(), spec.data(), dm,
                                       dzr, gcv.data(), d, placement);
+          if (dzs)
+            for (int64_t j = 0; j < d; ++j) dzs[j] += dzr[j];
           row_store<scalar_t, acc_t>(dmp, t, d, dm);
           row_store<scalar_t, acc_t>(dzp, t, d, dzr);
           for (int64_t k = 0; k < K; ++k) {
@@ -230,35 +250,44 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
       for (int64_t i = 0; i < r; ++i) dBp[idx_kdr(k, j, i, d, r)] = static_cast<scalar_t>(dBt[idx_krd(k, i, j, r, d)]);
       dbp[k * d + j] = static_cast<scalar_t>(dbv[k * d + j]);
     }
+  if (has_zb) {
+    std::vector<acc_t> dzbv(d);
+    cpu::reduce_partials(dzb_part, chunks.n, d, dzbv.data());
+    scalar_t* dzbp = dzb.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < d; ++j) dzbp[j] = static_cast<scalar_t>(dzbv[j]);
+  }
 }
 
 }  // namespace
 
 at::Tensor cam_forward_cpu(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
                            const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
-                           int64_t placement) {
+                           int64_t placement, const OptTensor& z_bias) {
   auto out = at::empty_like(h_in);
   if (h_in.numel() == 0) return out;
   HYCAM_CPU_DISPATCH(h_in.scalar_type(), "hycam_cam_forward_cpu", [&] {
-    cam_forward_impl<scalar_t>(h_in, a, z, w, B, b, g, scale, placement, out);
+    cam_forward_impl<scalar_t>(h_in, a, z, w, B, b, g, scale, placement, z_bias, out);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cam_backward_cpu(
-    const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-    const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement) {
+CamBackwardOut cam_backward_cpu(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z,
+                                const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g,
+                                double scale, int64_t placement, const OptTensor& z_bias) {
   auto d_main = at::empty_like(h_in);
   auto dz = at::empty_like(z);
   auto dg = at::empty_like(g);
   auto dw = at::empty_like(w);
   auto dB = at::zeros_like(B);
   auto db = at::zeros({B.size(0), B.size(1)}, B.options());
-  if (h_in.numel() == 0) return {d_main, dz, dg.zero_(), dw.zero_(), dB, db};
+  const bool has_zb = z_bias.has_value() && z_bias->defined();
+  auto dzb = at::zeros({has_zb ? h_in.size(1) : 0}, z.options());  // sum of dz over tokens (zeros: T = 0)
+  if (h_in.numel() == 0) return {d_main, dz, dg.zero_(), dw.zero_(), dB, db, dzb};
   HYCAM_CPU_DISPATCH(h_in.scalar_type(), "hycam_cam_backward_cpu", [&] {
-    cam_backward_impl<scalar_t>(go, h_in, a, z, w, B, b, g, scale, placement, d_main, dz, dg, dw, dB, db);
+    cam_backward_impl<scalar_t>(go, h_in, a, z, w, B, b, g, scale, placement, z_bias, d_main, dz, dg, dw, dB, db,
+                                dzb);
   });
-  return {d_main, dz, dg, dw, dB, db};
+  return {d_main, dz, dg, dw, dB, db, dzb};
 }
 
 // the entry points csrc/cpu/dispatch_cpu.cpp collects

@@ -43,7 +43,7 @@ void check_tiling(int64_t lpr, int64_t K, int64_t r, const char* op) {
 
 at::Tensor cam_forward_cuda(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
                             const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
-                            int64_t placement) {
+                            int64_t placement, const OptTensor& z_bias) {
   c10::cuda::CUDAGuard guard(h_in.device());
   auto out = at::empty_like(h_in);
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
@@ -57,12 +57,13 @@ at::Tensor cam_forward_cuda(const at::Tensor& h_in, const OptTensor& a, const at
     TORCH_CHECK_VALUE(cfg.grid.y <= 65535, "hycam.cam_forward: hidden size ", d,
                       " needs more than 65535 channel tiles of ", cfg.lpr * 16 / elem, "; reduce the hidden size");
     const scalar_t* ap = opt_ptr<scalar_t>(a);
-    const bool vec_io = rows_vectorisable(d, elem, {h_in.data_ptr(), ap, z.data_ptr(), out.data_ptr()});
+    const scalar_t* zbp = opt_ptr<scalar_t>(z_bias);
+    const bool vec_io = rows_vectorisable(d, elem, {h_in.data_ptr(), ap, z.data_ptr(), zbp, out.data_ptr()});
     const bool vec_B = (d * r * elem) % 16 == 0 && aligned16(B.data_ptr());
     auto kernel = cam_forward_kernel<scalar_t, acc_t>;
     cuda::set_smem(kernel, cfg.smem, "cam_forward");
     kernel<<<cfg.grid, cfg.block, cfg.smem, stream>>>(
-        h_in.data_ptr<scalar_t>(), ap, z.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
+        h_in.data_ptr<scalar_t>(), ap, z.data_ptr<scalar_t>(), zbp, w.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
         opt_ptr<scalar_t>(b), g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), T, d, K, r, static_cast<acc_t>(scale),
         placement, cfg.lpr, cfg.tile, vec_io, vec_B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -70,15 +71,17 @@ at::Tensor cam_forward_cuda(const at::Tensor& h_in, const OptTensor& a, const at
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cam_backward_cuda(
-    const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-    const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement) {
+CamBackwardOut cam_backward_cuda(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a,
+                                 const at::Tensor& z, const at::Tensor& w, const at::Tensor& B, const OptTensor& b,
+                                 const at::Tensor& g, double scale, int64_t placement, const OptTensor& z_bias) {
   c10::cuda::CUDAGuard guard(h_in.device());
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2), R1 = r + 1;
+  const bool has_zb = z_bias.has_value() && z_bias->defined();
   auto d_main = at::empty_like(h_in);
   auto dz = at::empty_like(z);
   if (T == 0 || d == 0) {
-    return {d_main, dz, at::zeros_like(g), at::zeros_like(w), at::zeros_like(B), at::zeros({K, d}, B.options())};
+    return {d_main, dz, at::zeros_like(g), at::zeros_like(w), at::zeros_like(B), at::zeros({K, d}, B.options()),
+            at::zeros({has_zb ? d : 0}, z.options())};
   }
   const auto acc_type = h_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t elem = h_in.element_size();
@@ -88,14 +91,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto pdg = at::empty({cfg.nJ, T, K}, h_in.options().dtype(acc_type));
   auto dw = at::empty_like(w, at::MemoryFormat::Contiguous);
   auto dg = at::empty_like(g, at::MemoryFormat::Contiguous);
-  auto pB = at::empty({cfg.S, K, R1, d}, h_in.options().dtype(acc_type));
+  auto pB = at::empty({cfg.S, K * R1 + 1, d}, h_in.options().dtype(acc_type));  // last row: sum of dz
   auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_in.scalar_type(), "hycam_cam_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ap = opt_ptr<scalar_t>(a);
+    const scalar_t* zbp = opt_ptr<scalar_t>(z_bias);
     const bool vec_io = rows_vectorisable(
-        d, elem, {go.data_ptr(), h_in.data_ptr(), ap, z.data_ptr(), d_main.data_ptr(), dz.data_ptr()});
+        d, elem, {go.data_ptr(), h_in.data_ptr(), ap, z.data_ptr(), zbp, d_main.data_ptr(), dz.data_ptr()});
     const bool vec_B = (d * r * elem) % 16 == 0 && aligned16(B.data_ptr());
     using M = typename cuda::MmaType<scalar_t>::type;
     if constexpr (!std::is_void_v<M>) {  // the backward's expand runs on tensor cores (bf16/fp16 mma)
@@ -105,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto kernel = cam_backward_kernel<scalar_t, acc_t, M>;
     cuda::set_smem(kernel, cfg.smem, "cam_backward");
     kernel<<<cfg.grid, cfg.block, cfg.smem, stream>>>(
-        go.data_ptr<scalar_t>(), h_in.data_ptr<scalar_t>(), ap, z.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+        go.data_ptr<scalar_t>(), h_in.data_ptr<scalar_t>(), ap, z.data_ptr<scalar_t>(), zbp, w.data_ptr<scalar_t>(),
         B.data_ptr<scalar_t>(), opt_ptr<scalar_t>(b), g.data_ptr<scalar_t>(), d_main.data_ptr<scalar_t>(),
         dz.data_ptr<scalar_t>(), pdw.data_ptr<acc_t>(), pdg.data_ptr<acc_t>(), pB.data_ptr<acc_t>(), T, d, K, r,
         static_cast<acc_t>(scale), placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
@@ -117,14 +121,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  auto cols_sum = cuda::sum_partials(pB);    // [K, R1, d]
+  auto sums = cuda::sum_partials(pB);  // [K * R1 + 1, d]
+  auto cols_sum = sums.narrow(0, 0, K * R1).view({K, R1, d});
   // every output its own tensor: .to()/.contiguous() may otherwise return views of one buffer
   auto fresh = [](const at::Tensor& t, at::ScalarType st) {
     return t.to(st, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
   };
   auto dB = fresh(cols_sum.narrow(1, 0, r).transpose(1, 2), B.scalar_type());
   auto db = fresh(cols_sum.select(1, r), B.scalar_type());
-  return {d_main, dz, dg, dw, dB, db};
+  auto dzb = has_zb ? fresh(sums.select(0, K * R1), z.scalar_type()) : at::empty({0}, z.options());
+  return {d_main, dz, dg, dw, dB, db, dzb};
 }
 
 }  // namespace hycam

@@ -12,8 +12,11 @@
 //
 // The backward is one pass over [T, d]: d_main and dz (elementwise), dg and dw (reductions over
 // channels: lane groups, then one partial per channel tile in pdg and, for routed (token,
-// specialist) pairs only, pdw) and dB and db (reductions over tokens: the block's du values go
-// through shared memory into per-block accumulators, one partial per token split in pB). The
+// specialist) pairs only, pdw), dB and db (reductions over tokens: the block's du values go
+// through shared memory into per-block accumulators, one partial per token split in pB) and the
+// sum of dz over tokens, the gradient of the optional z_bias (per-lane running sums in shared
+// memory, then per split in pB: no second pass over dz). z_bias (c = 1 + silu(z + z_bias) + ...)
+// lets the shared projection's bias live in this op instead of the GEMM's epilogue. The
 // partials are summed in a fixed order: pB by sum_partials_kernel, pdw and pdg by sum_dwdg_kernel
 // (zeros for the unrouted pairs' dw, whose partials are never written). No
 // atomics: results are bitwise reproducible, and every split and tile count depends only on the
@@ -39,7 +42,7 @@ constexpr int64_t kThreads = 256;  // threads per block (fewer only when K * r i
 // of the sm_80+ GPUs), so that every sm_80+ GPU picks the same tiling and sums in the same order.
 constexpr int64_t kSmemBudget = 99 * 1024;
 constexpr int64_t kFwdTokens = 64;      // tokens per forward block (rounded up to a multiple of rows)
-constexpr int64_t kMaxSplits = 16;      // token splits of the backward (partials pB [S, K, r + 1, d])
+constexpr int64_t kMaxSplits = 16;      // token splits of the backward (partials pB [S, K * (r + 1) + 1, d])
 constexpr int64_t kSplitTokens = 512;   // at least this many tokens per split
 
 HYCAM_HD int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
@@ -52,7 +55,8 @@ HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
 // specialist tl [K][tokens], their count tn [K] and the first phase-1b item of each specialist
 // istart [K + 1] (int); tensor-core expand only: w in scalar_t, wh [tokens16][K][rb] (tokens16 =
 // tokens rounded up to 16, the mma's M); du [max(tokens, tokens16)][K][jt] (token stride
-// du_stride) and the dB / db accumulators acc [K][r + 1][jt] in acc_t.
+// du_stride), the dB / db accumulators acc [K][r + 1][jt] and the dz sums zs [tokens][jt] (one
+// row per lane group, summed over the rows at the end) in acc_t.
 //
 // The backward keeps its channels in "x order": du, acc and (both staged by the backward) Bs and
 // bs hold channel jl = lane * V + c of the tile at x = (c / P) * lpr * P + lane * P + c % P, where
@@ -63,7 +67,7 @@ HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
 // runs. The tensor-core expand writes u in x order because Bs is in x order, and each du value
 // replaces the u it came from. The forward keeps channel order (x_pos with P = V).
 struct Layout {
-  int64_t b, w, g, tl, tn, wh, du, acc, total;
+  int64_t b, w, g, tl, tn, wh, du, acc, zs, total;
 };
 // du's token stride: K * jt plus a pad that puts the rows sharing a quarter-warp (lpr < 8) on
 // different banks and makes the mma's row stride 8 words off a multiple of 32 (lpr >= 8).
@@ -88,7 +92,7 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
   o = align32(o + tokens * K * w_stride(r, acc) * acc);
   L.g = o;
   o = align32(o + tokens * K * acc);
-  L.tl = L.tn = L.wh = L.du = L.acc = o;
+  L.tl = L.tn = L.wh = L.du = L.acc = L.zs = o;
   if (backward) {
     L.tl = o;
     o = align32(o + K * tokens * 4);
@@ -100,6 +104,8 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
     o = align32(o + (tc ? tokens16 : tokens) * du_stride(K, jt, lpr, acc) * acc);
     L.acc = o;
     o = align32(o + K * (r + 1) * jt * acc);
+    L.zs = o;  // each thread's sums of dz over its tokens: [tokens][jt] in x order
+    o = align32(o + tokens * jt * acc);
   }
   L.total = o;
   return L;
@@ -209,12 +215,24 @@ HYCAM_DEVICE void ld_row_or_zero(const scalar_t* __restrict__ p, int64_t e, bool
   }
 }
 
+// z += z_bias[j .. j + V) when the bias is given (an L1 hit after the block's first token).
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void add_z_bias(const scalar_t* __restrict__ zb, int64_t j, bool vec, int64_t valid, acc_t* zv) {
+  if (zb) {
+    acc_t bv[cuda::Pack16<scalar_t>::kN];
+    cuda::ld_row(zb + j, vec, valid, bv);
+#pragma unroll
+    for (int c = 0; c < cuda::Pack16<scalar_t>::kN; ++c) zv[c] += bv[c];
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // forward: grid (token tiles, channel tiles)
 // ---------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
 HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const scalar_t* __restrict__ a,
-                                     const scalar_t* __restrict__ z, const scalar_t* __restrict__ w,
+                                     const scalar_t* __restrict__ z, const scalar_t* __restrict__ zb,
+                                     const scalar_t* __restrict__ w,
                                      const scalar_t* __restrict__ B, const scalar_t* __restrict__ b,
                                      const scalar_t* __restrict__ g, scalar_t* __restrict__ out, int64_t T, int64_t d,
                                      int64_t K, int64_t r, acc_t s, int64_t placement, int64_t lpr, int64_t tile,
@@ -239,6 +257,7 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
     acc_t hv[V], zv[V], av[V], spec[V], u[V];
     cuda::ld_row(h_in + e, vec_io, valid, hv);
     cuda::ld_row(z + e, vec_io, valid, zv);
+    add_z_bias(zb, j, vec_io, valid, zv);
     ld_row_or_zero(a, e, vec_io, valid, av);
 #pragma unroll
     for (int c = 0; c < V; ++c) spec[c] = 0;
@@ -261,7 +280,9 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
 // du into shared memory; then, after one barrier, phase 1b (up to kDwTokens tokens routed to one
 // specialist per lane group): the dw partials of routed pairs (pdw [nJ, T, K, r]); phase 2 (two
 // (k, x) columns per thread): the dB / db accumulators += du * w over the tile's tokens routed to
-// k. At the end the accumulators go to pB [S, K, r + 1, d] (index r = db).
+// k; each lane adds its dz values to its row of zs. At the end the accumulators go to pB
+// [S, K * (r + 1) + 1, d] (row k * (r + 1) + r = db_k) and the rows of zs, summed, to its last row
+// (the sum of dz over the split's tokens: the gradient of z_bias).
 // ---------------------------------------------------------------------------------------
 constexpr int kDwTokens = 4;  // tokens of one specialist that share each B load of phase 1b
 
@@ -273,7 +294,8 @@ template <typename scalar_t, typename acc_t, typename M = void>
 HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
     cam_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ h_in,
                                       const scalar_t* __restrict__ a, const scalar_t* __restrict__ z,
-                                      const scalar_t* __restrict__ w, const scalar_t* __restrict__ B,
+                                      const scalar_t* __restrict__ zb, const scalar_t* __restrict__ w,
+                                      const scalar_t* __restrict__ B,
                                       const scalar_t* __restrict__ b, const scalar_t* __restrict__ g,
                                       scalar_t* __restrict__ d_main, scalar_t* __restrict__ dz,
                                       acc_t* __restrict__ pdw, acc_t* __restrict__ pdg, acc_t* __restrict__ pB,
@@ -296,12 +318,14 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   scalar_t* wh = reinterpret_cast<scalar_t*>(smem + L.wh);
   acc_t* dus = reinterpret_cast<acc_t*>(smem + L.du);
   acc_t* accs = reinterpret_cast<acc_t*>(smem + L.acc);
-  const int64_t j0 = blockIdx.x * jt, split = blockIdx.y;
+  acc_t* zss = reinterpret_cast<acc_t*>(smem + L.zs);
+  const int64_t j0 = blockIdx.x * jt, split = blockIdx.y, KR1 = K * R1;
   const int64_t ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
   acc_t* pdw_j = pdw + static_cast<int64_t>(blockIdx.x) * T * K * r;  // this channel tile's partials
   acc_t* pdg_j = pdg + static_cast<int64_t>(blockIdx.x) * T * K;
   stage_B(Bs, bs, B, b, j0, jt, d, K, r, rb, vec_B, lpr, P);
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) accs[q] = 0;
+  for (int64_t q = threadIdx.x; q < rows * jt; q += blockDim.x) zss[q] = 0;
 
   const int64_t li = threadIdx.x % lpr, row = threadIdx.x / lpr, j = j0 + li * V;
   const int64_t valid = d - j;  // <= 0: a lane past d (computes zeros, stores nothing)
@@ -370,6 +394,7 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
       cuda::ld_row(go + e, vec_io, lv, gov);
       cuda::ld_row(h_in + e, vec_io, lv, hv);
       cuda::ld_row(z + e, vec_io, lv, zv);
+      add_z_bias(zb, j, vec_io, lv, zv);
       ld_row_or_zero(a, e, vec_io, lv, av);
 #pragma unroll
       for (int c = 0; c < V; ++c) {
@@ -413,6 +438,11 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
         }
         cuda::st_row(d_main + e, vec_io, valid, dm);
         cuda::st_row(dz + e, vec_io, valid, dzv);
+        acc_t zsum[V];  // this lane's running sums of dz (unrounded) over its tokens
+        lds_lane<V, P>(zss + row * jt, li, lpr, zsum);
+#pragma unroll
+        for (int c = 0; c < V; ++c) zsum[c] += dzv[c];
+        sts_lane<V, P>(zss + row * jt, li, lpr, zsum);
       }
     }
     if (threadIdx.x == 0) {  // phase 1b's items: the first one of each specialist
@@ -557,7 +587,13 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   __syncthreads();
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) {
     const int64_t jl = q % jt, ki = q / jt;  // ki = k * R1 + i; consecutive threads: consecutive j
-    if (j0 + jl < d) cuda::st(pB + (split * K * R1 + ki) * d + j0 + jl, accs[ki * jt + x_pos(jl, lpr, V, P)]);
+    if (j0 + jl < d) cuda::st(pB + (split * (KR1 + 1) + ki) * d + j0 + jl, accs[ki * jt + x_pos(jl, lpr, V, P)]);
+  }
+  for (int64_t jl = threadIdx.x; jl < jt; jl += blockDim.x) {  // dz summed over the rows, in row order
+    const int64_t x = x_pos(jl, lpr, V, P);
+    acc_t sum = 0;
+    for (int64_t rr = 0; rr < rows; ++rr) sum += zss[rr * jt + x];
+    if (j0 + jl < d) cuda::st(pB + (split * (KR1 + 1) + KR1) * d + j0 + jl, sum);
   }
 }
 
@@ -637,7 +673,7 @@ struct CamBackwardConfig {
   dim3 grid, block;
 };
 
-// pdw [nJ, T, K, r], pdg [nJ, T, K] and pB [S, K, r + 1, d] are the partial buffers. S depends on T
+// pdw [nJ, T, K, r], pdg [nJ, T, K] and pB [S, K * (r + 1) + 1, d] are the partial buffers. S depends on T
 // only.
 inline CamBackwardConfig cam_backward_config(int64_t T, int64_t d, int64_t K, int64_t r, int64_t elem,
                                              int64_t acc_bytes) {

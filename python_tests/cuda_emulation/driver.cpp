@@ -114,14 +114,17 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
   const double scale = 0.7;
   auto h = rnd<S>(T * d), a = rnd<S>(has_a ? T * d : 0), z = rnd<S>(T * d), w = rnd<S>(T * K * r);
   auto B = rnd<S>(K * d * r, 0.5), b = rnd<S>(has_b ? K * d : 0), g = rnd<S>(T * K), go = rnd<S>(T * d);
+  auto zb = rnd<S>(has_b ? d : 0);  // z_bias: with the specialists' biases
   const S* ap = has_a ? a.data() : nullptr;
   const S* bp = has_b ? b.data() : nullptr;
+  const S* zbp = has_b ? zb.data() : nullptr;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < K; ++k)
       g[t * K + k] = hard == 0 ? S(0.5 + 0.5 * std::fabs(as_double(g[t * K + k])))
                      : S(k == (hard == 1 ? (t * 7 + 3) % K : (t % 5 ? 0 : (t / 5) % K)) ? 1.0 : 0.0);
   // float64 reference
   std::vector<double> out(T * d), dm(T * d), dz(T * d), dg(T * K), dw(T * K * r, 0), dB(K * d * r, 0), db(K * d, 0);
+  std::vector<double> dzb(d, 0);
   std::vector<double> u(K * d), gc(d);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = 0; k < K; ++k)
@@ -135,12 +138,14 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
       for (int64_t k = 0; k < K; ++k)
         if (as_double(g[t * K + k]) != 0) spec += as_double(g[t * K + k]) * sil(scale * u[k * d + j]);
       const int64_t e = t * d + j;
-      const double c = 1 + sil(as_double(z[e])) + spec, hv = as_double(h[e]), av = ap ? as_double(ap[e]) : 0;
+      const double ze = as_double(z[e]) + (zbp ? as_double(zbp[j]) : 0);
+      const double c = 1 + sil(ze) + spec, hv = as_double(h[e]), av = ap ? as_double(ap[e]) : 0;
       const double gov = as_double(go[e]);
       out[e] = placement == 0 ? (hv + av) * c : hv + av * c;
       gc[j] = placement == 0 ? gov * (hv + av) : gov * av;
       dm[e] = gov * c;
-      dz[e] = gc[j] * silg(as_double(z[e]));
+      dz[e] = gc[j] * silg(ze);
+      dzb[j] += dz[e];
     }
     for (int64_t k = 0; k < K; ++k) {
       const double gk = as_double(g[t * K + k]);
@@ -169,7 +174,8 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
   std::copy(h.begin(), h.end(), hbuf.begin() + (misalign ? 1 : 0));
   const S* hp = hbuf.data() + (misalign ? 1 : 0);
   const bool vec_io = (d * int64_t(sizeof(S))) % 16 == 0 && reinterpret_cast<uintptr_t>(hp) % 16 == 0 &&
-                      (!ap || reinterpret_cast<uintptr_t>(ap) % 16 == 0);
+                      (!ap || reinterpret_cast<uintptr_t>(ap) % 16 == 0) &&
+                      (!zbp || reinterpret_cast<uintptr_t>(zbp) % 16 == 0);
   const bool vec_B = (d * r * int64_t(sizeof(S))) % 16 == 0 && reinterpret_cast<uintptr_t>(B.data()) % 16 == 0;
   {  // forward, as cam_forward_cuda launches it
     const auto cfg = cam_forward_config(T, d, K, r, sizeof(S), sizeof(Acc));
@@ -177,7 +183,7 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
     auto o = poisoned<S>(T * d);
     if (T > 0 && d > 0)
       launch(cfg.grid, cfg.block, cfg.smem, [&] {
-        cam_forward_kernel<S, Acc>(hp, ap, z.data(), w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r,
+        cam_forward_kernel<S, Acc>(hp, ap, z.data(), zbp, w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r,
                                    Acc(scale), placement, cfg.lpr, cfg.tile, vec_io, vec_B);
       }, "cam_forward_kernel");
     cmp("out", o.data(), out, out_tol);
@@ -188,7 +194,7 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
     if (cfg.lpr == 0) hycam_emu::fail("cam_backward_config: no tiling fits");
     auto d_main = poisoned<S>(T * d), dzg = poisoned<S>(T * d);
     auto pdw = poisoned<Acc>(cfg.nJ * T * K * r), pdg = poisoned<Acc>(cfg.nJ * T * K);
-    auto pB = poisoned<Acc>(cfg.S * K * R1 * d);
+    auto pB = poisoned<Acc>(cfg.S * (K * R1 + 1) * d);
     // dw and dg: the sums in Acc (tight tolerance), and as cam_backward_cuda launches it, rounded to S
     auto gdw = poisoned<Acc>(T * K * r), gdg = poisoned<Acc>(T * K);
     auto sdw = poisoned<S>(T * K * r), sdg = poisoned<S>(T * K);
@@ -200,7 +206,7 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
       std::fill(sdg.begin(), sdg.end(), S(0.0f));
     } else {
       launch(cfg.grid, cfg.block, cfg.smem, [&] {
-        cam_backward_kernel<S, Acc, MmaOf<S>>(go.data(), hp, ap, z.data(), w.data(), B.data(), bp, g.data(),
+        cam_backward_kernel<S, Acc, MmaOf<S>>(go.data(), hp, ap, z.data(), zbp, w.data(), B.data(), bp, g.data(),
                                     d_main.data(), dzg.data(), pdw.data(), pdg.data(), pB.data(), T, d, K, r,
                                     Acc(scale), placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
       }, "cam_backward_kernel");
@@ -213,8 +219,8 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
         sum_dwdg_kernel<S, Acc>(pdw.data(), pdg.data(), g.data(), cfg.nJ, T * K, r, sdw.data(), sdg.data());
       }, "sum_dwdg_kernel");
     }
-    const auto cs = sum_partials(pB, cfg.S, K * R1 * d);
-    std::vector<Acc> gdB(K * d * r), gdb(K * d);
+    const auto cs = sum_partials(pB, cfg.S, (K * R1 + 1) * d);
+    std::vector<Acc> gdB(K * d * r), gdb(K * d), gdzb(cs.begin() + K * R1 * d, cs.end());
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < d; ++j) {
         for (int64_t i = 0; i < r; ++i) gdB[(k * d + j) * r + i] = cs[(k * R1 + i) * d + j];
@@ -228,6 +234,7 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
     cmp("dg (storage)", sdg.data(), dg, out_tol);
     cmp("dB", gdB.data(), dB, red_tol);
     cmp("db", gdb.data(), db, red_tol);
+    cmp("dz_bias", gdzb.data(), dzb, red_tol);  // computed with or without z_bias
   }
 }
 

@@ -6,7 +6,7 @@
 IN.pt: a list of (name, inputs) cases. OUT.pt: {"isa": the variant used for float32, "cases":
 {name: {"full": the outputs of the whole batch, "parts": {(s0, s1): the outputs of tokens s0:s1
 alone}}}}. Outputs: p, w (shrink), dx, dA, dA_bias, dN, dN_bias (shrink_backward), out
-(cam_forward), d_main, dz, dg, dw, dB, db (cam_backward).
+(cam_forward), d_main, dz, dg, dw, dB, db, dz_bias (cam_backward; z_bias given with the biases).
 """
 import sys
 
@@ -14,7 +14,8 @@ import torch
 
 import hycam_ext  # noqa: F401  (registers torch.ops.hycam)
 
-OUTPUTS = ["p", "w", "dx", "dA", "dA_bias", "dN", "dN_bias", "out", "d_main", "dz", "dg", "dw", "dB", "db"]
+OUTPUTS = ["p", "w", "dx", "dA", "dA_bias", "dN", "dN_bias", "out", "d_main", "dz", "dg", "dw", "dB", "db",
+           "dz_bias"]
 PER_TOKEN = ["p", "w", "dx", "out", "d_main", "dz", "dg", "dw"]  # rows of the [T, ...] outputs
 SLICES = [(0, 5), (3, 20), (1, 2)]
 
@@ -25,8 +26,8 @@ def run(c, sl=slice(None)):
                                        for k in ("x", "p", "h", "a", "z", "go", "w", "g", "dw"))
     p, w = H.shrink(x, c["A"], c["A_bias"], c["N"], c["N_bias"])
     sb = H.shrink_backward(dw, x, p_in, c["A"], c["N"])  # p given: the same in every variant
-    out = H.cam_forward(h, a, z, wv, c["B"], c["b"], g, c["scale"], c["placement"])
-    cb = H.cam_backward(go, h, a, z, wv, c["B"], c["b"], g, c["scale"], c["placement"])
+    out = H.cam_forward(h, a, z, wv, c["B"], c["b"], g, c["scale"], c["placement"], c["zb"])
+    cb = H.cam_backward(go, h, a, z, wv, c["B"], c["b"], g, c["scale"], c["placement"], c["zb"])
     return dict(zip(OUTPUTS, [p, w, *sb, out, *cb]))
 
 

@@ -36,6 +36,35 @@ def test_cam_forward_backward_match_oracle(device, placement, with_a, hard, bias
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("placement,with_a,hard", [(0, True, False), (0, False, True), (1, True, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cam_z_bias_matches_oracle(device, placement, with_a, hard, dtype):
+    """z_bias (the shared projection's bias inside the op): c = 1 + silu(z + z_bias) + ..., and its
+    gradient, sum_t dz, from the op's own backward (no separate pass over dz)."""
+    args = op_inputs(T=133, d=17, K=3, r=4, device=device, hard=hard, placement=placement, with_a=with_a)
+    zb = (torch.randn(17, dtype=torch.float64, device=device) * 0.5).requires_grad_()
+    h_in, a, z, w, B, b, g = args
+    expect = cam_oracle(h_in, a, z + zb, w, B, b, g, SCALE, placement)
+    low = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (*args, zb)]
+    out = ops.cam(*low[:7], SCALE, placement, z_bias=low[7])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert _err(out, expect) < tol
+    go = torch.randn_like(expect)
+    live = [t for t in (*args, zb) if t is not None]
+    live_low = [t for t in low if t is not None]
+    got = torch.autograd.grad(out, live_low, go.to(dtype))
+    want = torch.autograd.grad(expect, live, go)
+    for gg, ww in zip(got, want):
+        assert _err(gg, ww) < tol
+    # the op's seventh output is sum_t dz, and empty without z_bias
+    res = torch.ops.hycam.cam_backward(go.to(dtype), *[None if t is None else t.detach() for t in low[:7]], SCALE,
+                                       placement, low[7].detach())
+    assert _err(res[6], res[1].double().sum(0)) < tol
+    assert torch.ops.hycam.cam_backward(go.to(dtype), *[None if t is None else t.detach() for t in low[:7]],
+                                        SCALE, placement)[6].numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("T,d,K,r", [(37, 203, 3, 5), (21, 72, 5, 16)])
 def test_cam_float32_vector_paths(device, hard, T, d, K, r):
@@ -91,6 +120,10 @@ def test_cam_gradcheck(device, T, K, r, placement):
     h_in, a, z, w, B, b, g = op_inputs(T=T, d=17, K=K, r=r, device=device, placement=placement)
     assert torch.autograd.gradcheck(lambda *t: ops.cam(*t, SCALE, placement), (h_in, a, z, w, B, b, g),
                                     fast_mode=True)
+    if T <= 7:  # with z_bias
+        zb = (torch.randn(17, dtype=torch.float64, device=device) * 0.5).requires_grad_()
+        assert torch.autograd.gradcheck(lambda *t: ops.cam(*t[:7], SCALE, placement, z_bias=t[7]),
+                                        (h_in, a, z, w, B, b, g, zb), fast_mode=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -109,9 +142,13 @@ def test_opcheck(device, bias):
     torch.library.opcheck(torch.ops.hycam.cam_forward, (h_in, a, z, w, B, b, g, SCALE, 0))
     torch.library.opcheck(torch.ops.hycam.cam_forward, (h_in, None, z, w, B, b, g, SCALE, 0))
     torch.library.opcheck(torch.ops.hycam.cam_forward, (h_in, a, z, w, B, b, g, SCALE, 1))
+    zb = torch.randn(9, dtype=z.dtype, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.hycam.cam_forward, (h_in, a, z, w, B, b, g, SCALE, 0, zb))
     dt = lambda *t: tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in t)  # noqa: E731
     torch.library.opcheck(torch.ops.hycam.cam_backward,
                           dt(torch.randn_like(h_in), h_in, a, z, w, B, b, g) + (SCALE, 0))
+    torch.library.opcheck(torch.ops.hycam.cam_backward,
+                          dt(torch.randn_like(h_in), h_in, a, z, w, B, b, g) + (SCALE, 1, zb.detach()))
     x, A, Ab, N, Nb = shrink_inputs(T=5, d=9, K=2, r=3, device=device, bias=bias)
     torch.library.opcheck(torch.ops.hycam.shrink, (x, A, Ab, N, Nb))
     p, w2 = torch.ops.hycam.shrink(x, A, Ab, N, Nb)
@@ -253,14 +290,16 @@ def test_per_token_results_do_not_depend_on_the_batch(device, hard, d):
     A, Ab = torch.randn(K, r, d, device=device) * 0.1, torch.randn(K, r, device=device)
     N, Nb = torch.randn(K, r, r, device=device) * 0.2, torch.randn(K, r, device=device)
     dw = torch.randn(T, K, r, device=device) * (g.unsqueeze(-1) != 0)
-    cam_f = torch.ops.hycam.cam_forward(h, a, z, w, B, b, g, SCALE, 0)
-    cam_b = torch.ops.hycam.cam_backward(go, h, a, z, w, B, b, g, SCALE, 0)
+    zb = torch.randn(d, device=device)
+    cam_f = torch.ops.hycam.cam_forward(h, a, z, w, B, b, g, SCALE, 0, zb)
+    cam_b = torch.ops.hycam.cam_backward(go, h, a, z, w, B, b, g, SCALE, 0, zb)
     p, wv = torch.ops.hycam.shrink(x, A, Ab, N, Nb)
     dx = torch.ops.hycam.shrink_backward(dw, x, p, A, N)[0]
     for s0, s1 in ((0, 5), (3, 20), (17, 37), (1, 2)):
         sl = slice(s0, s1)
-        assert torch.equal(torch.ops.hycam.cam_forward(h[sl], a[sl], z[sl], w[sl], B, b, g[sl], SCALE, 0), cam_f[sl])
-        part = torch.ops.hycam.cam_backward(go[sl], h[sl], a[sl], z[sl], w[sl], B, b, g[sl], SCALE, 0)
+        assert torch.equal(torch.ops.hycam.cam_forward(h[sl], a[sl], z[sl], w[sl], B, b, g[sl], SCALE, 0, zb),
+                           cam_f[sl])
+        part = torch.ops.hycam.cam_backward(go[sl], h[sl], a[sl], z[sl], w[sl], B, b, g[sl], SCALE, 0, zb)
         for i in range(4):  # d_main, dz, dg, dw
             assert torch.equal(part[i], cam_b[i][sl]), i
         ps, ws = torch.ops.hycam.shrink(x[sl], A, Ab, N, Nb)
@@ -275,15 +314,15 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
     h, a, z, w, B, b, g = [None if t is None else t.detach().float() for t in op_inputs(T=T, d=d, K=K, r=r)]
     go, x = torch.randn_like(h), torch.randn(T, d)
     A, Ab, N, Nb = torch.randn(K, r, d) * 0.1, torch.randn(K, r), torch.randn(K, r, r) * 0.2, torch.randn(K, r)
-    dw = torch.randn(T, K, r)
+    dw, zb = torch.randn(T, K, r), torch.randn(d)
     before = torch.get_num_threads()
     results = []
     try:
         for n in (1, max(2, before)):
             torch.set_num_threads(n)
             p, wv = torch.ops.hycam.shrink(x, A, Ab, N, Nb)
-            results.append([torch.ops.hycam.cam_forward(h, a, z, w, B, b, g, SCALE, 0), p, wv,
-                            *torch.ops.hycam.cam_backward(go, h, a, z, w, B, b, g, SCALE, 0),
+            results.append([torch.ops.hycam.cam_forward(h, a, z, w, B, b, g, SCALE, 0, zb), p, wv,
+                            *torch.ops.hycam.cam_backward(go, h, a, z, w, B, b, g, SCALE, 0, zb),
                             *torch.ops.hycam.shrink_backward(dw, x, p, A, N)])
     finally:
         torch.set_num_threads(before)
@@ -320,6 +359,10 @@ def test_bad_input_errors_name_the_argument():
         ops.cam(h_in, None, z, w, B, b, g, SCALE, 1)
     with pytest.raises(ValueError, match="h_in must be a 2-D"):
         ops.cam(h_in[0], a, z, w, B, b, g, SCALE, 0)
+    with pytest.raises(ValueError, match="z_bias"):
+        ops.cam(h_in, a, z, w, B, b, g, SCALE, 0, z_bias=z[0, :5])
+    with pytest.raises(TypeError, match="z_bias"):
+        ops.cam(h_in, a, z, w, B, b, g, SCALE, 0, z_bias=z[0].float())
     x, A, Ab, N, Nb = shrink_inputs(rg=False)
     with pytest.raises(ValueError, match="N has shape"):
         ops.shrink(x, A, Ab, N[:, :2], Nb)
