@@ -1,4 +1,5 @@
 """HyCAM in Hugging Face causal LMs (hycam_ext.integrations.transformers)."""
+import inspect
 import json
 import sys
 
@@ -16,7 +17,8 @@ from hycam_ext.integrations.transformers import (  # noqa: E402
 from python_tests.hf_tiny import ARCHS, perturb_hycam, tiny_model  # noqa: E402
 from python_tests.helpers import ROOT, worker_env  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+# a FutureWarning from transformers here is one every user of the wrapper would see
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
 
 
 def _cfg(**kw):
@@ -85,8 +87,9 @@ def test_generation_with_kv_cache(arch):
     with torch.no_grad():
         full = model(input_ids=cached).logits
         out = model(input_ids=cached[:, :-2], use_cache=True)
-        step = model(input_ids=cached[:, -2:], past_key_values=out.past_key_values,
-                     use_cache=True).logits
+        # transformers 5.x renamed the argument to `cache` (past_key_values warns there)
+        name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+        step = model(input_ids=cached[:, -2:], use_cache=True, **{name: out.past_key_values}).logits
     torch.testing.assert_close(step, full[:, -2:], atol=1e-5, rtol=1e-4)
 
 

@@ -128,11 +128,11 @@ class HyCAMModel(nn.Module):
                  use_cache)
         if args:   # positional arguments past use_cache: keep the base model's order
             out = self.base_model(*named, *args, **kwargs)
-        else:
-            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                  **kwargs)
+        else:   # only what was given: transformers 5.x warns on past_key_values=None (renamed cache)
+            given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                         use_cache=use_cache)
+            out = self.base_model(**{k: v for k, v in given.items() if v is not None}, **kwargs)
         step = self._shared.step
         if not (self._shared.enabled and step is not None and step.has_stats()):   # training fwd
             return out
