@@ -81,7 +81,7 @@ int main(int argc, char** argv) {
       const int acc = elem == 8 ? 8 : 4;
       const auto f = cam_kernels::cam_forward_config(T, d, K, r, elem, acc);
       pr("cam_forward_kernel", elem, f.grid, f.block.x, f.smem, f.lpr);
-      const auto b = cam_kernels::cam_backward_config(T, d, K, r, elem, acc);
+      const auto b = cam_kernels::cam_backward_config(T, d, K, r, elem, acc, /*dz_sums=*/true);  // as HyCAM
       pr("cam_backward_kernel", elem, b.grid, b.block.x, b.smem, b.lpr);
     }
     return 0;
@@ -111,7 +111,7 @@ int main(int argc, char** argv) {
   } else if (group == "cam_bwd") {
     using namespace cam_kernels;
     Buf<M> go(T * d), h(T * d), z(T * d), zb(d), w(T * KR), B(K * d * r), b(K * d), dm(T * d), dz(T * d);
-    const auto cfg = cam_backward_config(T, d, K, r, sizeof(M), sizeof(float));
+    const auto cfg = cam_backward_config(T, d, K, r, sizeof(M), sizeof(float), /*dz_sums=*/true);  // z_bias given
     const int64_t nB = K * R1 + 1;  // dB, db and the sum of dz (z_bias's gradient)
     Buf<float> pdw(cfg.nJ * T * KR), pdg(cfg.nJ * T * K), pB(cfg.S * nB * d), cs(nB * d);
     Buf<M> dw(T * KR), dg(T * K);

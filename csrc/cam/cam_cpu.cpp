@@ -147,7 +147,7 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
                        const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g,
                        double scale, int64_t placement, const OptTensor& z_bias, at::Tensor& d_main,
                        at::Tensor& dz, at::Tensor& dg, at::Tensor& dw, at::Tensor& dB, at::Tensor& db,
-                       at::Tensor& dzb) {
+                       at::Tensor& dz_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
   const acc_t s = static_cast<acc_t>(scale);
@@ -253,7 +253,7 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
   if (has_zb) {
     std::vector<acc_t> dzbv(d);
     cpu::reduce_partials(dzb_part, chunks.n, d, dzbv.data());
-    scalar_t* dzbp = dzb.data_ptr<scalar_t>();
+    scalar_t* dzbp = dz_bias.data_ptr<scalar_t>();
     for (int64_t j = 0; j < d; ++j) dzbp[j] = static_cast<scalar_t>(dzbv[j]);
   }
 }
@@ -281,13 +281,13 @@ CamBackwardOut cam_backward_cpu(const at::Tensor& go, const at::Tensor& h_in, co
   auto dB = at::zeros_like(B);
   auto db = at::zeros({B.size(0), B.size(1)}, B.options());
   const bool has_zb = z_bias.has_value() && z_bias->defined();
-  auto dzb = at::zeros({has_zb ? h_in.size(1) : 0}, z.options());  // sum of dz over tokens (zeros: T = 0)
-  if (h_in.numel() == 0) return {d_main, dz, dg.zero_(), dw.zero_(), dB, db, dzb};
+  auto dz_bias = at::zeros({has_zb ? h_in.size(1) : 0}, z.options());  // sum of dz over tokens (zeros: T = 0)
+  if (h_in.numel() == 0) return {d_main, dz, dg.zero_(), dw.zero_(), dB, db, dz_bias};
   HYCAM_CPU_DISPATCH(h_in.scalar_type(), "hycam_cam_backward_cpu", [&] {
     cam_backward_impl<scalar_t>(go, h_in, a, z, w, B, b, g, scale, placement, z_bias, d_main, dz, dg, dw, dB, db,
-                                dzb);
+                                dz_bias);
   });
-  return {d_main, dz, dg, dw, dB, db, dzb};
+  return {d_main, dz, dg, dw, dB, db, dz_bias};
 }
 
 // the entry points csrc/cpu/dispatch_cpu.cpp collects

@@ -24,6 +24,13 @@ const scalar_t* opt_ptr(const OptTensor& t) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// z_bias is only [d]: a view off a 16-byte boundary (a flat parameter buffer) is copied rather
+// than letting it turn off the 16-byte accesses of every [T, d] stream.
+OptTensor aligned_z_bias(const OptTensor& z_bias) {
+  if (z_bias.has_value() && z_bias->defined() && !aligned16(z_bias->data_ptr())) return z_bias->clone();
+  return z_bias;
+}
+
 // 16-byte row accesses: rows of a multiple of 16 bytes and every [T, d] base 16-byte aligned.
 bool rows_vectorisable(int64_t d, int64_t elem, std::initializer_list<const void*> ptrs) {
   if ((d * elem) % 16 != 0) return false;
@@ -43,11 +50,12 @@ void check_tiling(int64_t lpr, int64_t K, int64_t r, const char* op) {
 
 at::Tensor cam_forward_cuda(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
                             const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
-                            int64_t placement, const OptTensor& z_bias) {
+                            int64_t placement, const OptTensor& z_bias_in) {
   c10::cuda::CUDAGuard guard(h_in.device());
   auto out = at::empty_like(h_in);
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
   if (T == 0 || d == 0) return out;
+  const OptTensor z_bias = aligned_z_bias(z_bias_in);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_in.scalar_type(), "hycam_cam_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -73,9 +81,10 @@ at::Tensor cam_forward_cuda(const at::Tensor& h_in, const OptTensor& a, const at
 
 CamBackwardOut cam_backward_cuda(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a,
                                  const at::Tensor& z, const at::Tensor& w, const at::Tensor& B, const OptTensor& b,
-                                 const at::Tensor& g, double scale, int64_t placement, const OptTensor& z_bias) {
+                                 const at::Tensor& g, double scale, int64_t placement, const OptTensor& z_bias_in) {
   c10::cuda::CUDAGuard guard(h_in.device());
   const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2), R1 = r + 1;
+  const OptTensor z_bias = aligned_z_bias(z_bias_in);
   const bool has_zb = z_bias.has_value() && z_bias->defined();
   auto d_main = at::empty_like(h_in);
   auto dz = at::empty_like(z);
@@ -85,13 +94,14 @@ CamBackwardOut cam_backward_cuda(const at::Tensor& go, const at::Tensor& h_in, c
   }
   const auto acc_type = h_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t elem = h_in.element_size();
-  const auto cfg = cam_backward_config(T, d, K, r, elem, at::elementSize(acc_type));
+  const auto cfg = cam_backward_config(T, d, K, r, elem, at::elementSize(acc_type), has_zb);
   check_tiling(cfg.lpr, K, r, "cam_backward");
   auto pdw = at::empty({cfg.nJ, T, K, r}, h_in.options().dtype(acc_type));  // routed pairs only
   auto pdg = at::empty({cfg.nJ, T, K}, h_in.options().dtype(acc_type));
   auto dw = at::empty_like(w, at::MemoryFormat::Contiguous);
   auto dg = at::empty_like(g, at::MemoryFormat::Contiguous);
-  auto pB = at::empty({cfg.S, K * R1 + 1, d}, h_in.options().dtype(acc_type));  // last row: sum of dz
+  // dB and db, then (with z_bias) the sum of dz
+  auto pB = at::empty({cfg.S, K * R1 + (has_zb ? 1 : 0), d}, h_in.options().dtype(acc_type));
   auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_in.scalar_type(), "hycam_cam_backward_cuda", [&] {
@@ -121,7 +131,7 @@ CamBackwardOut cam_backward_cuda(const at::Tensor& go, const at::Tensor& h_in, c
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  auto sums = cuda::sum_partials(pB);  // [K * R1 + 1, d]
+  auto sums = cuda::sum_partials(pB);  // [K * R1 (+ 1), d]
   auto cols_sum = sums.narrow(0, 0, K * R1).view({K, R1, d});
   // every output its own tensor: .to()/.contiguous() may otherwise return views of one buffer
   auto fresh = [](const at::Tensor& t, at::ScalarType st) {

@@ -42,7 +42,7 @@ constexpr int64_t kThreads = 256;  // threads per block (fewer only when K * r i
 // of the sm_80+ GPUs), so that every sm_80+ GPU picks the same tiling and sums in the same order.
 constexpr int64_t kSmemBudget = 99 * 1024;
 constexpr int64_t kFwdTokens = 64;      // tokens per forward block (rounded up to a multiple of rows)
-constexpr int64_t kMaxSplits = 16;      // token splits of the backward (partials pB [S, K * (r + 1) + 1, d])
+constexpr int64_t kMaxSplits = 16;      // token splits of the backward (partials pB [S, K * (r + 1) (+ 1), d])
 constexpr int64_t kSplitTokens = 512;   // at least this many tokens per split
 
 HYCAM_HD int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
@@ -55,8 +55,8 @@ HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
 // specialist tl [K][tokens], their count tn [K] and the first phase-1b item of each specialist
 // istart [K + 1] (int); tensor-core expand only: w in scalar_t, wh [tokens16][K][rb] (tokens16 =
 // tokens rounded up to 16, the mma's M); du [max(tokens, tokens16)][K][jt] (token stride
-// du_stride), the dB / db accumulators acc [K][r + 1][jt] and the dz sums zs [tokens][jt] (one
-// row per lane group, summed over the rows at the end) in acc_t.
+// du_stride), the dB / db accumulators acc [K][r + 1][jt] and, when z_bias is given (dz_sums),
+// the sums of dz zs [tokens][jt] (one row per lane group, summed over the rows at the end) in acc_t.
 //
 // The backward keeps its channels in "x order": du, acc and (both staged by the backward) Bs and
 // bs hold channel jl = lane * V + c of the tile at x = (c / P) * lpr * P + lane * P + c % P, where
@@ -82,7 +82,7 @@ HYCAM_HD int64_t x_pos(int64_t jl, int64_t lpr, int64_t V, int64_t P) {
   return (c / P) * lpr * P + li * P + c % P;
 }
 HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_t tokens, int64_t elem,
-                           int64_t acc, bool backward, bool tc) {
+                           int64_t acc, bool backward, bool tc, bool dz_sums) {
   Layout L;
   const int64_t rb = b_rows(r, tc), tokens16 = (tokens + 15) / 16 * 16;
   int64_t o = align32(K * rb * jt * elem);
@@ -105,7 +105,7 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
     L.acc = o;
     o = align32(o + K * (r + 1) * jt * acc);
     L.zs = o;  // each thread's sums of dz over its tokens: [tokens][jt] in x order
-    o = align32(o + tokens * jt * acc);
+    if (dz_sums) o = align32(o + tokens * jt * acc);
   }
   L.total = o;
   return L;
@@ -240,7 +240,7 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
   constexpr int V = cuda::Pack16<scalar_t>::kN;
   HYCAM_DYNAMIC_SMEM(smem);
   const int64_t jt = lpr * V, rows = blockDim.x / lpr, rp = w_stride(r, sizeof(acc_t));
-  const Layout L = cam_layout(K, r, jt, lpr, tile, sizeof(scalar_t), sizeof(acc_t), false, false);
+  const Layout L = cam_layout(K, r, jt, lpr, tile, sizeof(scalar_t), sizeof(acc_t), false, false, false);
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem);
   scalar_t* bs = reinterpret_cast<scalar_t*>(smem + L.b);
   acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
@@ -280,9 +280,9 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
 // du into shared memory; then, after one barrier, phase 1b (up to kDwTokens tokens routed to one
 // specialist per lane group): the dw partials of routed pairs (pdw [nJ, T, K, r]); phase 2 (two
 // (k, x) columns per thread): the dB / db accumulators += du * w over the tile's tokens routed to
-// k; each lane adds its dz values to its row of zs. At the end the accumulators go to pB
-// [S, K * (r + 1) + 1, d] (row k * (r + 1) + r = db_k) and the rows of zs, summed, to its last row
-// (the sum of dz over the split's tokens: the gradient of z_bias).
+// k; with z_bias, each lane adds its dz values to its row of zs. At the end the accumulators go to
+// pB [S, K * (r + 1) (+ 1 with z_bias), d] (row k * (r + 1) + r = db_k) and the rows of zs, summed,
+// to its last row (the sum of dz over the split's tokens: the gradient of z_bias).
 // ---------------------------------------------------------------------------------------
 constexpr int kDwTokens = 4;  // tokens of one specialist that share each B load of phase 1b
 
@@ -306,7 +306,8 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   const int64_t jt = lpr * V, rows = blockDim.x / lpr, R1 = r + 1, rp = w_stride(r, sizeof(acc_t));
   const bool tc = !std::is_void_v<M> && jt % 16 == 0;
   const int64_t rb = b_rows(r, tc), rows16 = (rows + 15) / 16 * 16;
-  const Layout L = cam_layout(K, r, jt, lpr, rows, sizeof(scalar_t), sizeof(acc_t), true, tc);
+  const bool dz_sums = zb != nullptr;  // as cam_backward_config was told
+  const Layout L = cam_layout(K, r, jt, lpr, rows, sizeof(scalar_t), sizeof(acc_t), true, tc, dz_sums);
   const int64_t dst = du_stride(K, jt, lpr, sizeof(acc_t));
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem);
   scalar_t* bs = reinterpret_cast<scalar_t*>(smem + L.b);
@@ -319,13 +320,14 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   acc_t* dus = reinterpret_cast<acc_t*>(smem + L.du);
   acc_t* accs = reinterpret_cast<acc_t*>(smem + L.acc);
   acc_t* zss = reinterpret_cast<acc_t*>(smem + L.zs);
-  const int64_t j0 = blockIdx.x * jt, split = blockIdx.y, KR1 = K * R1;
+  const int64_t j0 = blockIdx.x * jt, split = blockIdx.y, KR1 = K * R1, nB = KR1 + (dz_sums ? 1 : 0);
   const int64_t ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
   acc_t* pdw_j = pdw + static_cast<int64_t>(blockIdx.x) * T * K * r;  // this channel tile's partials
   acc_t* pdg_j = pdg + static_cast<int64_t>(blockIdx.x) * T * K;
   stage_B(Bs, bs, B, b, j0, jt, d, K, r, rb, vec_B, lpr, P);
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) accs[q] = 0;
-  for (int64_t q = threadIdx.x; q < rows * jt; q += blockDim.x) zss[q] = 0;
+  if (dz_sums)
+    for (int64_t q = threadIdx.x; q < rows * jt; q += blockDim.x) zss[q] = 0;
 
   const int64_t li = threadIdx.x % lpr, row = threadIdx.x / lpr, j = j0 + li * V;
   const int64_t valid = d - j;  // <= 0: a lane past d (computes zeros, stores nothing)
@@ -438,11 +440,13 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
         }
         cuda::st_row(d_main + e, vec_io, valid, dm);
         cuda::st_row(dz + e, vec_io, valid, dzv);
-        acc_t zsum[V];  // this lane's running sums of dz (unrounded) over its tokens
-        lds_lane<V, P>(zss + row * jt, li, lpr, zsum);
+        if (dz_sums) {
+          acc_t zsum[V];  // this lane's running sums of dz (unrounded) over its tokens
+          lds_lane<V, P>(zss + row * jt, li, lpr, zsum);
 #pragma unroll
-        for (int c = 0; c < V; ++c) zsum[c] += dzv[c];
-        sts_lane<V, P>(zss + row * jt, li, lpr, zsum);
+          for (int c = 0; c < V; ++c) zsum[c] += dzv[c];
+          sts_lane<V, P>(zss + row * jt, li, lpr, zsum);
+        }
       }
     }
     if (threadIdx.x == 0) {  // phase 1b's items: the first one of each specialist
@@ -587,13 +591,15 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   __syncthreads();
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) {
     const int64_t jl = q % jt, ki = q / jt;  // ki = k * R1 + i; consecutive threads: consecutive j
-    if (j0 + jl < d) cuda::st(pB + (split * (KR1 + 1) + ki) * d + j0 + jl, accs[ki * jt + x_pos(jl, lpr, V, P)]);
+    if (j0 + jl < d) cuda::st(pB + (split * nB + ki) * d + j0 + jl, accs[ki * jt + x_pos(jl, lpr, V, P)]);
   }
-  for (int64_t jl = threadIdx.x; jl < jt; jl += blockDim.x) {  // dz summed over the rows, in row order
-    const int64_t x = x_pos(jl, lpr, V, P);
-    acc_t sum = 0;
-    for (int64_t rr = 0; rr < rows; ++rr) sum += zss[rr * jt + x];
-    if (j0 + jl < d) cuda::st(pB + (split * (KR1 + 1) + KR1) * d + j0 + jl, sum);
+  if (dz_sums) {
+    for (int64_t jl = threadIdx.x; jl < jt; jl += blockDim.x) {  // dz summed over the rows, in row order
+      const int64_t x = x_pos(jl, lpr, V, P);
+      acc_t sum = 0;
+      for (int64_t rr = 0; rr < rows; ++rr) sum += zss[rr * jt + x];
+      if (j0 + jl < d) cuda::st(pB + (split * nB + KR1) * d + j0 + jl, sum);
+    }
   }
 }
 
@@ -627,11 +633,12 @@ HYCAM_GLOBAL void sum_dwdg_kernel(const acc_t* __restrict__ pdw, const acc_t* __
 // The tiling: threads per block, lanes per token row (lpr) and tokens staged per block. The
 // first that fits the budget in order of preference (256 threads, the widest lane groups, then
 // fewer threads: large num_specialists * rank); threads == 0 when none fits. Depends only on the
-// shape and dtype.
+// shape and dtype (and, for the backward, whether z_bias is given: its dz sums take shared memory).
 struct Tiling {
   int64_t threads = 0, lpr = 0, tokens = 0, smem = 0;
 };
-inline Tiling choose_tiling(int64_t K, int64_t r, int64_t elem, int64_t acc_bytes, bool backward) {
+inline Tiling choose_tiling(int64_t K, int64_t r, int64_t elem, int64_t acc_bytes, bool backward,
+                            bool dz_sums = false) {
   const int64_t V = 16 / elem;
   for (int64_t threads = kThreads; threads >= 32; threads /= 2) {
     for (int64_t lpr = 32; lpr >= 1; lpr /= 2) {
@@ -639,7 +646,7 @@ inline Tiling choose_tiling(int64_t K, int64_t r, int64_t elem, int64_t acc_byte
       const int64_t wide = cuda::ceil_div(kFwdTokens, rows) * rows;
       for (int64_t tokens : {backward ? rows : wide, rows}) {
         const bool tc = backward && elem == 2 && (lpr * V) % 16 == 0;  // as cam_backward_kernel decides
-        const Layout L = cam_layout(K, r, lpr * V, lpr, tokens, elem, acc_bytes, backward, tc);
+        const Layout L = cam_layout(K, r, lpr * V, lpr, tokens, elem, acc_bytes, backward, tc, dz_sums);
         if (L.total <= kSmemBudget) return Tiling{threads, lpr, tokens, L.total};
       }
     }
@@ -673,11 +680,11 @@ struct CamBackwardConfig {
   dim3 grid, block;
 };
 
-// pdw [nJ, T, K, r], pdg [nJ, T, K] and pB [S, K * (r + 1) + 1, d] are the partial buffers. S depends on T
-// only.
+// pdw [nJ, T, K, r], pdg [nJ, T, K] and pB [S, K * (r + 1) + dz_sums, d] are the partial buffers. S
+// depends on T only. dz_sums: z_bias is given (the kernel sums dz; launch it with z_bias exactly then).
 inline CamBackwardConfig cam_backward_config(int64_t T, int64_t d, int64_t K, int64_t r, int64_t elem,
-                                             int64_t acc_bytes) {
-  const Tiling t = choose_tiling(K, r, elem, acc_bytes, true);
+                                             int64_t acc_bytes, bool dz_sums) {
+  const Tiling t = choose_tiling(K, r, elem, acc_bytes, true, dz_sums);
   CamBackwardConfig c;
   if (t.threads == 0) return c;
   c.lpr = t.lpr;

@@ -65,6 +65,24 @@ def test_cam_z_bias_matches_oracle(device, placement, with_a, hard, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cam_z_bias_view_off_alignment(device, dtype):
+    """z_bias as a view one element into a flat buffer (as parameters packed by FSDP may be): the
+    same results, bitwise, as an aligned copy (CUDA copies it rather than giving up the 16-byte
+    accesses of every [T, d] stream)."""
+    h, a, z, w, B, b, g = [None if t is None else t.detach().to(dtype)
+                           for t in op_inputs(T=40, d=72, K=3, r=8, device=device, hard=True)]
+    flat = torch.randn(73, device=device, dtype=dtype)
+    view, copy = flat[1:], flat[1:].clone()
+    go = torch.randn_like(h)
+    assert torch.equal(torch.ops.hycam.cam_forward(h, a, z, w, B, b, g, SCALE, 0, view),
+                       torch.ops.hycam.cam_forward(h, a, z, w, B, b, g, SCALE, 0, copy))
+    for u, v in zip(torch.ops.hycam.cam_backward(go, h, a, z, w, B, b, g, SCALE, 0, view),
+                    torch.ops.hycam.cam_backward(go, h, a, z, w, B, b, g, SCALE, 0, copy)):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("T,d,K,r", [(37, 203, 3, 5), (21, 72, 5, 16)])
 def test_cam_float32_vector_paths(device, hard, T, d, K, r):
