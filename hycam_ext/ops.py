@@ -53,7 +53,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, A_bias: Optional[torch.Tensor], N: 
 
 def cam(h_in: torch.Tensor, a: Optional[torch.Tensor], z: torch.Tensor, w: torch.Tensor,
         B: torch.Tensor, b: Optional[torch.Tensor], g: torch.Tensor, scale: float,
-        placement: int = 0, use_kernels: bool = True, z_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        placement: int = 0, use_kernels: bool = True,
+        z_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused CAM modulation (see the module docstring); z_bias [d] is added to z."""
     if not _use_kernels(use_kernels):
         return _cam_torch(h_in, a, z, w, B, b, g, float(scale), int(placement), z_bias)
