@@ -332,7 +332,7 @@ def model_kernel(rec, m, code, T, d, K, r, routed):
                note, t)
 
 
-def layer(rows, m, T, d, K, e=2):
+def layer(rows, m, T, d, K):
     """The whole HyCAM layer (HyCAM.forward(x, h) + backward, bf16): our kernels as modelled, the
     three d x d GEMMs at the matmul rate, and PyTorch's other ops at their minimum bytes at the
     copy bandwidth plus one launch each."""
