@@ -43,6 +43,9 @@ class HyCAMParameters(nn.Module):
         super().__init__()
         if not isinstance(cfg, HyCAMConfig):
             raise TypeError(f"cfg must be a hycam_ext.HyCAMConfig, got {type(cfg).__name__}")
+        if cfg.hidden_size is None:
+            raise ValueError("HyCAMConfig.hidden_size must be set for a standalone HyCAM module "
+                             "(only the model integrations take it from the model)")
         self.cfg = cfg
         d, K, r = cfg.hidden_size, cfg.num_specialists, cfg.rank
         fk = {"device": device, "dtype": dtype}
@@ -63,6 +66,9 @@ class HyCAMParameters(nn.Module):
             self.register_parameter("N_bias", None)
             self.register_parameter("B_bias", None)
         self.reset_parameters()
+        # True (set by the model integrations): compute in the input's dtype whatever the
+        # parameters' dtype (float32 master weights on a 16-bit base are cast per forward)
+        self.compute_in_input_dtype = False
         # The routing of the last training forward, read by load_balancing_loss().
         self.last_stats: Optional[RoutingStats] = None
         # Which tokens of the next forwards count for the load-balancing loss: None (all) or a
@@ -124,10 +130,13 @@ class HyCAMParameters(nn.Module):
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the layer computes in: autocast's if active, else the input's; parameters
-        of another dtype are only accepted under autocast (as nn.Linear would be)."""
+        of another dtype are only accepted under autocast (as nn.Linear would be) or with
+        ``compute_in_input_dtype``."""
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             return torch.get_autocast_dtype(dev)
+        if self.compute_in_input_dtype:
+            return x.dtype
         if self.shared_weight.dtype != x.dtype:
             raise TypeError(f"HyCAM: x has dtype {x.dtype} but the HyCAM parameters are "
                             f"{self.shared_weight.dtype}; cast the module (.to(dtype)) or use autocast")

@@ -4,20 +4,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 PLACEMENTS = ("residual", "attention")
+PARAM_DTYPES = ("float32", "base")
 
 
 @dataclasses.dataclass
 class HyCAMConfig:
-    """hidden_size d, num_specialists K, rank r, alpha (s = alpha / r), Gumbel temperature tau,
+    """hidden_size d (None: the integrations take it from the model; a standalone HyCAM needs
+    it), num_specialists K, rank r, alpha (s = alpha / r), Gumbel temperature tau,
     hard (straight-through one-hot) or soft routing, bias of the CAM projections, placement
     "residual" ((h_in + a) * CAM) or "attention" (h_in + a * CAM), aux_loss_coef of the
     load-balancing loss, train_layernorms (integrations also train the two layer norms),
     use_kernels (False: compute through the reference formulation), aux_loss_scope "rank" or
-    "global" (see load_balancing_loss). All kernels are deterministic: there is no switch."""
-    hidden_size: int = 4096
+    "global" (see load_balancing_loss), param_dtype (integrations: "float32" master weights, the
+    default, computing in the activations' dtype; or "base", the base model's dtype). All
+    kernels are deterministic: there is no switch."""
+    hidden_size: Optional[int] = None
     num_specialists: int = 4
     rank: int = 16
     alpha: float = 32.0
@@ -29,6 +33,7 @@ class HyCAMConfig:
     train_layernorms: bool = False
     use_kernels: bool = True
     aux_loss_scope: str = "rank"
+    param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int) -> None:
@@ -36,7 +41,8 @@ class HyCAMConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"HyCAMConfig.{name} must be an int >= {lo}, got {v!r}")
 
-        _int("hidden_size", 1)
+        if self.hidden_size is not None:
+            _int("hidden_size", 1)
         _int("num_specialists", 1)
         _int("rank", 1)
         for name in ("alpha", "tau", "aux_loss_coef"):
@@ -54,6 +60,9 @@ class HyCAMConfig:
         if self.aux_loss_scope not in ("rank", "global"):
             raise ValueError(
                 f"HyCAMConfig.aux_loss_scope must be 'rank' or 'global', got {self.aux_loss_scope!r}")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"HyCAMConfig.param_dtype must be one of {PARAM_DTYPES}, got "
+                             f"{self.param_dtype!r}")
         for name in ("hard", "bias", "train_layernorms", "use_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HyCAMConfig.{name} must be a bool, got {getattr(self, name)!r}")

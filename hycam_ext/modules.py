@@ -124,7 +124,12 @@ def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]],
 
     scope: "rank" (default from the modules' config, as the authors train: means over this
     process's tokens) or "global" (means over the tokens of every rank of the default process
-    group, all-reduced with autograd-aware collectives; every rank must call it)."""
+    group, all-reduced with autograd-aware collectives; every rank must call it).
+
+    In a model converted by an integration (``get_hycam_model``, PEFT) with aux_loss_coef > 0
+    the model hands the router ``aux_loss_coef * dL_aux`` in backward by itself, whatever
+    computes the loss; for such modules this returns the value without a graph (for logs), so
+    adding it to a loss cannot count it twice."""
     mods = _hycam_modules(modules_or_model)
     if scope is None:
         scope = mods[0].cfg.aux_loss_scope if mods else "rank"
@@ -135,4 +140,5 @@ def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]],
             raise RuntimeError("load_balancing_loss(scope='global'): this rank has no routing "
                                "statistics, but every rank must contribute to the collective")
         return torch.zeros(())
-    return aux_loss(total([s.sums() for s in stats]), scope)
+    loss = aux_loss(total([s.sums() for s in stats]), scope)
+    return loss.detach() if any(getattr(m, "aux_grad_from_model", False) for m in mods) else loss

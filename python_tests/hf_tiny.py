@@ -3,7 +3,34 @@ from __future__ import annotations
 
 import torch
 
-ARCHS = ("llama", "qwen2", "mistral")
+# every model_type of hycam_ext.integrations.transformers.FAMILIES, with what its tiny random
+# config needs beyond the common sizes (MoE sizes, a non-trivial residual multiplier, ...)
+_EXTRA = {
+    "llama": {},
+    "mistral": dict(sliding_window=None),
+    "ministral": dict(head_dim=8, sliding_window=4),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen2": {},
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32),
+    "qwen3": dict(head_dim=8),
+    "qwen3_moe": dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4),
+    "gemma3_text": dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4),
+    "phi3": dict(original_max_position_embeddings=256),
+    "granite": dict(residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0),
+    "smollm3": {},
+    "olmo2": {},
+    "olmo3": dict(sliding_window=4),
+    "helium": dict(head_dim=8),
+    "glm": dict(head_dim=8),
+    "starcoder2": dict(sliding_window=None),
+    "cohere": {},
+    "cohere2": dict(sliding_window=4),
+}
+FAMILY_TYPES = tuple(_EXTRA)
+ARCHS = ("llama", "qwen2", "mistral")     # the families the longer tests run on
 
 
 def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
@@ -11,21 +38,15 @@ def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 32, layers: int 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if arch == "llama":
-        return tf.LlamaConfig(**common)
-    if arch == "qwen2":
-        return tf.Qwen2Config(**common)
-    if arch == "mistral":
-        return tf.MistralConfig(sliding_window=None, **common)
-    raise ValueError(arch)
+    if arch not in _EXTRA:
+        raise ValueError(arch)
+    return tf.AutoConfig.for_model(arch, **dict(common, **_EXTRA[arch]))
 
 
 def tiny_model(arch: str, seed: int = 0, **kw):
     import transformers as tf
-    cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
-           "mistral": tf.MistralForCausalLM}[arch]
     torch.manual_seed(seed)
-    model = cls(tiny_config(arch, **kw))
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, **kw))
     model.config.use_cache = True
     return model.eval()
 

@@ -14,6 +14,7 @@ from hycam_ext.integrations.transformers import (  # noqa: E402
     ADAPTER_CONFIG_NAME, HyCAMMergeError, HyCAMModel, UnsupportedArchitectureError,
     get_hycam_model)
 
+from hycam_ext.routing_stats import aux_loss, total  # noqa: E402
 from python_tests.hf_tiny import ARCHS, perturb_hycam, tiny_model  # noqa: E402
 from python_tests.helpers import ROOT, worker_env  # noqa: E402
 
@@ -161,12 +162,16 @@ def test_gradient_checkpointing_parity_and_router_grad(fresh, use_kernels):
     if not fresh:
         perturb_hycam(model)
     ids, mask, labels = _batch()
-    # oracle: task loss + coef * load_balancing_loss on the plain graph
+    # oracle: task loss + coef * L_aux on the plain graph, with L_aux differentiated through
+    # the modules' own statistics (the model's own aux-gradient path switched off)
     model.zero_grad(set_to_none=True)
     model.train()
     torch.manual_seed(1234)
+    model._shared.aux_loss_coef = 0.0
     task = model.base_model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-    (task + 0.5 * hycam_ext.load_balancing_loss(model)).backward()
+    stats = [cam.last_stats.sums() for cam in model.hycam_modules()]
+    (task + 0.5 * aux_loss(total(stats))).backward()
+    model._shared.aux_loss_coef = 0.5
     oracle = {n: p.grad.detach().clone() for n, p in model.trainable_parameters()}
     for mode in ("plain", "non_reentrant", "reentrant"):
         loss, grads = _grads(model, mode, ids, mask, labels)
@@ -254,7 +259,7 @@ def test_unsupported_architectures():
     import transformers as tf
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2,
                                             n_positions=32))
-    with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):
+    with pytest.raises(UnsupportedArchitectureError, match="model_type=.gpt2.*To add a family"):
         get_hycam_model(gpt2, _cfg())
     with pytest.raises(UnsupportedArchitectureError):
         get_hycam_model(torch.nn.Linear(4, 4), _cfg())
@@ -284,14 +289,15 @@ def test_accelerate_hooked_layers():
     for layer in base.model.layers:
         accelerate_hooks.add_hook_to_module(layer, Count())
     model = get_hycam_model(base, _cfg())
+    assert len(calls) == 4          # the conversion probe: the original layers, then the patched
     perturb_hycam(model)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask).logits
-    assert len(calls) == 2 and not torch.allclose(out, ref)   # hooks still run, HyCAM active
+    assert len(calls) == 6 and not torch.allclose(out, ref)   # hooks still run, HyCAM active
     back = model.unload()
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids, attention_mask=mask).logits, ref)
-    assert len(calls) == 4
+    assert len(calls) == 8
 
 
 def test_two_forwards_then_backward_reentrant():

@@ -1,16 +1,19 @@
-"""Hugging Face ``transformers`` integration: one HyCAM per decoder layer of a Llama, Qwen2 or
-Mistral causal LM, without forking the model files and without renaming any base weight.
+"""Hugging Face ``transformers`` integration: one HyCAM per decoder layer of a causal LM of a
+supported family (``FAMILIES``: Llama, Mistral, Qwen 2/3 and their MoE variants, Gemma 1/2/3,
+Phi-3, Granite, OLMo 2/3, SmolLM3, Cohere, ...), without forking the model files and without
+renaming any base weight.
 
     from hycam_ext.integrations.transformers import get_hycam_model
     model = get_hycam_model(AutoModelForCausalLM.from_pretrained(...), HyCAMConfig(...))
 
 The pieces, as PEFT separates them:
 
-* ``layer.py``      the patched decoder layer: the original pre-norm block with the HyCAM
-                    placement between attention and MLP (``residual``: h = (h_in + a) * CAM(x);
+* ``families.py``   one entry per model_type: how its layer body runs, and the conversion probe;
+* ``layer.py``      the patched decoder layer: the family's body with the HyCAM placement
+                    between attention and MLP (``residual``: h = (h_in + a) * CAM(x);
                     ``attention``: h = h_in + a * CAM(x));
-* ``injection.py``  which architectures are supported; putting HyCAM into a layer and taking it
-                    out again (``unload()`` restores the original classes);
+* ``injection.py``  putting HyCAM into a layer and taking it out again (``unload()`` restores
+                    the original classes);
 * ``routing.py``    a forward's routing statistics and how L_aux gets its gradient, also under
                     gradient checkpointing (design note there);
 * ``model.py``      ``HyCAMModel`` (the wrapper) and ``get_hycam_model``;
@@ -18,11 +21,11 @@ The pieces, as PEFT separates them:
 * ``trainer.py``    ``transformers.Trainer`` support (imported on first use).
 """
 from .adapter_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-from .injection import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
+from .families import FAMILIES, UnsupportedArchitectureError, supported_model_types
 from .model import HyCAMMergeError, HyCAMModel, find_hycam_model, get_hycam_model
 
 __all__ = ["get_hycam_model", "HyCAMModel", "UnsupportedArchitectureError", "HyCAMMergeError",
-           "SUPPORTED_ARCHITECTURES", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME",
+           "FAMILIES", "supported_model_types", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME",
            "HyCAMSaveCallback", "HyCAMTrainer", "find_hycam_model"]
 
 

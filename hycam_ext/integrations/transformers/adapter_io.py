@@ -18,7 +18,8 @@ ADAPTER_WEIGHTS_NAME = "hycam_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "hycam_adapter_config.json"
 FORMAT_VERSION = 1
 
-_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")
 
 
 def adapter_state_dict(base_model: nn.Module, cfg: HyCAMConfig) -> Dict[str, torch.Tensor]:
@@ -49,7 +50,7 @@ def _pick(own: Dict[str, torch.Tensor], state_dict: Dict[str, Any]) -> Dict[str,
     return picked
 
 
-def save_adapter(model, arch: str, save_directory: str,
+def save_adapter(model, model_type: str, save_directory: str,
                  state_dict: Optional[Dict[str, Any]] = None) -> None:
     """Write the two adapter files of ``model`` (see HyCAMModel.save_pretrained)."""
     from safetensors.torch import save_file
@@ -67,8 +68,8 @@ def save_adapter(model, arch: str, save_directory: str,
         "adapter_type": "hycam",
         "hycam_ext_version": __version__,
         "hycam_config": model.hycam_config.to_dict(),
-        "architecture": arch,
-        "model_type": getattr(cfg, "model_type", None),
+        "architecture": type(model.base_model).__name__,
+        "model_type": model_type,
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
         "hidden_size": int(cfg.hidden_size),
         "num_hidden_layers": len(model.base_model.model.layers),
@@ -90,7 +91,22 @@ def read_adapter_config(adapter_dir: str) -> Dict[str, Any]:
     return meta
 
 
+def check_base(meta: Dict[str, Any], base_model: nn.Module, adapter_dir: str) -> None:
+    """The adapter's recorded model_type and sizes against a base model (before any conversion)."""
+    mcfg = base_model.config
+    saved, mt = meta.get("model_type"), getattr(mcfg, "model_type", None)
+    if saved is not None and saved != mt:
+        raise ValueError(f"HyCAM adapter in {adapter_dir!r} was trained on a {saved!r} model; "
+                         f"this base model is {mt!r}")
+    for key in ("hidden_size", "num_hidden_layers"):
+        want, have = meta.get(key), getattr(mcfg, key, None)
+        if want is not None and have is not None and int(want) != int(have):
+            raise ValueError(f"HyCAM adapter in {adapter_dir!r} was trained for {key}={want}, "
+                             f"this base model has {have}")
+
+
 def _check_compatible(model, meta: Dict[str, Any], adapter_dir: str) -> None:
+    check_base(meta, model.base_model, adapter_dir)
     layers = len(model.base_model.model.layers)
     if int(meta["num_hidden_layers"]) != layers:
         raise ValueError(f"HyCAM adapter has {meta['num_hidden_layers']} layers, the base "

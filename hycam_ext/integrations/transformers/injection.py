@@ -1,29 +1,23 @@
-"""Which models HyCAM goes into, and how it goes in and comes out of their decoder layers."""
+"""How HyCAM goes into and comes out of a model's decoder layers (which families: families.py)."""
 from __future__ import annotations
 
+import dataclasses
 import types
+from typing import Tuple
 
+import torch
 import torch.nn as nn
 
 from ...config import HyCAMConfig
 from ...modules import HyCAM
+from .families import (Family, UnsupportedArchitectureError, capture_layers, family_of,
+                       verify_layers)
 from .layer import patched_class, positional_names
 from .routing import SharedState
 
-# model class name -> decoder layer class name
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "LlamaDecoderLayer",
-    "Qwen2ForCausalLM": "Qwen2DecoderLayer",
-    "MistralForCausalLM": "MistralDecoderLayer",
-}
-
 # what a patched layer carries besides its ``hycam`` submodule (removed again by eject)
 _LAYER_ATTRS = ("_hycam_shared", "_hycam_layer_index", "_hycam_positional_names",
-                "_hycam_saved_old_forward")
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model is not one of the architectures the HyCAM integration knows how to patch."""
+                "_hycam_saved_old_forward", "_hycam_tuple_output", "_hycam_family")
 
 
 def _transformers():
@@ -42,57 +36,68 @@ def check_transformers_version() -> None:
                           f"found {tf.__version__}")
 
 
-def architecture(model: nn.Module) -> str:
-    """The supported architecture ``model`` is an instance of (a key of SUPPORTED_ARCHITECTURES)."""
-    tf = _transformers()
-    for name in SUPPORTED_ARCHITECTURES:
-        cls = getattr(tf, name, None)
-        if cls is not None and isinstance(model, cls):
-            return name
-    kind = type(model).__name__
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    raise UnsupportedArchitectureError(
-        f"get_hycam_model: unsupported model {kind}"
-        + (f" (model_type={mt!r})" if mt else "")
-        + f"; supported are {', '.join(SUPPORTED_ARCHITECTURES)} (pre-norm decoders whose layers "
-        f"have input_layernorm / self_attn / post_attention_layernorm / mlp)")
-
-
-def decoder_layers(model: nn.Module, arch: str) -> nn.ModuleList:
-    """``model.model.layers``, checked to be unpatched layers of the architecture's layer class."""
+def decoder_layers(model: nn.Module, model_type: str, family: Family,
+                   who: str = "get_hycam_model") -> nn.ModuleList:
+    """``model.model.layers``, checked to be unpatched layers of the family's layer class."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise UnsupportedArchitectureError(f"get_hycam_model: {arch} without model.layers")
-    want = SUPPORTED_ARCHITECTURES[arch]
+        raise UnsupportedArchitectureError(
+            f"{who}: {type(model).__name__} ({model_type}) has no decoder layers at model.layers")
+    if has_hycam_layers(model):
+        raise ValueError(f"{who}: the model already has HyCAM layers; call unload() first or "
+                         f"load the adapter into a clean base model")
     for i, layer in enumerate(layers):
-        if getattr(layer, "_hycam_shared", None) is not None or hasattr(layer, "hycam"):
-            raise ValueError("get_hycam_model: the model already has HyCAM layers; call unload() "
-                             "first or load the adapter into a clean base model")
-        if type(layer).__name__ != want:
+        if type(layer).__name__ != family.layer_class:
             raise UnsupportedArchitectureError(
-                f"get_hycam_model: layer {i} is {type(layer).__name__}, expected {want}")
-        for attr in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
-            if not isinstance(getattr(layer, attr, None), nn.Module):
+                f"{who}: layer {i} is {type(layer).__name__}, expected {family.layer_class} "
+                f"for model_type {model_type!r}")
+        for attr in family.required():
+            if not hasattr(layer, attr):
                 raise UnsupportedArchitectureError(
-                    f"get_hycam_model: layer {i} has no submodule {attr!r}")
+                    f"{who}: layer {i} ({type(layer).__name__}) has no {attr!r}")
         if "forward" in layer.__dict__ and "_old_forward" not in layer.__dict__:
             raise UnsupportedArchitectureError(
-                f"get_hycam_model: decoder layer {i} has an instance-level forward set by "
-                f"another library (not an accelerate hook); cannot patch it")
+                f"{who}: decoder layer {i} has an instance-level forward set by another library "
+                f"(not an accelerate hook); cannot patch it")
     return layers
 
 
-def inject(layer: nn.Module, index: int, cfg: HyCAMConfig, shared: SharedState) -> None:
-    """Give ``layer`` a HyCAM (on the layer's device and dtype) and the patched class."""
-    ref = layer.input_layernorm.weight
+def has_hycam_layers(model: nn.Module) -> bool:
+    """True when some module of ``model`` is a HyCAM-patched decoder layer (whichever entry point,
+    ``get_hycam_model`` or PEFT, put it there)."""
+    return any(getattr(m, "_hycam_shared", None) is not None
+               or isinstance(getattr(m, "hycam", None), HyCAM) for m in model.modules())
+
+
+def _param_dtype(layer: nn.Module, cfg: HyCAMConfig) -> torch.dtype:
+    """float32 master weights by default; ``cfg.param_dtype == "base"``: the layer's own floating
+    dtype (that of its first floating-point parameter, e.g. a norm of a quantised layer)."""
+    if cfg.param_dtype == "float32":
+        return torch.float32
+    for p in layer.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def inject(layer: nn.Module, index: int, cfg: HyCAMConfig, shared: SharedState, family: Family,
+           tuple_output: bool = False) -> None:
+    """Give ``layer`` a HyCAM (on the layer's device, parameters in ``_param_dtype``, computing
+    in the activations' dtype) and the patched class running ``family``'s body."""
+    device = next(iter(layer.parameters())).device
     orig = type(layer)
-    cam = HyCAM(cfg, device=ref.device, dtype=ref.dtype)
+    cam = HyCAM(cfg, device=device, dtype=_param_dtype(layer, cfg))
+    cam.compute_in_input_dtype = True
+    cam.aux_grad_from_model = cfg.aux_loss_coef > 0   # see hycam_ext.load_balancing_loss
     cam.train(layer.training)
     layer.hycam = cam
     layer._hycam_shared = shared
     layer._hycam_layer_index = index
     layer._hycam_positional_names = positional_names(orig)
+    if tuple_output:   # older transformers: some layers return (hidden_states,)
+        layer._hycam_tuple_output = True
+    layer._hycam_family = family
     layer.__class__ = patched_class(orig)
     if "forward" in layer.__dict__:
         # accelerate's hooks (device_map / offload) put a wrapper on the instance that
@@ -100,8 +105,8 @@ def inject(layer: nn.Module, index: int, cfg: HyCAMConfig, shared: SharedState) 
         layer._hycam_saved_old_forward = layer.__dict__["_old_forward"]
         layer._old_forward = types.MethodType(type(layer).forward, layer)
     if cfg.train_layernorms:
-        for ln in (layer.input_layernorm, layer.post_attention_layernorm):
-            for p in ln.parameters():
+        for name in family.norms:
+            for p in getattr(layer, name).parameters():
                 p.requires_grad_(True)
 
 
@@ -118,3 +123,44 @@ def eject(layer: nn.Module) -> None:
     for attr in _LAYER_ATTRS:
         if attr in layer.__dict__:
             delattr(layer, attr)
+
+
+def prepare(model: nn.Module, cfg: HyCAMConfig,
+            who: str = "get_hycam_model") -> Tuple[str, Family, nn.ModuleList, HyCAMConfig]:
+    """Every check that needs no forward, before anything changes: the family, its decoder layers
+    (not converted already), and the config (``hidden_size`` taken from the model when None,
+    refused when it disagrees)."""
+    if not isinstance(cfg, HyCAMConfig):
+        raise TypeError(f"{who}: cfg must be a hycam_ext.HyCAMConfig, got {type(cfg).__name__}")
+    model_type, family = family_of(model, who)
+    layers = decoder_layers(model, model_type, family, who)
+    d = int(model.config.hidden_size)
+    if cfg.hidden_size is None:
+        cfg = dataclasses.replace(cfg, hidden_size=d)
+    elif cfg.hidden_size != d:
+        raise ValueError(f"{who}: HyCAMConfig.hidden_size={cfg.hidden_size} but the model's "
+                         f"hidden_size is {d} (leave hidden_size unset to take the model's)")
+    return model_type, family, layers, cfg
+
+
+def convert(model: nn.Module, layers: nn.ModuleList, model_type: str, family: Family,
+            cfg: HyCAMConfig, shared: SharedState) -> None:
+    """Freeze the base model and put a fresh HyCAM into every decoder layer, checked on a probe
+    forward (families.verify_layers); on any failure the model is left as it was."""
+    calls = capture_layers(model, layers)
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in requires_grad:
+        p.requires_grad_(False)
+    done = []
+    try:
+        for i, layer in enumerate(layers):
+            out = calls.get(i, (None, None, None))[2]
+            inject(layer, i, cfg, shared, family, tuple_output=isinstance(out, tuple))
+            done.append(layer)
+        verify_layers(model, layers, calls, model_type)
+    except BaseException:
+        for layer in done:
+            eject(layer)
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        raise

@@ -1,4 +1,4 @@
-"""The patched decoder layer: the original pre-norm block with HyCAM between attention and MLP.
+"""The patched decoder layer: the family's layer body with HyCAM between attention and MLP.
 
 A patched layer's class is a dynamic subclass of its original class whose ``forward`` is
 :func:`hycam_decoder_forward`; being a subclass, transformers' gradient checkpointing (4.57's
@@ -16,8 +16,8 @@ from .routing import STEP_KWARG, RoutingStep, SharedState
 
 
 def hycam_decoder_forward(self, hidden_states, *args, **kwargs):
-    """``residual``: h = (h_in + a) * CAM(x); ``attention``: h = h_in + a * CAM(x); then the MLP
-    block as in the original layer."""
+    """The family's layer body (families.py) with the HyCAM placement between attention and
+    MLP: ``residual``: h = (h_in + a) * CAM(x); ``attention``: h = h_in + a * CAM(x)."""
     if args:
         names = self._hycam_positional_names
         if len(args) > len(names):
@@ -27,18 +27,21 @@ def hycam_decoder_forward(self, hidden_states, *args, **kwargs):
                 raise TypeError(f"{type(self).__name__}.forward: got multiple values for {name!r}")
             kwargs[name] = value
     step: Optional[RoutingStep] = kwargs.pop(STEP_KWARG, None)
-    residual = hidden_states
-    x = self.input_layernorm(hidden_states)
-    attn = self.self_attn(hidden_states=x, **kwargs)
-    a = attn[0] if isinstance(attn, tuple) else attn
-    if self._hycam_shared.enabled:
-        h = _modulate(self, x, residual, a, step)
-    else:
-        h = residual + a
-    return h + self.mlp(self.post_attention_layernorm(h))
+
+    def attend(x):
+        out = self.self_attn(hidden_states=x, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def modulate(x, h_in, a):
+        if self._hycam_shared.enabled:
+            return _apply_placement(self, x, h_in, a, step)
+        return h_in + a
+
+    out = self._hycam_family.body(self, hidden_states, attend, modulate)
+    return (out,) if self.__dict__.get("_hycam_tuple_output", False) else out
 
 
-def _modulate(layer, x, residual, a, step: Optional[RoutingStep]):
+def _apply_placement(layer, x, residual, a, step: Optional[RoutingStep]):
     """HyCAM's placement formula; hands this call's routing to the step and the route tally."""
     cam: HyCAM = layer.hycam
     shared: SharedState = layer._hycam_shared
@@ -77,7 +80,8 @@ _PATCHED_CLASSES: Dict[type, type] = {}
 
 
 def patched_class(orig: type) -> type:
-    """``HyCAM<orig>``: ``orig`` with :func:`hycam_decoder_forward` (one class per original)."""
+    """``HyCAM<orig>``: ``orig`` with :func:`hycam_decoder_forward` (one class per original; the
+    family's body is the layer's ``_hycam_family``)."""
     cls = _PATCHED_CLASSES.get(orig)
     if cls is None:
         cls = type(f"HyCAM{orig.__name__}", (orig,), {

@@ -12,8 +12,8 @@ import torch.nn as nn
 from ...config import HyCAMConfig
 from ...modules import HyCAM
 from . import adapter_io
-from .injection import architecture, check_transformers_version, decoder_layers, eject, inject
-from .routing import STEP_KWARG, RouteTally, RoutingStep, SharedState, step_aux_loss
+from .injection import check_transformers_version, convert, eject, prepare
+from .routing import RouteTally, RoutingStep, SharedState, step_aux_loss
 
 
 class HyCAMMergeError(NotImplementedError):
@@ -65,24 +65,16 @@ class HyCAMModel(nn.Module):
     def __init__(self, model: nn.Module, cfg: HyCAMConfig):
         super().__init__()
         check_transformers_version()
-        if not isinstance(cfg, HyCAMConfig):
-            raise TypeError(f"cfg must be a hycam_ext.HyCAMConfig, got {type(cfg).__name__}")
-        arch = architecture(model)
-        layers = decoder_layers(model, arch)
-        cfg = dataclasses.replace(cfg, hidden_size=int(model.config.hidden_size))
+        model_type, family, layers, cfg = prepare(model, cfg)
         self.base_model = model
         self.hycam_config = cfg
-        self._arch = arch
-        self._shared = SharedState(len(layers))
+        self._arch = model_type
+        self._shared = SharedState(len(layers), cfg.aux_loss_coef, cfg.aux_loss_scope)
         self._requires_grad_backup = {n: p.requires_grad for n, p in model.named_parameters()}
         self._enabled_input_grads = False
         self._unloaded = False
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for i, layer in enumerate(layers):
-            inject(layer, i, cfg, self._shared)
-        self._hooks = [model.model.register_forward_pre_hook(self._pre_forward_hook,
-                                                             with_kwargs=True)]
+        convert(model, layers, model_type, family, cfg, self._shared)
+        self._hooks = self._shared.attach(model.model, _token_mask)
 
     # ---- plumbing --------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -102,12 +94,6 @@ class HyCAMModel(nn.Module):
 
     def hycam_modules(self) -> List[HyCAM]:
         return [layer.hycam for layer in self._layers()]
-
-    def _pre_forward_hook(self, module, args, kwargs):
-        """Every forward of the decoder stack is a new RoutingStep, handed to the layers in
-        their keyword arguments (see routing.py)."""
-        step = self._shared.new_step(_token_mask(args, kwargs))
-        return args, dict(kwargs, **{STEP_KWARG: step})
 
     # ---- forward / generate ----------------------------------------------------------------
     # transformers.Trainer reads this: False makes it pass no ``num_items_in_batch`` and divide
@@ -294,10 +280,7 @@ class HyCAMModel(nn.Module):
                         is_trainable: bool = True) -> "HyCAMModel":
         meta = adapter_io.read_adapter_config(adapter_dir)
         hcfg = HyCAMConfig.from_dict(meta["hycam_config"])
-        mcfg = base_model.config
-        if int(mcfg.hidden_size) != int(meta["hidden_size"]):
-            raise ValueError(f"HyCAM adapter was trained for hidden_size {meta['hidden_size']}, "
-                             f"the base model has {mcfg.hidden_size}")
+        adapter_io.check_base(meta, base_model, adapter_dir)
         model = cls(base_model, hcfg)
         try:
             model.load_adapter(adapter_dir)
@@ -331,7 +314,8 @@ def find_hycam_model(model: Any) -> Optional[HyCAMModel]:
 
 def get_hycam_model(model: nn.Module, cfg: Optional[HyCAMConfig] = None) -> HyCAMModel:
     """Put a HyCAM (``cfg``; ``hidden_size`` is taken from the model config) in every decoder
-    layer of a LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM, freeze the base model and
-    return the :class:`HyCAMModel` wrapper. Base weight names are unchanged; the HyCAM parameters
-    appear as ``model.layers.<i>.hycam.*``. A fresh conversion computes the base model exactly."""
+    layer of a causal LM of a supported family (``families.FAMILIES``, by ``config.model_type``),
+    freeze the base model and return the :class:`HyCAMModel` wrapper. Base weight names are
+    unchanged; the HyCAM parameters appear as ``model.layers.<i>.hycam.*``. A fresh conversion
+    computes the base model exactly (checked on a probe forward at conversion)."""
     return HyCAMModel(model, cfg if cfg is not None else HyCAMConfig())

@@ -24,6 +24,18 @@ handed over through the step:
    and returns it a zero gradient, and autograd runs a node's backward only after every consumer
    of its output has run; the decoder layers all lie below the task loss.
 
+Any training loop
+-----------------
+A loss computed elsewhere (TRL's fused LM head, a PeftModel, a hand-written loop on the logits)
+never calls ``_StepAuxLoss``. So the decoder stack's output also passes through
+:class:`_InjectAuxGrad`, an identity (as Megatron's MoEAuxLossAutoScaler) whose backward, if the
+step's gradients have not been handed out yet, hands out those of
+``aux_loss_coef * aux_grad_scale * L_aux``. It lies above every decoder layer and below any
+loss, so it too runs before any ``_ReceiveAuxGrad``; when the loss did include L_aux (step 2 ran
+first), it does nothing, so L_aux is never counted twice. ``aux_grad_scale`` (default 1) is for
+losses that are divided by the gradient-accumulation steps after the fact (TRL, Trainer):
+``HyCAMAuxLossCallback`` sets it to 1 / gradient_accumulation_steps.
+
 The step reaches a recomputation through the layer's keyword arguments, which the checkpoint
 keeps, so several forwards before one backward each find their own step. Without checkpointing
 and with non-reentrant checkpointing the same path runs: one mechanism for the three modes.
@@ -47,8 +59,10 @@ class RoutingStep:
     def __init__(self, num_layers: int, token_mask: Optional[torch.Tensor]):
         self.token_mask = token_mask                                   # [batch, seq] or None
         self.sums: List[Optional[RoutingSums]] = [None] * num_layers   # detached
-        # layer index -> (dL/dS_g, dL/dS_q), set by _StepAuxLoss.backward
+        # layer index -> (dL/dS_g, dL/dS_q), set by _StepAuxLoss or _InjectAuxGrad.backward
         self.grads: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.grads_set = False
+        self.aux_value: Optional[torch.Tensor] = None   # L_aux of this forward (no graph)
 
     def has_stats(self) -> bool:
         return any(s is not None for s in self.sums)
@@ -102,8 +116,49 @@ class _StepAuxLoss(torch.autograd.Function):
         inputs = [t for s in ctx.leaves for t in (s.g, s.q)]
         grads = torch.autograd.grad(ctx.loss, inputs, grad, retain_graph=True)
         ctx.step.grads = {i: (grads[2 * j], grads[2 * j + 1]) for j, i in enumerate(ctx.idx)}
+        ctx.step.grads_set = True
         scalar, dt, dev = ctx.anchor_meta
         return (torch.zeros((), dtype=dt, device=dev) if scalar else None), None, None
+
+
+def _hand_out_grads(step: RoutingStep, scope: str, weight: float, grad=None) -> torch.Tensor:
+    """Differentiate ``weight * L_aux`` of the step's stored sums; leave each layer's gradient in
+    the step. Returns L_aux (no graph)."""
+    idx = step.layers()
+    with torch.enable_grad():
+        leaves = [RoutingSums(step.sums[i].g.detach().requires_grad_(),
+                              step.sums[i].q.detach().requires_grad_(), step.sums[i].count)
+                  for i in idx]
+        loss = aux_loss(total(leaves), scope)
+        inputs = [t for s in leaves for t in (s.g, s.q)]
+        grads = torch.autograd.grad(loss * weight, inputs, grad)
+    step.grads = {i: (grads[2 * j], grads[2 * j + 1]) for j, i in enumerate(idx)}
+    step.grads_set = True
+    return loss.detach()
+
+
+class _InjectAuxGrad(torch.autograd.Function):
+    """Identity on the decoder stack's output; backward hands the layers the gradient of
+    ``weight * L_aux`` unless the loss already carried L_aux (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, step: RoutingStep, scope: str, weight: float):
+        ctx.step, ctx.scope, ctx.weight = step, scope, weight
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.step.grads_set and ctx.step.has_stats():
+            _hand_out_grads(ctx.step, ctx.scope, ctx.weight)
+        return grad, None, None, None
+
+
+def inject_aux_grad(hidden: torch.Tensor, step: RoutingStep, scope: str,
+                    weight: float) -> torch.Tensor:
+    """``hidden`` (the decoder stack's output), carrying the aux-loss gradient in backward."""
+    if weight == 0.0 or not (torch.is_grad_enabled() and hidden.requires_grad):
+        return hidden
+    return _InjectAuxGrad.apply(hidden, step, scope, weight)
 
 
 def step_aux_loss(step: RoutingStep, anchor: torch.Tensor, scope: str) -> torch.Tensor:
@@ -132,14 +187,53 @@ class RouteTally:
 
 
 class SharedState:
-    """State shared by the wrapper and all patched layers of one model."""
+    """State shared by the wrapper and all patched layers of one model, and the decoder stack's
+    hooks: every forward of the stack is a new RoutingStep, handed to the layers in their
+    keyword arguments; its output carries the aux-loss gradient (module docstring)."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, aux_loss_coef: float, aux_loss_scope: str):
         self.num_layers = num_layers
-        self.enabled = True                       # False inside HyCAMModel.disable_adapter()
+        self.aux_loss_coef = aux_loss_coef
+        self.aux_loss_scope = aux_loss_scope
+        self.aux_grad_scale = 1.0                 # see the module docstring
+        self.enabled = True                       # False inside disable_adapter()
         self.step: Optional[RoutingStep] = None   # the latest forward's (routing_stats())
-        self.tally: Optional[RouteTally] = None   # set inside HyCAMModel.collect_routing()
+        self.tally: Optional[RouteTally] = None   # set inside collect_routing()
+        self.aux_log: List[torch.Tensor] = []     # L_aux of training forwards since the last log
 
     def new_step(self, token_mask: Optional[torch.Tensor]) -> RoutingStep:
         self.step = RoutingStep(self.num_layers, token_mask)
         return self.step
+
+    def attach(self, stack: torch.nn.Module, token_mask_fn) -> list:
+        """Hooks on the decoder stack (``model.model``); returns their handles."""
+        def pre(module, args, kwargs):
+            step = self.new_step(token_mask_fn(args, kwargs))
+            return args, dict(kwargs, **{STEP_KWARG: step})
+
+        def post(module, args, kwargs, output):
+            step = self.step
+            if not (self.enabled and step is not None and step.has_stats()):
+                return output
+            with torch.no_grad():
+                step.aux_value = aux_loss(total([step.sums[i] for i in step.layers()]),
+                                          self.aux_loss_scope)
+            if len(self.aux_log) < 10_000:
+                self.aux_log.append(step.aux_value)
+            first = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            new = inject_aux_grad(first, step, self.aux_loss_scope,
+                                  self.aux_loss_coef * self.aux_grad_scale)
+            if new is first:
+                return output
+            if isinstance(output, tuple):
+                return (new,) + tuple(output[1:])
+            output.last_hidden_state = new
+            return output
+
+        return [stack.register_forward_pre_hook(pre, with_kwargs=True),
+                stack.register_forward_hook(post, with_kwargs=True)]
+
+    def pop_aux_log(self) -> Optional[float]:
+        """Mean L_aux of the training forwards since the last call (None if there were none)."""
+        vals, self.aux_log = self.aux_log, []
+        return float(torch.stack([v.float().cpu() for v in vals]).mean()) if vals else None
