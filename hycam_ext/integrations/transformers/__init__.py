@@ -26,12 +26,12 @@ from .model import HyCAMMergeError, HyCAMModel, find_hycam_model, get_hycam_mode
 
 __all__ = ["get_hycam_model", "HyCAMModel", "UnsupportedArchitectureError", "HyCAMMergeError",
            "FAMILIES", "supported_model_types", "ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME",
-           "HyCAMSaveCallback", "HyCAMTrainer", "find_hycam_model"]
+           "HyCAMSaveCallback", "HyCAMTrainer", "HyCAMAuxLossCallback", "find_hycam_model"]
 
 
 def __getattr__(name: str):
     # the Trainer pieces import transformers.Trainer (and accelerate): only on first use
-    if name in ("HyCAMSaveCallback", "HyCAMTrainer"):
+    if name in ("HyCAMSaveCallback", "HyCAMTrainer", "HyCAMAuxLossCallback"):
         from . import trainer
         return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

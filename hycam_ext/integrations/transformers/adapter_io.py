@@ -22,17 +22,20 @@ _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
                 "post_feedforward_layernorm")
 
 
+def is_adapter_key(name: str, train_layernorms: bool) -> bool:
+    """Whether a parameter name (with any prefix) is part of the adapter: a HyCAM tensor, or a
+    decoder layer norm when the norms are trained."""
+    parts = name.split(".")
+    layer_norm = (train_layernorms and len(parts) >= 2 and parts[-2] in _LAYER_NORMS
+                  and ".layers." in f".{name}")
+    return ".hycam." in f".{name}" or layer_norm
+
+
 def adapter_state_dict(base_model: nn.Module, cfg: HyCAMConfig) -> Dict[str, torch.Tensor]:
     """HyCAM parameters (and the decoder layer norms when cfg.train_layernorms), by the base
     model's parameter names."""
-    out = {}
-    for name, p in base_model.named_parameters(remove_duplicate=False):
-        parts = name.split(".")
-        layer_norm = (cfg.train_layernorms and len(parts) >= 2 and parts[-2] in _LAYER_NORMS
-                      and ".layers." in f".{name}")
-        if ".hycam." in f".{name}" or layer_norm:
-            out[name] = p
-    return out
+    return {name: p for name, p in base_model.named_parameters(remove_duplicate=False)
+            if is_adapter_key(name, cfg.train_layernorms)}
 
 
 def _pick(own: Dict[str, torch.Tensor], state_dict: Dict[str, Any]) -> Dict[str, Any]:

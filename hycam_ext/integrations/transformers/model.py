@@ -13,7 +13,7 @@ from ...config import HyCAMConfig
 from ...modules import HyCAM
 from . import adapter_io
 from .injection import check_transformers_version, convert, eject, prepare
-from .routing import RouteTally, RoutingStep, SharedState, step_aux_loss
+from .routing import RouteTally, SharedState, step_aux_loss
 
 
 class HyCAMMergeError(NotImplementedError):
@@ -40,7 +40,7 @@ def _output_type_with_aux(cls: type) -> type:
     return t
 
 
-def _token_mask(args, kwargs) -> Optional[torch.Tensor]:
+def token_mask_of(args, kwargs) -> Optional[torch.Tensor]:
     """[batch, seq] mask of the tokens of this forward (the last seq columns of a 2-D
     attention_mask, which covers the cached tokens too), or None."""
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -52,6 +52,32 @@ def _token_mask(args, kwargs) -> Optional[torch.Tensor]:
         if mask.shape[0] == bsz and mask.shape[1] >= seq:
             return mask[:, mask.shape[1] - seq:]
     return None
+
+
+def with_aux_loss(out, shared: SharedState, has_labels: bool, weight=1.0):
+    """A training forward's output with ``aux_loss`` (L_aux) and, when it has a loss, the loss
+    ``+ weight * aux_loss_coef * L_aux`` (differentiable: routing.py's design note); other
+    outputs as they are."""
+    step = shared.step
+    if not (shared.enabled and step is not None and step.has_stats()):
+        return out
+    coef, scope = shared.aux_loss_coef * weight, shared.aux_loss_scope
+    if isinstance(out, tuple):   # return_dict=False: (loss, logits, ...) or (logits, ...)
+        aux = step_aux_loss(step, out[0], scope)
+        if has_labels and out[0].dim() == 0:
+            out = (out[0] + coef * aux.to(out[0].dtype),) + out[1:]
+        return out
+    loss = getattr(out, "loss", None)
+    aux = step_aux_loss(step, loss if loss is not None else out.logits, scope)
+    fields = dict(out.items())
+    if loss is not None:
+        fields["loss"] = loss + coef * aux.to(loss.dtype)
+    fields["aux_loss"] = aux
+    if dataclasses.is_dataclass(out):
+        return _output_type_with_aux(type(out))(**fields)
+    for k, v in fields.items():
+        out[k] = v
+    return out
 
 
 class HyCAMModel(nn.Module):
@@ -74,7 +100,7 @@ class HyCAMModel(nn.Module):
         self._enabled_input_grads = False
         self._unloaded = False
         convert(model, layers, model_type, family, cfg, self._shared)
-        self._hooks = self._shared.attach(model.model, _token_mask)
+        self._hooks = self._shared.attach(model.model, token_mask_of)
 
     # ---- plumbing --------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -119,29 +145,7 @@ class HyCAMModel(nn.Module):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                          use_cache=use_cache)
             out = self.base_model(**{k: v for k, v in given.items() if v is not None}, **kwargs)
-        step = self._shared.step
-        if not (self._shared.enabled and step is not None and step.has_stats()):   # training fwd
-            return out
-        return self._add_aux_loss(out, step, has_labels=labels is not None)
-
-    def _add_aux_loss(self, out, step: RoutingStep, has_labels: bool):
-        coef, scope = self.hycam_config.aux_loss_coef, self.hycam_config.aux_loss_scope
-        if isinstance(out, tuple):   # return_dict=False: (loss, logits, ...) or (logits, ...)
-            aux = step_aux_loss(step, out[0], scope)
-            if has_labels and out[0].dim() == 0:
-                out = (out[0] + coef * aux.to(out[0].dtype),) + out[1:]
-            return out
-        loss = getattr(out, "loss", None)
-        aux = step_aux_loss(step, loss if loss is not None else out.logits, scope)
-        fields = dict(out.items())
-        if loss is not None:
-            fields["loss"] = loss + coef * aux.to(loss.dtype)
-        fields["aux_loss"] = aux
-        if dataclasses.is_dataclass(out):
-            return _output_type_with_aux(type(out))(**fields)
-        for k, v in fields.items():
-            out[k] = v
-        return out
+        return with_aux_loss(out, self._shared, has_labels=labels is not None)
 
     def generate(self, *args, **kwargs):
         self._check_loaded()

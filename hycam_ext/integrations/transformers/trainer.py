@@ -24,12 +24,48 @@ from transformers import Trainer, TrainerCallback
 from .adapter_io import ADAPTER_CONFIG_NAME
 from .model import HyCAMModel, find_hycam_model
 
-__all__ = ["HyCAMSaveCallback", "HyCAMTrainer"]
+__all__ = ["HyCAMSaveCallback", "HyCAMTrainer", "HyCAMAuxLossCallback", "hycam_shared_states"]
 
 logger = logging.getLogger(__name__)
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 TRAINING_ARGS_NAME = "training_args.bin"
+
+
+def hycam_shared_states(model) -> list:
+    """The HyCAM states of every converted decoder stack inside ``model`` (whatever wraps it:
+    HyCAMModel, a PeftModel, DDP, accelerate)."""
+    seen, out = set(), []
+    if model is None:
+        return out
+    for m in model.modules():
+        st = getattr(m, "_hycam_shared", None)
+        if st is not None and id(st) not in seen:
+            seen.add(id(st))
+            out.append(st)
+    return out
+
+
+class HyCAMAuxLossCallback(TrainerCallback):
+    """For trainers whose loss does not include L_aux (TRL's SFTTrainer, a ``compute_loss_func``):
+    scales the aux-loss gradient the model adds by itself by 1 / gradient_accumulation_steps, so
+    that L_aux counts once per optimizer step as a per-micro-batch mean, and adds ``aux_loss``
+    (mean L_aux of the training forwards since the last log) to the logs and the log history.
+    With :class:`HyCAMModel` and the plain Trainer the loss carries L_aux and is divided by the
+    Trainer; the callback then only logs."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for st in hycam_shared_states(model):
+            st.aux_grad_scale = 1.0 / max(int(args.gradient_accumulation_steps), 1)
+        return control
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        vals = [v for v in (st.pop_aux_log() for st in hycam_shared_states(model)) if v is not None]
+        if vals and logs is not None and "loss" in logs:
+            logs["aux_loss"] = sum(vals) / len(vals)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["aux_loss"] = logs["aux_loss"]
+        return control
 
 
 class HyCAMSaveCallback(TrainerCallback):
