@@ -32,11 +32,17 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("hycam_ext.integrations.peft needs `peft>=0.21` (pip install \"hycam_ext[hf]\" "
                       "peft)") from e
 
+from packaging.version import Version
+
 from ..config import HyCAMConfig
 from .transformers.adapter_io import is_adapter_key
 from .transformers.injection import check_transformers_version, convert, eject, prepare
 from .transformers.model import HyCAMMergeError, token_mask_of, with_aux_loss
 from .transformers.routing import SharedState
+
+if Version(peft.__version__).release < (0, 21):
+    raise ImportError(f"hycam_ext.integrations.peft needs peft>=0.21 (its tuner state-dict hooks), "
+                      f"found {peft.__version__}: pip install -U peft")
 
 __all__ = ["HyCAMPeftConfig", "HyCAMPeftModel", "HyCAMMergeError", "PEFT_METHOD"]
 

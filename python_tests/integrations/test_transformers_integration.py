@@ -336,3 +336,37 @@ def test_ddp_global_aux_scope(tmp_path):
     assert abs(rep["aux"] - rep["ref_aux"]) < 1e-6
     assert rep["max_grad_err"] < 1e-6
     assert rep["min_router_grad"] > 0
+
+
+@pytest.mark.parametrize("mode", ["plain", "non_reentrant", "reentrant"])
+def test_aux_gradient_in_a_hand_written_loop(mode):
+    """A loss computed from the base model's logits (no aux term in it) still gives the router
+    coef * dL_aux: the decoder stack's output carries it, under every checkpointing mode."""
+    base = tiny_model("llama")
+    coef = 0.5
+    model = get_hycam_model(base, _cfg(aux_loss_coef=coef))
+    perturb_hycam(model)
+    ids, mask, labels = _batch()
+
+    def grads(with_node):
+        model._shared.aux_loss_coef = coef if with_node else 0.0
+        model.zero_grad(set_to_none=True)
+        model.train()
+        torch.manual_seed(11)
+        logits = base(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1))
+        if not with_node:   # the oracle: the aux term written into the loss by hand
+            stats = [cam.last_stats.sums() for cam in model.hycam_modules()]
+            loss = loss + coef * aux_loss(total(stats))
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.trainable_parameters()}
+
+    oracle = grads(with_node=False)
+    if mode != "plain":
+        model.gradient_checkpointing_enable(use_reentrant=(mode == "reentrant"))
+    got = grads(with_node=True)
+    for n in oracle:
+        torch.testing.assert_close(got[n], oracle[n], atol=1e-6, rtol=1e-4, msg=n)
+    # and load_balancing_loss of such a model is a value for logs (adding it cannot double it)
+    assert not hycam_ext.load_balancing_loss(model).requires_grad
