@@ -86,6 +86,16 @@ def parallel(layer, h, attend, modulate):
     return modulate(x, h, attend(x)) + layer.mlp(x)
 
 
+def gemma3_attention_kwargs(layer, kwargs: dict) -> dict:
+    """Gemma 3 before transformers 5: the layer takes both rotary tables and hands its attention
+    the local one on sliding-window layers, the global one otherwise."""
+    if "position_embeddings_global" in kwargs:
+        glob = kwargs.pop("position_embeddings_global")
+        loc = kwargs.pop("position_embeddings_local", None)
+        kwargs["position_embeddings"] = loc if layer.self_attn.is_sliding else glob
+    return kwargs
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """How one model family's decoder layer runs with HyCAM inside."""
@@ -93,6 +103,8 @@ class Family:
     norms: Tuple[str, ...]            # the layer's norms (trained with cfg.train_layernorms)
     layer_class: str                  # the decoder layer's class name in transformers
     extra: Tuple[str, ...] = ()       # other submodules / attributes the body uses
+    # the layer's keyword arguments -> the attention's, where a transformers version differs
+    attention_kwargs: Optional[Callable] = None
 
     @property
     def formula(self) -> str:
@@ -132,7 +144,8 @@ FAMILIES: Dict[str, Family] = {
     "granite": Family(pre_norm_scaled, _PRE, "GraniteDecoderLayer",
                       extra=("residual_multiplier", "mlp")),
     "gemma2": Family(sandwich_norm, _SANDWICH, "Gemma2DecoderLayer", extra=("mlp",)),
-    "gemma3_text": Family(sandwich_norm, _SANDWICH, "Gemma3DecoderLayer", extra=("mlp",)),
+    "gemma3_text": Family(sandwich_norm, _SANDWICH, "Gemma3DecoderLayer", extra=("mlp",),
+                          attention_kwargs=gemma3_attention_kwargs),
     "olmo2": Family(post_norm, _POST, "Olmo2DecoderLayer", extra=("mlp",)),
     "olmo3": Family(post_norm, _POST, "Olmo3DecoderLayer", extra=("mlp",)),
     "cohere": Family(parallel, ("input_layernorm",), "CohereDecoderLayer", extra=("mlp",)),

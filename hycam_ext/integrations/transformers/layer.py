@@ -27,9 +27,15 @@ def hycam_decoder_forward(self, hidden_states, *args, **kwargs):
                 raise TypeError(f"{type(self).__name__}.forward: got multiple values for {name!r}")
             kwargs[name] = value
     step: Optional[RoutingStep] = kwargs.pop(STEP_KWARG, None)
+    if step is None and not self._hycam_shared.step_in_kwargs:
+        step = self._hycam_shared.step
+    family = self._hycam_family
+    if family.attention_kwargs is not None:
+        kwargs = family.attention_kwargs(self, kwargs)
+    attn_kwargs = _accepted(self.self_attn, kwargs)
 
     def attend(x):
-        out = self.self_attn(hidden_states=x, **kwargs)
+        out = self.self_attn(hidden_states=x, **attn_kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def modulate(x, h_in, a):
@@ -37,8 +43,25 @@ def hycam_decoder_forward(self, hidden_states, *args, **kwargs):
             return _apply_placement(self, x, h_in, a, step)
         return h_in + a
 
-    out = self._hycam_family.body(self, hidden_states, attend, modulate)
+    out = family.body(self, hidden_states, attend, modulate)
     return (out,) if self.__dict__.get("_hycam_tuple_output", False) else out
+
+
+_ACCEPTS: Dict[type, Optional[frozenset]] = {}
+
+
+def _accepted(attn: torch.nn.Module, kwargs: dict) -> dict:
+    """The keyword arguments ``attn.forward`` takes: all of them when it has ``**kwargs``; else
+    only its named parameters (older layers receive flags such as ``output_router_logits`` that
+    they use themselves and do not pass on)."""
+    cls = type(attn)
+    names = _ACCEPTS.get(cls, False)
+    if names is False:
+        params = inspect.signature(cls.forward).parameters.values()
+        names = (None if any(p.kind == p.VAR_KEYWORD for p in params)
+                 else frozenset(p.name for p in params))
+        _ACCEPTS[cls] = names
+    return kwargs if names is None else {k: v for k, v in kwargs.items() if k in names}
 
 
 def _apply_placement(layer, x, residual, a, step: Optional[RoutingStep]):

@@ -200,15 +200,25 @@ class SharedState:
         self.step: Optional[RoutingStep] = None   # the latest forward's (routing_stats())
         self.tally: Optional[RouteTally] = None   # set inside collect_routing()
         self.aux_log: List[torch.Tensor] = []     # L_aux of training forwards since the last log
+        self.step_in_kwargs = True                # see attach()
 
     def new_step(self, token_mask: Optional[torch.Tensor]) -> RoutingStep:
         self.step = RoutingStep(self.num_layers, token_mask)
         return self.step
 
     def attach(self, stack: torch.nn.Module, token_mask_fn) -> list:
-        """Hooks on the decoder stack (``model.model``); returns their handles."""
+        """Hooks on the decoder stack (``model.model``); returns their handles. A stack whose
+        forward takes no ``**kwargs`` (a few older transformers models) cannot pass the step to
+        its layers: they read ``self.step`` instead, which is the same step except under
+        reentrant checkpointing with several forwards before one backward."""
+        import inspect
+        params = inspect.signature(type(stack).forward).parameters.values()
+        self.step_in_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
+
         def pre(module, args, kwargs):
             step = self.new_step(token_mask_fn(args, kwargs))
+            if not self.step_in_kwargs:
+                return None
             return args, dict(kwargs, **{STEP_KWARG: step})
 
         def post(module, args, kwargs, output):
