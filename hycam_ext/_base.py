@@ -50,8 +50,15 @@ class HyCAMParameters(nn.Module):
         d, K, r = cfg.hidden_size, cfg.num_specialists, cfg.rank
         fk = {"device": device, "dtype": dtype}
         self.shared_weight = nn.Parameter(torch.empty(d, d, **fk))
-        self.router_weight = nn.Parameter(torch.empty(K, d, **fk))
-        self.router_bias = nn.Parameter(torch.empty(K, **fk))
+        if cfg.routing == "task":
+            # task routing (beyond the paper): logits per task instead of a router on x
+            self.register_parameter("router_weight", None)
+            self.register_parameter("router_bias", None)
+            self.task_logits = nn.Parameter(torch.empty(cfg.num_tasks, K, **fk))
+        else:
+            self.router_weight = nn.Parameter(torch.empty(K, d, **fk))
+            self.router_bias = nn.Parameter(torch.empty(K, **fk))
+            self.register_parameter("task_logits", None)
         self.A = nn.Parameter(torch.empty(K, r, d, **fk))
         self.N = nn.Parameter(torch.empty(K, r, r, **fk))
         self.B = nn.Parameter(torch.empty(K, d, r, **fk))
@@ -74,14 +81,21 @@ class HyCAMParameters(nn.Module):
         # Which tokens of the next forwards count for the load-balancing loss: None (all) or a
         # tensor shaped like x without its last dim, nonzero = counted (e.g. not padding).
         self.token_mask: Optional[torch.Tensor] = None
+        # routing="task": the task of each sequence (or token) of the next forwards: a [batch]
+        # or x-leading-shaped LongTensor, or an int for all tokens (set per call by the
+        # integrations; HyCAM.forward's task_ids argument takes precedence)
+        self.task_ids = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.shared_weight)
-        # router: nn.Linear's default
-        nn.init.kaiming_uniform_(self.router_weight, a=math.sqrt(5))
-        bound = 1.0 / math.sqrt(self.cfg.hidden_size)
-        nn.init.uniform_(self.router_bias, -bound, bound)
+        if self.task_logits is not None:
+            nn.init.zeros_(self.task_logits)       # every task starts uniform over specialists
+        else:
+            # router: nn.Linear's default
+            nn.init.kaiming_uniform_(self.router_weight, a=math.sqrt(5))
+            bound = 1.0 / math.sqrt(self.cfg.hidden_size)
+            nn.init.uniform_(self.router_bias, -bound, bound)
         for k in range(self.cfg.num_specialists):
             nn.init.kaiming_uniform_(self.A[k], a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.N[k], a=math.sqrt(5))
@@ -127,6 +141,34 @@ class HyCAMParameters(nn.Module):
                 raise ValueError(f"HyCAM: gumbel_noise is on {gumbel_noise.device}, x on {x.device}")
             if not gumbel_noise.is_floating_point():
                 raise TypeError(f"HyCAM: gumbel_noise must be floating point, got {gumbel_noise.dtype}")
+
+    def task_routing_logits(self, lead: Tuple[int, ...], task_ids=None) -> torch.Tensor:
+        """routing="task": the [T, K] logits of T = prod(lead) tokens, each its task's row of
+        ``task_logits``. ``task_ids``: [batch] (lead[0] == batch), the full leading shape, or an
+        int; None takes ``self.task_ids``."""
+        ids = self.task_ids if task_ids is None else task_ids
+        n = self.cfg.num_tasks
+        if ids is None:
+            raise ValueError("HyCAM: routing='task' needs task_ids (a [batch] LongTensor of task "
+                             "ids, one per sequence)")
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = torch.tensor(ids)
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"HyCAM: task_ids must be an integer tensor or int, got "
+                            f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else ids.dtype}")
+        ids = ids.to(self.task_logits.device)
+        if ids.dim() == 0:
+            ids = ids.expand(lead)
+        elif tuple(ids.shape) != tuple(lead):
+            if ids.dim() == 1 and len(lead) >= 1 and ids.shape[0] == lead[0]:
+                ids = ids.reshape((lead[0],) + (1,) * (len(lead) - 1)).expand(lead)
+            else:
+                raise ValueError(f"HyCAM: task_ids must have shape [{lead[0] if lead else 1}] (one "
+                                 f"per sequence) or {tuple(lead)}, got {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise ValueError(f"HyCAM: task_ids must be in [0, {n}) (num_tasks={n}), got values "
+                             f"in [{int(ids.min())}, {int(ids.max())}]")
+        return self.task_logits[ids.reshape(-1)]
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the layer computes in: autocast's if active, else the input's; parameters

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 PLACEMENTS = ("residual", "attention")
 PARAM_DTYPES = ("float32", "base")
+ROUTINGS = ("token", "task")
 
 
 @dataclasses.dataclass
@@ -20,7 +21,12 @@ class HyCAMConfig:
     use_kernels (False: compute through the reference formulation), aux_loss_scope "rank" or
     "global" (see load_balancing_loss), param_dtype (integrations: "float32" master weights, the
     default, computing in the activations' dtype; or "base", the base model's dtype). All
-    kernels are deterministic: there is no switch."""
+    kernels are deterministic: there is no switch.
+
+    routing (beyond the paper): "token" (the paper's: a learned router on each token's x) or
+    "task" (every token of a sequence routed by its task id through per-layer learned
+    task-to-specialist logits [num_tasks, K], with the same Gumbel / hard / soft machinery;
+    the forward then needs task ids)."""
     hidden_size: Optional[int] = None
     num_specialists: int = 4
     rank: int = 16
@@ -34,6 +40,8 @@ class HyCAMConfig:
     use_kernels: bool = True
     aux_loss_scope: str = "rank"
     param_dtype: str = "float32"
+    routing: str = "token"
+    num_tasks: Optional[int] = None
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int) -> None:
@@ -63,6 +71,12 @@ class HyCAMConfig:
         if self.param_dtype not in PARAM_DTYPES:
             raise ValueError(f"HyCAMConfig.param_dtype must be one of {PARAM_DTYPES}, got "
                              f"{self.param_dtype!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"HyCAMConfig.routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.routing == "task":
+            _int("num_tasks", 1)
+        elif self.num_tasks is not None:
+            raise ValueError("HyCAMConfig.num_tasks is only used with routing='task'")
         for name in ("hard", "bias", "train_layernorms", "use_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HyCAMConfig.{name} must be a bool, got {getattr(self, name)!r}")

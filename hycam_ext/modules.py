@@ -25,7 +25,8 @@ class HyCAM(HyCAMParameters):
         super().__init__(cfg, device=device, dtype=dtype)
 
     def _modulate(self, x: torch.Tensor, h_in: torch.Tensor, a: Optional[torch.Tensor],
-                  placement: str, gumbel_noise: Optional[torch.Tensor]) -> torch.Tensor:
+                  placement: str, gumbel_noise: Optional[torch.Tensor],
+                  task_ids=None) -> torch.Tensor:
         cfg = self.cfg
         # GEMMs and the shrink run in the compute dtype (autocast's when active); the modulation
         # runs in the dtype of the residual stream h_in, so an fp32 stream under bf16 autocast
@@ -43,10 +44,15 @@ class HyCAM(HyCAMParameters):
 
         # the shared projection's bias b_s is added inside the CAM op (z_bias), whose backward
         # sums its gradient in the same pass over [T, d] (no separate dz.sum(0))
-        z, logits, w = ops.projections(x2, cast(self.shared_weight), None,
-                                       cast(self.router_weight), cast(self.router_bias), cast(self.A),
+        task = cfg.routing == "task"
+        # routing="task": the router rides on the shrink as zero slots (the kernels are the same)
+        W_r = x2.new_zeros(0, d) if task else cast(self.router_weight)
+        z, logits, w = ops.projections(x2, cast(self.shared_weight), None, W_r,
+                                       None if task else cast(self.router_bias), cast(self.A),
                                        cast(self.A_bias), cast(self.N), cast(self.N_bias),
                                        use_kernels=cfg.use_kernels)
+        if task:
+            logits = self.task_routing_logits(lead, task_ids).to(compute_dtype)
         noise = None if gumbel_noise is None else gumbel_noise.reshape(-1, K)
         g = route(logits, cfg.tau, cfg.hard, self.training, noise)
         self._record(logits, g, lead)
@@ -57,16 +63,18 @@ class HyCAM(HyCAMParameters):
         return out.reshape(h_in.shape)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor,
-                gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                gumbel_noise: Optional[torch.Tensor] = None, task_ids=None) -> torch.Tensor:
+        """h * CAM(x). ``task_ids`` (routing="task"): [batch] or x's leading shape, or an int."""
         self._check_inputs(x, h, gumbel_noise)
-        return self._modulate(x, h, None, "residual", gumbel_noise)
+        return self._modulate(x, h, None, "residual", gumbel_noise, task_ids)
 
     def placement_forward(self, x: torch.Tensor, residual: torch.Tensor, attn_out: torch.Tensor,
-                          gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          gumbel_noise: Optional[torch.Tensor] = None,
+                          task_ids=None) -> torch.Tensor:
         """(residual + attn_out) * CAM(x) or residual + attn_out * CAM(x), per cfg.placement."""
         self._check_inputs(x, attn_out, gumbel_noise, h_name="attention output")
         self._check_inputs(x, residual, None, h_name="residual")
-        return self._modulate(x, residual, attn_out, self.cfg.placement, gumbel_noise)
+        return self._modulate(x, residual, attn_out, self.cfg.placement, gumbel_noise, task_ids)
 
 
 class HyCAMAttention(nn.Module):
@@ -142,3 +150,27 @@ def load_balancing_loss(modules_or_model: Union[nn.Module, Iterable[nn.Module]],
         return torch.zeros(())
     loss = aux_loss(total([s.sums() for s in stats]), scope)
     return loss.detach() if any(getattr(m, "aux_grad_from_model", False) for m in mods) else loss
+
+
+ROUTER_PARAMETERS = ("router_weight", "router_bias", "task_logits")
+
+
+def hycam_param_groups(model: nn.Module, lr: float, router_lr_scale: float = 1.0,
+                       weight_decay: float = 0.0) -> list:
+    """Optimizer parameter groups for a model with HyCAM layers: the routers' parameters
+    (``router_weight``, ``router_bias``, ``task_logits``) at ``lr * router_lr_scale``, every other
+    trainable parameter at ``lr``. A router learning-rate multiplier is beyond the paper (which
+    trains everything at one rate): the router's gradient is small next to the specialists', so
+    at one rate it barely moves (docs/quality.md)."""
+    for name, v in (("lr", lr), ("router_lr_scale", router_lr_scale)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"hycam_param_groups: {name} must be a positive number, got {v!r}")
+    router, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (router if name.rsplit(".", 1)[-1] in ROUTER_PARAMETERS else rest).append(p)
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "hycam"}]
+    if router:
+        groups.append({"params": router, "lr": lr * router_lr_scale, "weight_decay": 0.0,
+                       "name": "hycam_router"})
+    return groups

@@ -34,6 +34,10 @@ class ReferenceHyCAM(HyCAMParameters):
     """Pure-PyTorch HyCAM. forward(x, h, gumbel_noise=None) -> h * CAM(x)."""
 
     def __init__(self, cfg: HyCAMConfig, device=None, dtype=None):
+        if cfg.routing != "token":
+            raise ValueError("ReferenceHyCAM: the authors' formulation routes per token "
+                             "(routing='token'); HyCAMConfig(use_kernels=False) computes task "
+                             "routing in plain PyTorch")
         super().__init__(cfg, device=device, dtype=dtype)
 
     def cam(self, x: torch.Tensor, gumbel_noise: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # what --baseline / --compare name the adapters
 METHODS = ("base", "hycam", "shared-cam", "lora")
 # the HyCAM parameters that belong to the specialists and their router (not the shared CAM)
-_SPECIALIST_PARAMS = ("router_weight", "router_bias", "A", "A_bias", "N", "N_bias", "B", "B_bias")
+_SPECIALIST_PARAMS = ("router_weight", "router_bias", "task_logits", "A", "A_bias", "N", "N_bias", "B", "B_bias")
 
 
 def smollm2_gguf_path() -> str:

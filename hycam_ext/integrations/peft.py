@@ -17,7 +17,7 @@ them to PEFT's config / tuner-model interface. One adapter per model.
 from __future__ import annotations
 
 import dataclasses
-import enum
+import functools
 from typing import Any, Dict, Optional
 
 import torch
@@ -37,7 +37,7 @@ from packaging.version import Version
 from ..config import HyCAMConfig
 from .transformers.adapter_io import is_adapter_key
 from .transformers.injection import check_transformers_version, convert, eject, prepare
-from .transformers.model import HyCAMMergeError, token_mask_of, with_aux_loss
+from .transformers.model import HyCAMMergeError, check_task_ids, token_mask_of, with_aux_loss
 from .transformers.routing import SharedState
 
 if Version(peft.__version__).release < (0, 21):
@@ -175,9 +175,13 @@ class HyCAMPeftModel(BaseTuner):
         pass   # HyCAMConfig.param_dtype decides (float32 master weights by default)
 
     # ---- forward: the aux loss, as HyCAMModel reports it ------------------------------------
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, task_ids=None, **kwargs):
+        task_ids = kwargs.pop(_TASK_KWARG, task_ids)
+        if self._hycam_shared.enabled:
+            check_task_ids(self._hycam_cfg, task_ids)
         labels, total = kwargs.get("labels"), kwargs.get("num_items_in_batch")
-        out = self.model(*args, **kwargs)
+        with self._hycam_shared.using_task_ids(task_ids):
+            out = self.model(*args, **kwargs)
         weight = 1.0
         if isinstance(labels, torch.Tensor) and total is not None:
             # transformers.Trainer passes num_items_in_batch (the label tokens of the whole
@@ -186,6 +190,12 @@ class HyCAMPeftModel(BaseTuner):
             weight = (labels[..., 1:] != -100).sum() / torch.as_tensor(total).clamp_min(1)
         return with_aux_loss(out, self._hycam_shared, has_labels=labels is not None,
                              weight=weight)
+
+    def generate(self, *args, task_ids=None, **kwargs):
+        if self._hycam_shared.enabled:
+            check_task_ids(self._hycam_cfg, task_ids)
+        with self._hycam_shared.using_task_ids(task_ids):
+            return self.model.generate(*args, **kwargs)
 
     # ---- adapter on / off, merge, unload -------------------------------------------------------
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -247,6 +257,29 @@ _MERGE_MESSAGE = ("HyCAM cannot be merged into the base weights: CAM(x) is an in
                   "it (unlike LoRA). Keep the adapter, or unload() to get the base model back.")
 
 
+_TASK_KWARG = "hycam_task_ids"
+
+
+def _pass_task_ids_through_peft() -> None:
+    """``PeftModelForCausalLM.forward`` has a ``task_ids`` parameter of its own (for its Poly
+    method) and hands it to the tuner only for Poly. For a HyCAM adapter this wrapper hands it
+    on as ``hycam_task_ids``; for every other method the call is unchanged. (``generate`` passes
+    its keyword arguments through, so it needs nothing.)"""
+    cls = peft.PeftModelForCausalLM
+    orig = cls.forward
+    if getattr(orig, "_hycam_wrapped", False):
+        return
+
+    @functools.wraps(orig)
+    def forward(self, *args, task_ids=None, **kwargs):
+        if task_ids is not None and self.active_peft_config.peft_type == _peft_type():
+            kwargs[_TASK_KWARG], task_ids = task_ids, None
+        return orig(self, *args, task_ids=task_ids, **kwargs)
+
+    forward._hycam_wrapped = True
+    cls.forward = forward
+
+
 def _register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     if _peft_type() in PEFT_TYPE_TO_CONFIG_MAPPING:
@@ -256,3 +289,4 @@ def _register() -> None:
 
 
 _register()
+_pass_task_ids_through_peft()

@@ -157,7 +157,11 @@ def convert(model: nn.Module, layers: nn.ModuleList, model_type: str, family: Fa
             out = calls.get(i, (None, None, None))[2]
             inject(layer, i, cfg, shared, family, tuple_output=isinstance(out, tuple))
             done.append(layer)
-        verify_layers(model, layers, calls, model_type)
+        shared.probe_task_ids = 0 if cfg.routing == "task" else None
+        try:
+            verify_layers(model, layers, calls, model_type)
+        finally:
+            shared.probe_task_ids = None
     except BaseException:
         for layer in done:
             eject(layer)

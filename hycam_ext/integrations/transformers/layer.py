@@ -70,6 +70,7 @@ def _apply_placement(layer, x, residual, a, step: Optional[RoutingStep]):
     shared: SharedState = layer._hycam_shared
     idx = layer._hycam_layer_index
     cam.token_mask = None if step is None else step.token_mask
+    cam.task_ids = shared.probe_task_ids if step is None else step.task_ids
     # under autocast the attention output may come back in the autocast dtype while the residual
     # stream stays in the model dtype; the base layer adds them with type promotion, so do we.
     dt = residual.dtype
@@ -82,10 +83,9 @@ def _apply_placement(layer, x, residual, a, step: Optional[RoutingStep]):
         if step is not None:
             h, first = step.record(idx, sums, h)
         if shared.tally is not None and first:
-            shared.tally.add(idx, sums.g, sums.count)
+            shared.tally.add(idx, sums)
     elif shared.tally is not None:
-        sums = _eval_routing(cam, x).sums()
-        shared.tally.add(idx, sums.g, sums.count)
+        shared.tally.add(idx, _eval_routing(cam, x).sums())
     return h
 
 
@@ -93,8 +93,11 @@ def _apply_placement(layer, x, residual, a, step: Optional[RoutingStep]):
 def _eval_routing(cam: HyCAM, x: torch.Tensor) -> RoutingStats:
     """The deterministic routes an eval forward of ``cam`` used (eval forwards record nothing)."""
     x2 = x.reshape(-1, x.shape[-1])
-    w, b = cam.router_weight, cam.router_bias
-    logits = torch.nn.functional.linear(x2, w.to(x2.dtype), b.to(x2.dtype)).float()
+    if cam.cfg.routing == "task":
+        logits = cam.task_routing_logits(tuple(x.shape[:-1])).float()
+    else:
+        w, b = cam.router_weight, cam.router_bias
+        logits = torch.nn.functional.linear(x2, w.to(x2.dtype), b.to(x2.dtype)).float()
     g = route(logits, cam.cfg.tau, cam.cfg.hard, False)
     return RoutingStats.of(logits, g, cam.token_mask, tuple(x.shape[:-1]))
 

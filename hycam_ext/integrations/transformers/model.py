@@ -54,6 +54,26 @@ def token_mask_of(args, kwargs) -> Optional[torch.Tensor]:
     return None
 
 
+def check_task_ids(cfg: HyCAMConfig, task_ids) -> None:
+    """``task_ids`` against ``cfg.routing`` (before any work): required and in range with task
+    routing, refused without it."""
+    if cfg.routing != "task":
+        if task_ids is not None:
+            raise ValueError("task_ids given but the adapter routes per token (routing='token'); "
+                             "use HyCAMConfig(routing='task', num_tasks=N)")
+        return
+    if task_ids is None:
+        raise ValueError(f"this HyCAM adapter routes by task (routing='task', num_tasks="
+                         f"{cfg.num_tasks}): pass task_ids, a [batch] LongTensor of task ids")
+    if not isinstance(task_ids, torch.Tensor) or task_ids.is_floating_point() \
+            or task_ids.dtype == torch.bool or task_ids.dim() != 1:
+        raise TypeError(f"task_ids must be a 1-D integer tensor [batch], got "
+                        f"{tuple(task_ids.shape) if isinstance(task_ids, torch.Tensor) else type(task_ids).__name__}")
+    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= cfg.num_tasks):
+        raise ValueError(f"task_ids must be in [0, {cfg.num_tasks}) (num_tasks), got "
+                         f"[{int(task_ids.min())}, {int(task_ids.max())}]")
+
+
 def with_aux_loss(out, shared: SharedState, has_labels: bool, weight=1.0):
     """A training forward's output with ``aux_loss`` (L_aux) and, when it has a loss, the loss
     ``+ weight * aux_loss_coef * L_aux`` (differentiable: routing.py's design note); other
@@ -131,11 +151,20 @@ class HyCAMModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                *args, **kwargs):
+                *args, task_ids=None, **kwargs):
         """The base model's forward (same arguments, named so that transformers.Trainer keeps
         the dataset columns); in training mode ``loss`` includes ``aux_loss_coef * L_aux`` and
-        the output carries ``aux_loss``."""
+        the output carries ``aux_loss``. ``task_ids`` ([batch] LongTensor): each sequence's
+        task, required with ``routing="task"``."""
         self._check_loaded()
+        if self._shared.enabled:
+            check_task_ids(self.hycam_config, task_ids)
+        with self._shared.using_task_ids(task_ids):
+            return self._forward(input_ids, attention_mask, position_ids, past_key_values,
+                                 inputs_embeds, labels, use_cache, *args, **kwargs)
+
+    def _forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                 labels, use_cache, *args, **kwargs):
         named = (input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
                  use_cache)
         if args:   # positional arguments past use_cache: keep the base model's order
@@ -147,9 +176,14 @@ class HyCAMModel(nn.Module):
             out = self.base_model(**{k: v for k, v in given.items() if v is not None}, **kwargs)
         return with_aux_loss(out, self._shared, has_labels=labels is not None)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, task_ids=None, **kwargs):
+        """The base model's ``generate``; ``task_ids`` as in :meth:`forward` (each sequence keeps
+        its task for every generated token)."""
         self._check_loaded()
-        return self.base_model.generate(*args, **kwargs)
+        if self._shared.enabled:
+            check_task_ids(self.hycam_config, task_ids)
+        with self._shared.using_task_ids(task_ids):
+            return self.base_model.generate(*args, **kwargs)
 
     def _check_loaded(self):
         if self._unloaded:
@@ -171,7 +205,9 @@ class HyCAMModel(nn.Module):
     def collect_routing(self):
         """Accumulate the route distribution of every forward inside the block (eval forwards
         use the deterministic eval routes). Yields a dict; after the block, ``result["dist"]``
-        is a [num_layers, K] tensor (fraction of non-padding tokens per specialist)."""
+        is a [num_layers, K] tensor (fraction of non-padding tokens per specialist),
+        ``result["q_dist"]`` the mean router probabilities, ``result["tokens"]`` the counted
+        tokens per layer and ``result["aux"]`` L_aux per layer over those tokens."""
         tally = RouteTally(self._shared.num_layers)
         prev = self._shared.tally
         self._shared.tally = tally
@@ -182,6 +218,8 @@ class HyCAMModel(nn.Module):
             self._shared.tally = prev
             result["dist"] = tally.distribution(self.hycam_config.num_specialists)
             result["tokens"] = tally.counts
+            result["q_dist"] = tally.q_distribution(self.hycam_config.num_specialists)
+            result["aux"] = tally.aux_values()
 
     # ---- adapter on/off ----------------------------------------------------------------------
     @contextlib.contextmanager

@@ -42,6 +42,7 @@ and with non-reentrant checkpointing the same path runs: one mechanism for the t
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -56,8 +57,9 @@ class RoutingStep:
     """One forward of the model: the token mask in, per-layer routing sums out, and on the way
     back the aux-loss gradient for those sums."""
 
-    def __init__(self, num_layers: int, token_mask: Optional[torch.Tensor]):
+    def __init__(self, num_layers: int, token_mask: Optional[torch.Tensor], task_ids=None):
         self.token_mask = token_mask                                   # [batch, seq] or None
+        self.task_ids = task_ids                                       # routing="task": [batch]
         self.sums: List[Optional[RoutingSums]] = [None] * num_layers   # detached
         # layer index -> (dL/dS_g, dL/dS_q), set by _StepAuxLoss or _InjectAuxGrad.backward
         self.grads: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -172,13 +174,26 @@ class RouteTally:
     """Route distribution accumulated over many forwards (``HyCAMModel.collect_routing``)."""
 
     def __init__(self, num_layers: int):
-        self.sums: List[Optional[torch.Tensor]] = [None] * num_layers   # [K] float32, CPU
+        self.sums: List[Optional[torch.Tensor]] = [None] * num_layers   # [K] float32, CPU: sum g
+        self.q_sums: List[Optional[torch.Tensor]] = [None] * num_layers  # sum softmax(logits)
         self.counts: List[float] = [0.0] * num_layers
 
-    def add(self, idx: int, sum_g: torch.Tensor, count: torch.Tensor) -> None:
-        sg = sum_g.detach().float().cpu()
+    def add(self, idx: int, sums: RoutingSums) -> None:
+        sg, sq = sums.g.detach().float().cpu(), sums.q.detach().float().cpu()
         self.sums[idx] = sg if self.sums[idx] is None else self.sums[idx] + sg
-        self.counts[idx] += float(count)
+        self.q_sums[idx] = sq if self.q_sums[idx] is None else self.q_sums[idx] + sq
+        self.counts[idx] += float(sums.count)
+
+    def q_distribution(self, K: int) -> torch.Tensor:
+        """[num_layers, K]: mean router probability softmax(l) per specialist (NaN rows: no tokens)."""
+        return torch.stack([torch.full((K,), float("nan")) if s is None else s / max(c, 1.0)
+                            for s, c in zip(self.q_sums, self.counts)])
+
+    def aux_values(self) -> List[float]:
+        """Per layer, L_aux of the collected tokens (NaN: no tokens)."""
+        return [float("nan") if g is None else
+                float(aux_loss(RoutingSums(g, q, torch.tensor(c))))
+                for g, q, c in zip(self.sums, self.q_sums, self.counts)]
 
     def distribution(self, K: int) -> torch.Tensor:
         """[num_layers, K]: fraction of counted tokens per specialist (NaN rows: no tokens)."""
@@ -201,10 +216,21 @@ class SharedState:
         self.tally: Optional[RouteTally] = None   # set inside collect_routing()
         self.aux_log: List[torch.Tensor] = []     # L_aux of training forwards since the last log
         self.step_in_kwargs = True                # see attach()
+        self.task_ids = None                      # routing="task": this call's (HyCAMModel)
+        self.probe_task_ids = None                # routing="task": the conversion probe's
 
     def new_step(self, token_mask: Optional[torch.Tensor]) -> RoutingStep:
-        self.step = RoutingStep(self.num_layers, token_mask)
+        self.step = RoutingStep(self.num_layers, token_mask, self.task_ids)
         return self.step
+
+    @contextlib.contextmanager
+    def using_task_ids(self, task_ids):
+        """The forwards inside the block route by ``task_ids`` (routing="task")."""
+        prev, self.task_ids = self.task_ids, task_ids
+        try:
+            yield
+        finally:
+            self.task_ids = prev
 
     def attach(self, stack: torch.nn.Module, token_mask_fn) -> list:
         """Hooks on the decoder stack (``model.model``); returns their handles. A stack whose
