@@ -34,7 +34,7 @@ class ReferenceHyCAM(HyCAMParameters):
     """Pure-PyTorch HyCAM. forward(x, h, gumbel_noise=None) -> h * CAM(x)."""
 
     def __init__(self, cfg: HyCAMConfig, device=None, dtype=None):
-        if cfg.routing != "token":
+        if isinstance(cfg, HyCAMConfig) and cfg.routing != "token":
             raise ValueError("ReferenceHyCAM: the authors' formulation routes per token "
                              "(routing='token'); HyCAMConfig(use_kernels=False) computes task "
                              "routing in plain PyTorch")
