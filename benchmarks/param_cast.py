@@ -135,7 +135,8 @@ def bench_shape(d: int, T: int, K: int, r: int, reps: int, warmup: int,
             "overhead_ms_median": f32 - b16,
             "overhead_pct_median": 100.0 * (f32 - b16) / b16,
             "overhead_ms_min": res["float32"]["min_ms"] - res["bfloat16"]["min_ms"],
-            "overhead_cpu_ms_median": res["float32"]["cpu_median_ms"] - res["bfloat16"]["cpu_median_ms"],
+            "overhead_cpu_ms_median": (res["float32"]["cpu_median_ms"]
+                                       - res["bfloat16"]["cpu_median_ms"]),
             "modelled": modelled_bytes(d)}
 
 
@@ -150,8 +151,13 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--gpu-bw", type=float, default=3.35e12,
                     help="HBM bandwidth (B/s) for the MODELLED GPU cast time (H100 SXM: 3.35e12)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's). 1 keeps an oversubscribed machine's "
+                         "scheduling stalls of a parallel region out of every small op")
     ap.add_argument("--out", default=None, help="write DIR/results.json (nothing written without)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     meta = {"device": device_label(device), "torch": torch.__version__,
             "hycam_ext": hycam_ext.__version__, "date": datetime.date.today().isoformat(),
@@ -165,17 +171,20 @@ def main(argv=None) -> None:
     rows = []
     for d in (int(s) for s in args.d.split(",")):
         row = bench_shape(d, args.T, args.K, args.r, args.reps, args.warmup, device)
-        row["modelled"]["gpu_step_cast_us_at_bw"] = row["modelled"]["step_cast_bytes"] / args.gpu_bw * 1e6
+        m = row["modelled"]
+        m["gpu_step_cast_us_at_bw"] = m["step_cast_bytes"] / args.gpu_bw * 1e6
         rows.append(row)
         fb = row["fwd+bwd"]
         f32 = fb["float32 params (param_dtype='float32')"]
         b16 = fb["bfloat16 params (param_dtype='base')"]
-        cf, cb = row["casts_alone"]["fwd W_s fp32->bf16"], row["casts_alone"]["bwd dW_s bf16->fp32"]
-        m = row["modelled"]
-        print(f"d={d:5d}  fp32 params {f32['median_ms']:9.2f} [{f32['min_ms']:.2f}-{f32['max_ms']:.2f}]"
+        cf = row["casts_alone"]["fwd W_s fp32->bf16"]
+        cb = row["casts_alone"]["bwd dW_s bf16->fp32"]
+        print(f"d={d:5d}  fp32 params {f32['median_ms']:9.2f}"
+              f" [{f32['min_ms']:.2f}-{f32['max_ms']:.2f}]"
               f"  bf16 params {b16['median_ms']:9.2f} [{b16['min_ms']:.2f}-{b16['max_ms']:.2f}]"
               f"  overhead {row['overhead_ms_median']:+.2f} ms ({row['overhead_pct_median']:+.1f}%)"
-              f" [of mins {row['overhead_ms_min']:+.2f}, process CPU {row['overhead_cpu_ms_median']:+.2f}]"
+              f" [of mins {row['overhead_ms_min']:+.2f},"
+              f" process CPU {row['overhead_cpu_ms_median']:+.2f}]"
               f"  | casts alone: fwd {cf['median_ms']:.3f} [{cf['min_ms']:.3f}-{cf['max_ms']:.3f}]"
               f" bwd {cb['median_ms']:.3f} [{cb['min_ms']:.3f}-{cb['max_ms']:.3f}] ms"
               f"  | arithmetic: {m['fwd_cast_bytes'] / 2**20:.0f} MiB/fwd,"
@@ -183,8 +192,8 @@ def main(argv=None) -> None:
               f" {args.gpu_bw / 1e12:.2f} TB/s: {m['gpu_step_cast_us_at_bw']:.1f} us/step")
     if hasattr(os, "getloadavg"):
         meta["loadavg_end"] = os.getloadavg()
-        print(f"# load average (1/5/15 min): start {meta['loadavg_start']}, end {meta['loadavg_end']}"
-              f" on {os.cpu_count()} cores")
+        print(f"# load average (1/5/15 min): start {meta['loadavg_start']},"
+              f" end {meta['loadavg_end']} on {os.cpu_count()} cores")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
