@@ -66,10 +66,12 @@ def byte_tokenizer():
                                    eos_token="</s>")
 
 
-def save_tiny_checkpoint(path, arch: str = "llama", seed: int = 0) -> str:
-    """A tiny random model + byte tokenizer saved as a local HF checkpoint dir."""
+def save_tiny_checkpoint(path, arch: str = "llama", seed: int = 0, **kw) -> str:
+    """A tiny random model + byte tokenizer saved as a local HF checkpoint dir; ``kw`` goes to
+    :func:`tiny_config` (e.g. ``hidden=64`` for bitsandbytes' CPU path, which needs
+    in_features >= 64)."""
     tok = byte_tokenizer()
-    model = tiny_model(arch, seed=seed, vocab_size=len(tok))
+    model = tiny_model(arch, seed=seed, vocab_size=len(tok), **kw)
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return str(path)

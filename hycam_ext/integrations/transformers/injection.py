@@ -81,6 +81,41 @@ def _param_dtype(layer: nn.Module, cfg: HyCAMConfig) -> torch.dtype:
     return torch.float32
 
 
+# bitsandbytes (seen with 0.50.2) on a CPU with AVX512-BF16: a Linear4bit's first forward in eval
+# mode without grad repacks its weight, for good, into a CPU inference layout whose kernel
+# (gemv_4bit) has no autograd; a backward through it afterwards drops the gradient w.r.t. the
+# layer input (only a UserWarning says so), so every HyCAM below it gets a wrong gradient. The
+# conversion probe is such a forward. So the converted layers keep the training layout: the
+# repacking is turned off in them (back on at unload), and one done before (an eval forward of
+# the user's) is undone with bitsandbytes' own inverse, as its .cuda() does (the weights stay as
+# the repacking left them: absmax rounded to bf16). Duck-typed: bitsandbytes is imported only
+# when a repacked weight is found.
+_BNB_CPU_FLAG = "support_avx512bf16_for_cpu"
+
+
+def hold_bnb_training_layout(layer: nn.Module) -> None:
+    """Keep the 4-bit bitsandbytes linears of ``layer`` in their training layout (see above)."""
+    held = []
+    for m in layer.modules():
+        flag = getattr(m, _BNB_CPU_FLAG, False)
+        if flag:                     # bitsandbytes' has_avx512bf16(): a truthy int
+            setattr(m, _BNB_CPU_FLAG, False)
+            held.append((m, flag))
+        w = getattr(m, "weight", None)
+        if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    if held:
+        layer._hycam_bnb_held = held
+
+
+def release_bnb_training_layout(layer: nn.Module) -> None:
+    """Undo :func:`hold_bnb_training_layout` (bitsandbytes may repack again at its next eval
+    forward)."""
+    for m, flag in layer.__dict__.pop("_hycam_bnb_held", ()):
+        setattr(m, _BNB_CPU_FLAG, flag)
+
+
 def inject(layer: nn.Module, index: int, cfg: HyCAMConfig, shared: SharedState, family: Family,
            tuple_output: bool = False) -> None:
     """Give ``layer`` a HyCAM (on the layer's device, parameters in ``_param_dtype``, computing
@@ -116,6 +151,7 @@ def eject(layer: nn.Module) -> None:
     orig = layer._hycam_original_class
     layer.__class__ = orig
     del layer.hycam
+    release_bnb_training_layout(layer)
     if "_hycam_saved_old_forward" in layer.__dict__:
         layer._old_forward = layer.__dict__["_hycam_saved_old_forward"]
     elif getattr(layer.__dict__.get("_old_forward"), "__func__", None) is patched.forward:
@@ -147,12 +183,14 @@ def convert(model: nn.Module, layers: nn.ModuleList, model_type: str, family: Fa
             cfg: HyCAMConfig, shared: SharedState) -> None:
     """Freeze the base model and put a fresh HyCAM into every decoder layer, checked on a probe
     forward (families.verify_layers); on any failure the model is left as it was."""
-    calls = capture_layers(model, layers)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in requires_grad:
-        p.requires_grad_(False)
     done = []
     try:
+        for layer in layers:
+            hold_bnb_training_layout(layer)   # before the probe, which would repack them
+        calls = capture_layers(model, layers)
+        for p, _ in requires_grad:
+            p.requires_grad_(False)
         for i, layer in enumerate(layers):
             out = calls.get(i, (None, None, None))[2]
             inject(layer, i, cfg, shared, family, tuple_output=isinstance(out, tuple))
@@ -165,6 +203,8 @@ def convert(model: nn.Module, layers: nn.ModuleList, model_type: str, family: Fa
     except BaseException:
         for layer in done:
             eject(layer)
+        for layer in layers:
+            release_bnb_training_layout(layer)
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         raise
