@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .distributed import DistContext
+from .runner import prepare, run_variant
 
 # name -> (adapter method, argument overrides)
 VARIANTS = {
@@ -142,7 +143,6 @@ def _memory_note(agg: List[dict]) -> str:
 
 
 def run_comparison(args: argparse.Namespace, device: torch.device, ctx: DistContext) -> dict:
-    from .cli import prepare, run_variant
     names = parse_variants(args.compare)
     seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     out_dir = Path(args.output_dir)
