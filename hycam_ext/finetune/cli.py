@@ -1,15 +1,21 @@
-"""The command line: its arguments and main(). A run itself is in runner.py, --compare in
-compare.py."""
+"""The command line: its arguments, every check of them (all before the model loads; a failed
+check is one line on stderr, exit status 2, no traceback), and main(). A run itself is in
+runner.py, --compare in compare.py."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
 
 from .compare import DEFAULT_VARIANTS, VARIANTS, parse_variants, run_comparison
+from .data import load_tasks
 from .distributed import DistContext, init_distributed, launched_by_torchrun, resolve_device
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, model_problem
 from .runner import run
 
 USAGE = """Multi-task supervised fine-tuning with HyCAM (or a LoRA baseline).
@@ -19,7 +25,7 @@ USAGE = """Multi-task supervised fine-tuning with HyCAM (or a LoRA baseline).
     hycam-finetune --baseline lora       # same recipe, PEFT LoRA, ~same #params
     hycam-finetune --compare             # base, LoRA x2, shared CAM, HyCAM side by side
 
-(python -m hycam_ext.finetune is the same command.)
+(python -m hycam_ext.finetune is the same command.) Needs the [cli] extra: pip install ".[cli]".
 
 Data: alpaca-format JSON files (a list of {"instruction", "input", "output"}), one task per
 file (task name = file stem). Without --data a small multi-task set (arithmetic, Python code,
@@ -39,6 +45,20 @@ computes with --grad-accum multiplied by N (same examples per step, same loss we
 rank 0 prints, shows the progress bar and writes files; eval metrics and routing statistics are
 reduced over all ranks (each rank evaluates a disjoint slice of every held-out set).
 """
+
+# what the [cli] extra installs, as (import name, distribution name)
+CLI_REQUIREMENTS = (("transformers", "transformers"), ("safetensors", "safetensors"),
+                    ("peft", "peft"), ("gguf", "gguf"), ("tqdm", "tqdm"),
+                    ("matplotlib", "matplotlib"), ("sacrebleu", "sacrebleu"),
+                    ("rouge_score", "rouge-score"))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: "hycam-finetune: error: <what>" and exit status 2, without
+    the usage block (some 20 lines here) above the message."""
+
+    def error(self, message: str):   # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,22 +158,46 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-save-adapter", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hycam-finetune", description=USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="hycam-finetune", description=USAGE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     for add in (_data_args, _training_args, _adapter_args, _eval_args, _output_args):
         add(p)
     return p
 
 
+# ---------------------------------------------------------------------------------------------
+# checks: every argument, before anything is loaded
+# ---------------------------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    for name in ("batch_size", "eval_batch_size", "grad_accum", "gen_batch_size", "max_length"):
+    """The arguments on their own (values and combinations); reads no file."""
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "gen_batch_size", "max_length",
+                 "num_specialists", "rank"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            p.error(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     for name in ("max_steps", "threads", "gen_max_new_tokens", "gen_max_examples", "max_eval_examples",
-                 "max_train_examples", "lora_rank"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+                 "max_train_examples", "lora_rank", "lr", "weight_decay", "max_grad_norm",
+                 "aux_loss_coef"):
+        if not getattr(args, name) >= 0:   # NaN fails too
+            p.error(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    for name in ("tau", "alpha"):
+        if not 0 < getattr(args, name) < float("inf"):
+            p.error(f"{_flag(name)} must be a finite number > 0, got {getattr(args, name)}")
+    if not 0 < args.eval_fraction < 1:
+        p.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if not 0 <= args.warmup_ratio <= 1:
+        p.error(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.max_steps == 0 and not args.epochs > 0:
+        p.error(f"--epochs must be > 0 when --max-steps is 0, got {args.epochs}")
+    if (args.with_builtin or not args.data) and args.builtin_examples < 2:
+        p.error(f"--builtin-examples must be >= 2 (one to train on, one held out), got "
+                f"{args.builtin_examples}")
+    if not [t for t in args.lora_targets.split(",") if t.strip()]:
+        p.error("--lora-targets names no module")
     if args.compare is not None:
         try:
             parse_variants(args.compare)
@@ -165,6 +209,62 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--with-builtin needs --data (without --data the built-in tasks are used anyway)")
 
 
+def missing_requirements() -> List[str]:
+    """The distributions of the [cli] extra that are not importable here."""
+    return [dist for mod, dist in CLI_REQUIREMENTS if importlib.util.find_spec(mod) is None]
+
+
+def check_requirements(p: argparse.ArgumentParser) -> None:
+    missing = missing_requirements()
+    if missing:
+        p.error(f"the fine-tuning CLI needs the [cli] extra; not installed: {', '.join(missing)}. "
+                f"Install it with: pip install \".[cli]\" (in the hycam_ext checkout)")
+
+
+def check_device(p: argparse.ArgumentParser, args) -> None:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    try:
+        resolve_device(args.device, local_rank, launched_by_torchrun())
+    except ValueError as e:
+        p.error(str(e))
+
+
+def check_output_dir(p: argparse.ArgumentParser, args) -> None:
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        p.error(f"--output-dir {args.output_dir}: exists and is not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        p.error(f"--output-dir {args.output_dir}: {parent} is not a writable directory")
+
+
+def check_inputs(p: argparse.ArgumentParser, args) -> Dict[str, List[dict]]:
+    """Everything the arguments point at: the [cli] extra, the device, the model path, the output
+    directory and the data files, read here (task name -> records), all before the model loads."""
+    check_requirements(p)
+    check_device(p, args)
+    problem = model_problem(args.model, args.gguf_file)
+    if problem:
+        p.error(problem)
+    check_output_dir(p, args)
+    for f in args.data or ():
+        if not os.path.isfile(f):
+            p.error(f"--data {f}: " + ("a directory, not a file" if os.path.isdir(f)
+                                       else "no such file"))
+    try:
+        tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin)
+    except ValueError as e:   # a file that is not alpaca JSON, or a task name clash
+        p.error(f"--data: {' '.join(str(e).split())}")
+    except OSError as e:      # e.g. not readable
+        p.error(f"--data {e.filename}: {e.strerror}")
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
 def distributed_setup(args):
     """(device, DistContext): one device per process under torchrun, else the --device one."""
     if not launched_by_torchrun():
@@ -182,12 +282,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    tasks = check_inputs(parser, args)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # recorded with --compare results
     device, ctx = distributed_setup(args)
     try:
         if args.compare is not None:
-            return run_comparison(args, device, ctx)
-        return run(args, device, ctx)
+            return run_comparison(args, device, ctx, tasks)
+        return run(args, device, ctx, tasks)
     finally:
         if ctx.owns_group:
             import torch.distributed as dist

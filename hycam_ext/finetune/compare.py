@@ -142,11 +142,12 @@ def _memory_note(agg: List[dict]) -> str:
             f"the base model and its copy are already resident")
 
 
-def run_comparison(args: argparse.Namespace, device: torch.device, ctx: DistContext) -> dict:
+def run_comparison(args: argparse.Namespace, device: torch.device, ctx: DistContext,
+                   tasks: Optional[Dict[str, List[dict]]] = None) -> dict:
     names = parse_variants(args.compare)
     seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     out_dir = Path(args.output_dir)
-    s = prepare(args, device, ctx)
+    s = prepare(args, device, ctx, tasks)
     rows: Dict[str, List[dict]] = {n: [] for n in names}
     for seed in seeds:
         for name in names:

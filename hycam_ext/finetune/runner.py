@@ -11,7 +11,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -42,15 +42,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare(args, device: torch.device, ctx: DistContext) -> Session:
-    """Seed, load the base model and tokenizer, split and encode every task."""
+def prepare(args, device: torch.device, ctx: DistContext,
+            tasks: Optional[Dict[str, List[dict]]] = None) -> Session:
+    """Seed, load the base model and tokenizer, split and encode every task (``tasks``: the
+    records already read from --data and the built-in set, as cli.check_inputs reads them before
+    the model loads; None reads them here)."""
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     use_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_bf16 else None
     t0 = time.time()
-    model, tok = load_model_and_tokenizer(args.model, args.gguf_file, device)
+    try:
+        model, tok = load_model_and_tokenizer(args.model, args.gguf_file, device)
+    except OSError as e:   # what from_pretrained raises for a path or Hub id it cannot read
+        raise SystemExit(f"hycam-finetune: error: --model {args.model}: cannot load it: "
+                         f"{' '.join(str(e).split())}") from None
     ctx.log(f"loaded {type(model).__name__} from {args.model} in {time.time() - t0:.1f}s "
             f"(device {device}, bf16 autocast {'on' if use_bf16 else 'off'})")
     if ctx.enabled:
@@ -58,7 +65,8 @@ def prepare(args, device: torch.device, ctx: DistContext) -> Session:
         ctx.log(f"distributed: {ctx.world_size} processes ({dist.get_backend()}), global batch "
                 f"{args.batch_size} x {args.grad_accum} x {ctx.world_size} examples per step")
     fmt = Formatter(tok, args.prompt_format, args.max_length)
-    tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin)
+    if tasks is None:
+        tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin)
     data = split_and_encode(tasks, fmt, args.eval_fraction, args.max_eval_examples,
                             args.max_train_examples or None, args.seed, log=ctx.log)
     return Session(args, device, ctx, amp_dtype, model, tok, fmt, data)
@@ -158,8 +166,9 @@ def run_variant(s: Session, method: str, args, out_dir: Path, copy_base: bool = 
     return metrics
 
 
-def run(args, device: torch.device, ctx: DistContext) -> dict:
+def run(args, device: torch.device, ctx: DistContext,
+        tasks: Optional[Dict[str, List[dict]]] = None) -> dict:
     """One fine-tuning run (HyCAM, or the --baseline adapter)."""
-    s = prepare(args, device, ctx)
+    s = prepare(args, device, ctx, tasks)
     method = {"none": "hycam", "lora": "lora", "shared-cam": "shared-cam"}[args.baseline]
     return run_variant(s, method, args, Path(args.output_dir))
