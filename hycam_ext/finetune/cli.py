@@ -230,6 +230,10 @@ def check_device(p: argparse.ArgumentParser, args) -> None:
 
 
 def check_output_dir(p: argparse.ArgumentParser, args) -> None:
+    """On the process that writes (rank 0 under torchrun): --output-dir is a directory or can be
+    made one."""
+    if launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+        return
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         p.error(f"--output-dir {args.output_dir}: exists and is not a directory")

@@ -168,3 +168,17 @@ def test_missing_data_file_is_one_line_from_the_command(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "hycam-finetune: error: --data missing.json: no such file"
     assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_is_checked_on_the_writing_rank_only(tmp_path, monkeypatch, capsys):
+    """Under torchrun only rank 0 writes, so --output-dir need only exist on rank 0's node."""
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    args = cli.build_parser().parse_args(["--output-dir", str(a_file)])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    cli.check_output_dir(cli.build_parser(), args)           # rank 1: not its business
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as excinfo:
+        cli.check_output_dir(cli.build_parser(), args)
+    assert "exists and is not a directory" in _one_line_error(capsys, excinfo)
