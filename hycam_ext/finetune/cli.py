@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import torch
-
 from .compare import DEFAULT_VARIANTS, VARIANTS, parse_variants, run_comparison
 from .data import load_tasks
 from .distributed import DistContext, init_distributed, launched_by_torchrun, resolve_device

@@ -6,7 +6,7 @@ module or package __init__ a itself."""
 import ast
 import re
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Set
 
 from python_tests.helpers import ROOT
 
