@@ -1,8 +1,9 @@
 """Multi-task supervised fine-tuning with HyCAM (or a LoRA baseline): the hycam-finetune CLI
-(python -m hycam_ext.finetune). Its usage text (also `hycam-finetune --help`) is
-hycam_ext.finetune.cli.USAGE. Modules: cli (arguments, checks, main), runner (one run, step by
-step), compare (--compare), data, models, training, evaluation, distributed, plots. Importing
-this package needs only torch; running the CLI needs the [cli] extra (pip install ".[cli]")."""
+(python -m hycam_ext.finetune). Its usage text (also `hycam-finetune --help`) is USAGE in
+cli.py (the package attribute `cli` is the console-script function). Modules: cli (arguments,
+checks, main), runner (one run, step by step), compare (--compare), data, models, training,
+evaluation, distributed, plots. Importing this package needs only torch; running the CLI needs
+the [cli] extra (pip install ".[cli]")."""
 from .cli import build_parser, main
 from .data import (ALPACA_PROMPT, IGNORE_INDEX, Formatter, batches, builtin_tasks, collate,
                    load_alpaca_file, load_tasks, split_task)
