@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .compare import DEFAULT_VARIANTS, VARIANTS, parse_variants, run_comparison
 from .data import load_tasks
-from .distributed import DistContext, init_distributed, launched_by_torchrun, resolve_device
+from .distributed import (DistContext, device_problem, init_distributed, launched_by_torchrun,
+                          resolve_device)
 from .models import DEFAULT_MODEL, model_problem
 from .runner import run
 
@@ -222,9 +223,12 @@ def check_requirements(p: argparse.ArgumentParser) -> None:
 def check_device(p: argparse.ArgumentParser, args) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     try:
-        resolve_device(args.device, local_rank, launched_by_torchrun())
+        device = resolve_device(args.device, local_rank, launched_by_torchrun())
     except ValueError as e:
         p.error(str(e))
+    problem = device_problem(device, args.device)
+    if problem:
+        p.error(problem)
 
 
 def check_output_dir(p: argparse.ArgumentParser, args) -> None:

@@ -182,3 +182,15 @@ def test_output_dir_is_checked_on_the_writing_rank_only(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as excinfo:
         cli.check_output_dir(cli.build_parser(), args)
     assert "exists and is not a directory" in _one_line_error(capsys, excinfo)
+
+
+def test_device_problem_separate_from_resolution(monkeypatch):
+    """resolve_device maps --device (pure: a GPU need not exist); device_problem says whether this
+    process can use the result."""
+    from hycam_ext.finetune.distributed import device_problem, resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cuda", 1, True) == torch.device("cuda", 1)
+    assert device_problem(torch.device("cpu"), "cpu") is None
+    assert "no CUDA device available" in device_problem(torch.device("cuda", 1), "cuda")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("gpu")
