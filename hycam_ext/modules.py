@@ -77,9 +77,44 @@ class HyCAM(HyCAMParameters):
         return self._modulate(x, residual, attn_out, self.cfg.placement, gumbel_noise, task_ids)
 
 
+def _first_output(result) -> torch.Tensor:
+    """The attention output inside what an attention module returned: the tensor itself, or the
+    first item of a tuple (namedtuples included) or list."""
+    if isinstance(result, torch.Tensor):
+        return result
+    if isinstance(result, (tuple, list)):
+        if len(result) == 0 or not isinstance(result[0], torch.Tensor):
+            raise TypeError(f"HyCAMAttention: the attention returned a {type(result).__name__} "
+                            f"whose first item is not a tensor")
+        return result[0]
+    raise TypeError(f"HyCAMAttention: the attention must return a tensor, or a tuple or list "
+                    f"whose first item is the attention output, got {type(result).__name__}")
+
+
+def _replace_first(result, new: torch.Tensor):
+    """``result`` with its attention output replaced by ``new``, in the same structure: a tensor
+    for a tensor, a tuple of the same type (a namedtuple keeps its fields) for a tuple, a list for
+    a list."""
+    if isinstance(result, torch.Tensor):
+        return new
+    rest = list(result[1:])
+    if isinstance(result, list):
+        return type(result)([new] + rest)
+    if type(result) is tuple:
+        return (new, *rest)
+    if hasattr(result, "_fields"):   # namedtuple
+        return type(result)(new, *rest)
+    return type(result)((new, *rest))   # other tuple types (e.g. torch.return_types)
+
+
 class HyCAMAttention(nn.Module):
     """Wraps an attention module: forward(x, *args, residual=None, gumbel_noise=None, **kw)
-    returns what the attention returns with its first item replaced by the placement formula."""
+    returns what the attention returns, in the same structure, with the attention output
+    replaced by the placement formula: a tensor when the attention returns a tensor, a tuple
+    (of the same type: namedtuples keep their fields) or list with the first item replaced when
+    it returns one. So unpack it as the wrapped module's own result, e.g. ``hidden = attn(...)``
+    for an attention that returns a tensor (``hidden, *rest = attn(...)`` would split a tensor
+    along its first, batch, dimension)."""
 
     def __init__(self, attention: nn.Module, cfg: HyCAMConfig, hycam_cls=HyCAM):
         super().__init__()
@@ -93,17 +128,7 @@ class HyCAMAttention(nn.Module):
     def forward(self, x: torch.Tensor, *args, residual: Optional[torch.Tensor] = None,
                 gumbel_noise: Optional[torch.Tensor] = None, **kwargs):
         result = self.attention(x, *args, **kwargs)
-        is_tuple = isinstance(result, tuple)
-        if is_tuple:
-            if len(result) == 0 or not isinstance(result[0], torch.Tensor):
-                raise TypeError("HyCAMAttention: the attention returned a tuple whose first item "
-                                "is not a tensor")
-            a = result[0]
-        elif isinstance(result, torch.Tensor):
-            a = result
-        else:
-            raise TypeError(f"HyCAMAttention: the attention must return a tensor or a tuple, got "
-                            f"{type(result).__name__}")
+        a = _first_output(result)
         if residual is None:
             if self.cfg.placement == "residual":
                 raise ValueError("HyCAMAttention: residual (h_in, the layer input before the "
@@ -113,7 +138,7 @@ class HyCAMAttention(nn.Module):
             new = residual + a
         else:
             new = self.hycam.placement_forward(x, residual, a, gumbel_noise)
-        return (new,) + tuple(result[1:]) if is_tuple else new
+        return _replace_first(result, new)
 
 
 def _hycam_modules(modules_or_model) -> list:

@@ -76,6 +76,14 @@ def shrink_oracle(x, A, A_bias, N, N_bias):
 
 ROOT = Path(__file__).resolve().parents[1]   # the repository root
 SHARED_DATA = ROOT.parent / "shared" / "data"  # data files beside the repository (CI has them)
+# The HyCAM authors' Auto-CoT file (alpaca-format records from their repository): beside the
+# checkout in CI and on the dev machines, never inside the repository (README: "Data files").
+AUTO_COT = SHARED_DATA / "Auto-CoT.json"
+needs_auto_cot = pytest.mark.skipif(
+    not AUTO_COT.is_file(),
+    reason=f"needs the HyCAM authors' Auto-CoT.json at ../shared/data/ beside the checkout "
+           f"({AUTO_COT}), which CI and the dev machines have; it is not part of the repository "
+           f"(README, 'Data files')")
 
 
 def worker_env(**extra):

@@ -2,8 +2,8 @@
 // headers (csrc/*/*_kernels.cuh) include only this file and hycam_math.h, so that besides nvcc
 // they also compile with a plain C++ compiler under HYCAM_CUDA_EMULATION (the test-only
 // python_tests/cuda_emulation/cuda_emulation.h, on the include path only there: one fiber per
-// CUDA thread), which python_tests/test_cuda_emulation.py uses to run every kernel on machines
-// without a GPU and benchmarks/gpu_model.py to count their memory traffic.
+// CUDA thread), which python_tests/cuda_emulation/test_cuda_emulation.py uses to run every kernel
+// on machines without a GPU and benchmarks/gpu_model.py to count their memory traffic.
 #pragma once
 
 #include <cstdint>

@@ -3,7 +3,7 @@
 // include this list BEFORE switching the target: a header first included inside the target
 // region would compile its inline functions for AVX2, and the linker may then hand one of
 // those copies to baseline code (an illegal instruction on an older CPU).
-// python_tests/test_cpu_isa.py checks that the kernel sources include no header missing here.
+// python_tests/ops/test_cpu_isa.py checks that the kernel sources include no header missing here.
 #pragma once
 
 #include <ATen/ATen.h>

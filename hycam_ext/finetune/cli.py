@@ -1,27 +1,64 @@
-"""The command line: arguments, and a run as a sequence of named steps
-(prepare -> build the adapter -> evaluate -> train -> evaluate -> write)."""
+"""The command line: its arguments, every check of them (all before the model loads; a failed
+check is one line on stderr, exit status 2, no traceback), and main(). A run itself is in
+runner.py, --compare in compare.py."""
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import json
+import importlib.util
 import os
-import random
 import sys
-import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-import torch
-
-from .data import Formatter, TaskData, load_tasks, split_and_encode
-from .distributed import (DistContext, init_distributed, launched_by_torchrun, reduce_routing,
+from .compare import DEFAULT_VARIANTS, VARIANTS, parse_variants, run_comparison
+from .data import load_tasks
+from .distributed import (DistContext, device_problem, init_distributed, launched_by_torchrun,
                           resolve_device)
-from .evaluation import evaluate_loss, generation_eval
-from .models import DEFAULT_MODEL, build_adapter, load_model_and_tokenizer, trainable_parameters
-from .plots import plot_routing
-from .training import plan_steps, train
+from .models import DEFAULT_MODEL, model_problem
+from .runner import run
+
+USAGE = """Multi-task supervised fine-tuning with HyCAM (or a LoRA baseline).
+
+    hycam-finetune                       # SmolLM2-135M-Instruct + built-in tasks, CPU ok
+    hycam-finetune --model DIR --data a.json b.json --max-steps 500
+    hycam-finetune --baseline lora       # same recipe, PEFT LoRA, ~same #params
+    hycam-finetune --compare             # base, LoRA x2, shared CAM, HyCAM side by side
+
+(python -m hycam_ext.finetune is the same command.) Needs the [cli] extra: pip install ".[cli]".
+
+Data: alpaca-format JSON files (a list of {"instruction", "input", "output"}), one task per
+file (task name = file stem). Without --data a small multi-task set (arithmetic, Python code,
+QA) is generated in code (--with-builtin adds it to --data). Each task gets a held-out split; the
+per-task eval loss/perplexity is reported before and after training, greedy generations on the
+held-out prompts are scored with BLEU and ROUGE-1/2/L per task and averaged, the per-task routing
+distribution per layer is plotted to routing.png, and the adapter is saved under
+<output-dir>/adapter.
+
+Data-parallel (DDP) under torchrun, one or many nodes:
+
+    torchrun --nproc_per_node 4 -m hycam_ext.finetune --model DIR --batch-size 4
+
+--batch-size is per process: each optimizer step consumes batch_size x grad_accum x world_size
+examples, every rank a disjoint slice of them, and a run on N processes computes what one process
+computes with --grad-accum multiplied by N (same examples per step, same loss weighting). Only
+rank 0 prints, shows the progress bar and writes files; eval metrics and routing statistics are
+reduced over all ranks (each rank evaluates a disjoint slice of every held-out set).
+"""
+
+# what the [cli] extra installs, as (import name, distribution name)
+CLI_REQUIREMENTS = (("transformers", "transformers"), ("safetensors", "safetensors"),
+                    ("peft", "peft"), ("gguf", "gguf"), ("tqdm", "tqdm"),
+                    ("matplotlib", "matplotlib"), ("sacrebleu", "sacrebleu"),
+                    ("rouge_score", "rouge-score"))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: "hycam-finetune: error: <what>" and exit status 2, without
+    the usage block (some 20 lines here) above the message."""
+
+    def error(self, message: str):   # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
 
 # ---------------------------------------------------------------------------------------------
 # arguments
@@ -96,7 +133,6 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from .compare import DEFAULT_VARIANTS, VARIANTS
     e = p.add_argument_group("generation eval and comparison")
     e.add_argument("--gen-max-new-tokens", type=int, default=48,
                    help="greedy decoding of each held-out prompt for BLEU / ROUGE after "
@@ -121,25 +157,47 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-save-adapter", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __doc__ as doc
-    p = argparse.ArgumentParser(prog="hycam-finetune", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="hycam-finetune", description=USAGE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     for add in (_data_args, _training_args, _adapter_args, _eval_args, _output_args):
         add(p)
     return p
 
 
+# ---------------------------------------------------------------------------------------------
+# checks: every argument, before anything is loaded
+# ---------------------------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    for name in ("batch_size", "eval_batch_size", "grad_accum", "gen_batch_size", "max_length"):
+    """The arguments on their own (values and combinations); reads no file."""
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "gen_batch_size", "max_length",
+                 "num_specialists", "rank"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            p.error(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     for name in ("max_steps", "threads", "gen_max_new_tokens", "gen_max_examples", "max_eval_examples",
-                 "max_train_examples", "lora_rank"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+                 "max_train_examples", "lora_rank", "lr", "weight_decay", "max_grad_norm",
+                 "aux_loss_coef"):
+        if not getattr(args, name) >= 0:   # NaN fails too
+            p.error(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    for name in ("tau", "alpha"):
+        if not 0 < getattr(args, name) < float("inf"):
+            p.error(f"{_flag(name)} must be a finite number > 0, got {getattr(args, name)}")
+    if not 0 < args.eval_fraction < 1:
+        p.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if not 0 <= args.warmup_ratio <= 1:
+        p.error(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.max_steps == 0 and not args.epochs > 0:
+        p.error(f"--epochs must be > 0 when --max-steps is 0, got {args.epochs}")
+    if (args.with_builtin or not args.data) and args.builtin_examples < 2:
+        p.error(f"--builtin-examples must be >= 2 (one to train on, one held out), got "
+                f"{args.builtin_examples}")
+    if not [t for t in args.lora_targets.split(",") if t.strip()]:
+        p.error("--lora-targets names no module")
     if args.compare is not None:
-        from .compare import parse_variants
         try:
             parse_variants(args.compare)
         except ValueError as e:
@@ -150,151 +208,69 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--with-builtin needs --data (without --data the built-in tasks are used anyway)")
 
 
+def missing_requirements() -> List[str]:
+    """The distributions of the [cli] extra that are not importable here."""
+    return [dist for mod, dist in CLI_REQUIREMENTS if importlib.util.find_spec(mod) is None]
+
+
+def check_requirements(p: argparse.ArgumentParser) -> None:
+    missing = missing_requirements()
+    if missing:
+        p.error(f"the fine-tuning CLI needs the [cli] extra; not installed: {', '.join(missing)}. "
+                f"Install it with: pip install \".[cli]\" (in the hycam_ext checkout)")
+
+
+def check_device(p: argparse.ArgumentParser, args) -> None:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    try:
+        device = resolve_device(args.device, local_rank, launched_by_torchrun())
+    except ValueError as e:
+        p.error(str(e))
+    problem = device_problem(device, args.device)
+    if problem:
+        p.error(problem)
+
+
+def check_output_dir(p: argparse.ArgumentParser, args) -> None:
+    """On the process that writes (rank 0 under torchrun): --output-dir is a directory or can be
+    made one."""
+    if launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+        return
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        p.error(f"--output-dir {args.output_dir}: exists and is not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        p.error(f"--output-dir {args.output_dir}: {parent} is not a writable directory")
+
+
+def check_inputs(p: argparse.ArgumentParser, args) -> Dict[str, List[dict]]:
+    """Everything the arguments point at: the [cli] extra, the device, the model path, the output
+    directory and the data files, read here (task name -> records), all before the model loads."""
+    check_requirements(p)
+    check_device(p, args)
+    problem = model_problem(args.model, args.gguf_file)
+    if problem:
+        p.error(problem)
+    check_output_dir(p, args)
+    for f in args.data or ():
+        if not os.path.isfile(f):
+            p.error(f"--data {f}: " + ("a directory, not a file" if os.path.isdir(f)
+                                       else "no such file"))
+    try:
+        tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin)
+    except ValueError as e:   # a file that is not alpaca JSON, or a task name clash
+        p.error(f"--data: {' '.join(str(e).split())}")
+    except OSError as e:      # e.g. not readable
+        p.error(f"--data {e.filename}: {e.strerror}")
+    return tasks
+
+
 # ---------------------------------------------------------------------------------------------
-# a run, step by step
+# main
 # ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Session:
-    """What every variant of a run shares: arguments, device and process group, the loaded base
-    model and tokenizer, the prompt formatter and the split, encoded tasks."""
-    args: argparse.Namespace
-    device: torch.device
-    ctx: DistContext
-    amp_dtype: Optional[torch.dtype]
-    model: torch.nn.Module
-    tok: object
-    fmt: Formatter
-    data: TaskData
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def prepare(args, device: torch.device, ctx: DistContext) -> Session:
-    """Seed, load the base model and tokenizer, split and encode every task."""
-    seed_everything(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    use_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
-    amp_dtype = torch.bfloat16 if use_bf16 else None
-    t0 = time.time()
-    model, tok = load_model_and_tokenizer(args.model, args.gguf_file, device)
-    ctx.log(f"loaded {type(model).__name__} from {args.model} in {time.time() - t0:.1f}s "
-            f"(device {device}, bf16 autocast {'on' if use_bf16 else 'off'})")
-    if ctx.enabled:
-        import torch.distributed as dist
-        ctx.log(f"distributed: {ctx.world_size} processes ({dist.get_backend()}), global batch "
-                f"{args.batch_size} x {args.grad_accum} x {ctx.world_size} examples per step")
-    fmt = Formatter(tok, args.prompt_format, args.max_length)
-    tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin)
-    data = split_and_encode(tasks, fmt, args.eval_fraction, args.max_eval_examples,
-                            args.max_train_examples or None, args.seed, log=ctx.log)
-    return Session(args, device, ctx, amp_dtype, model, tok, fmt, data)
-
-
-def eval_losses(s: Session, model, tag: str, collect_routing: bool = False):
-    """Held-out loss / perplexity per task; with collect_routing (HyCAM) also the per-task route
-    distribution per layer, reduced over ranks."""
-    losses, routing = {}, {}
-    for task, ex in s.data.eval_encoded.items():
-        if not ex:
-            continue
-        run = lambda: evaluate_loss(model, ex, s.args.eval_batch_size, s.tok.pad_token_id,  # noqa: E731
-                                    s.device, s.amp_dtype, s.ctx)
-        if collect_routing:
-            with model.collect_routing() as res:
-                losses[task] = run()
-            routing[task] = reduce_routing(res, s.device) if s.ctx.enabled else res["dist"]
-        else:
-            losses[task] = run()
-        s.ctx.log(f"{'[' + tag + ']':<8} {task}: eval loss {losses[task]['loss']:.4f}  "
-                  f"ppl {losses[task]['ppl']:.2f}")
-    return losses, routing
-
-
-def eval_generation(s: Session, model, args) -> Optional[dict]:
-    if not args.gen_max_new_tokens:
-        return None
-    gen = generation_eval(model, s.tok, s.fmt, s.data.eval_records, args.gen_max_new_tokens,
-                          args.gen_batch_size, args.gen_max_examples, s.device, s.amp_dtype,
-                          s.ctx, progress=not args.no_progress)
-    for task, m in gen["tasks"].items():
-        s.ctx.log(f"[generate] {task}: BLEU {m['bleu']:.2f}  ROUGE-1 {m['rouge1']:.2f}  "
-                  f"ROUGE-2 {m['rouge2']:.2f}  ROUGE-L {m['rougeL']:.2f}  (n={m['n']})")
-    if gen["mean"]:
-        m = gen["mean"]
-        s.ctx.log(f"[generate] mean over tasks: BLEU {m['bleu']:.2f}  ROUGE-L {m['rougeL']:.2f}")
-    return gen
-
-
-def write_outputs(s: Session, model, method: str, metrics: dict, routing: Dict[str, torch.Tensor],
-                  out_dir: Path, args) -> None:
-    """Adapter, routing.json / routing.png (HyCAM) and metrics.json, on rank 0."""
-    adapter_dir = out_dir / "adapter"
-    plot_path = str(out_dir / "routing.png") if routing and not args.no_plot else None
-    metrics["adapter_dir"] = None if (args.no_save_adapter or method == "base") else str(adapter_dir)
-    metrics["routing_plot"] = plot_path
-    if s.ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if metrics["adapter_dir"]:
-            model.save_pretrained(str(adapter_dir))
-        if routing:
-            with open(out_dir / "routing.json", "w") as f:
-                json.dump({t: d.tolist() for t, d in routing.items()}, f, indent=1)
-            if plot_path:
-                plot_routing(routing, plot_path, "HyCAM route distribution per layer (held-out, eval)")
-        with open(out_dir / "metrics.json", "w") as f:
-            json.dump(metrics, f, indent=1)
-    s.ctx.log(f"{method}: metrics in {out_dir / 'metrics.json'}"
-              + (f"; adapter {adapter_dir}" if metrics["adapter_dir"] else "")
-              + (f"; routing plot {plot_path}" if plot_path else ""))
-    s.ctx.barrier()   # rank 0's files are written before any rank returns
-
-
-def run_variant(s: Session, method: str, args, out_dir: Path, copy_base: bool = False,
-                eval_before: bool = True) -> dict:
-    """Adapter ``method`` on the session's model (a copy with copy_base), trained with ``args``'
-    recipe from ``args.seed``; returns its metrics (also written to out_dir/metrics.json)."""
-    seed_everything(args.seed)
-    model = copy.deepcopy(s.model) if copy_base else s.model
-    model = build_adapter(model, method, args, log=s.ctx.log)
-    params = trainable_parameters(model)
-    if s.ctx.is_main and hasattr(model, "print_trainable_parameters"):
-        model.print_trainable_parameters()
-    # the base model is not trained: its "before" is its "after"
-    before = eval_losses(s, model, "before")[0] if eval_before and method != "base" else None
-    global_batch, steps = plan_steps(len(s.data.train), args, s.ctx.world_size)
-    result = None
-    if method != "base" and steps > 0:
-        result = train(model, params, s.data.train, steps, s.tok.pad_token_id, args, s.device,
-                       s.amp_dtype, s.ctx)
-    after, routing = eval_losses(s, model, "after", collect_routing=method == "hycam")
-    metrics = {
-        "method": method, "model": args.model, "device": str(s.device),
-        "bf16": s.amp_dtype is not None, "trainable_params": sum(p.numel() for p in params),
-        "steps": steps if result else 0, "seed": args.seed,
-        "train_time_s": result.train_time_s if result else 0.0,
-        "step_time_median_s": result.step_time_median_s if result else None,
-        "step_times_s": result.step_times_s if result else [],
-        "peak_memory": result.peak_memory if result else None,
-        "world_size": s.ctx.world_size, "global_batch_size": global_batch,
-        "eval_before": after if method == "base" else before, "eval_after": after,
-        "generation": eval_generation(s, model, args),
-        "history": result.history if result else [], "args": vars(args),
-    }
-    write_outputs(s, model, method, metrics, routing, out_dir, args)
-    return metrics
-
-
-def run(args, device: torch.device, ctx: DistContext) -> dict:
-    """One fine-tuning run (HyCAM, or the --baseline adapter)."""
-    s = prepare(args, device, ctx)
-    method = {"none": "hycam", "lora": "lora", "shared-cam": "shared-cam"}[args.baseline]
-    return run_variant(s, method, args, Path(args.output_dir))
-
-
 def distributed_setup(args):
     """(device, DistContext): one device per process under torchrun, else the --device one."""
     if not launched_by_torchrun():
@@ -312,13 +288,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    tasks = check_inputs(parser, args)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # recorded with --compare results
     device, ctx = distributed_setup(args)
     try:
         if args.compare is not None:
-            from .compare import run_comparison
-            return run_comparison(args, device, ctx)
-        return run(args, device, ctx)
+            return run_comparison(args, device, ctx, tasks)
+        return run(args, device, ctx, tasks)
     finally:
         if ctx.owns_group:
             import torch.distributed as dist

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .distributed import DistContext
+from .runner import prepare, run_variant
 
 # name -> (adapter method, argument overrides)
 VARIANTS = {
@@ -141,12 +142,12 @@ def _memory_note(agg: List[dict]) -> str:
             f"the base model and its copy are already resident")
 
 
-def run_comparison(args: argparse.Namespace, device: torch.device, ctx: DistContext) -> dict:
-    from .cli import prepare, run_variant
+def run_comparison(args: argparse.Namespace, device: torch.device, ctx: DistContext,
+                   tasks: Optional[Dict[str, List[dict]]] = None) -> dict:
     names = parse_variants(args.compare)
     seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     out_dir = Path(args.output_dir)
-    s = prepare(args, device, ctx)
+    s = prepare(args, device, ctx, tasks)
     rows: Dict[str, List[dict]] = {n: [] for n in names}
     for seed in seeds:
         for name in names:

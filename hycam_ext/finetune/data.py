@@ -78,8 +78,15 @@ def builtin_tasks(num_examples: int = 200, seed: int = 0) -> Dict[str, List[dict
 
 
 def load_alpaca_file(path: str) -> List[dict]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    """The records of one alpaca-format JSON file; ValueError naming the file when it is not
+    one (not UTF-8, not JSON, not a list of records with instruction and output)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -188,7 +195,7 @@ def load_tasks(data_files: Optional[Sequence[str]], builtin_examples: int, seed:
     if include_builtin or not data_files:
         for name, recs in builtin_tasks(builtin_examples, seed).items():
             if name in tasks:
-                raise ValueError(f"--data: a file named {name!r} clashes with the built-in task "
+                raise ValueError(f"a file named {name!r} clashes with the built-in task "
                                  f"of that name; rename the file or drop --with-builtin")
             tasks[name] = recs
     return tasks

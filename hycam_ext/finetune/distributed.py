@@ -3,7 +3,7 @@ process group, and the reductions of eval sums and routing statistics over ranks
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -45,12 +45,38 @@ def launched_by_torchrun() -> bool:
 
 
 def resolve_device(spec: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
+    """--device as a torch.device ("auto": CUDA when available; under torchrun a bare "cuda" is
+    this process's GPU); ValueError, naming --device, for a string that is no device."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec}: not a device (auto, cpu, cuda or cuda:N)") from None
     if distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)   # one GPU per process
     return device
+
+
+def device_problem(device: torch.device, spec: str) -> Optional[str]:
+    """Why this process cannot use ``device`` (--device ``spec``); None when it can."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else f"torch (CUDA {torch.version.cuda}) sees no GPU")
+            return f"--device {spec}: no CUDA device available ({why}); use --device cpu or auto"
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            return f"--device {spec}: {device} requested, this process sees {n} CUDA device(s)"
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            return f"--device {spec}: MPS is not available here; use --device cpu or auto"
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if not (backend is not None and callable(getattr(backend, "is_available", None))
+                and backend.is_available()):
+            return f"--device {spec}: not available here; use --device cpu or auto"
+    return None
 
 
 def init_distributed(device: torch.device, backend: str = "auto",

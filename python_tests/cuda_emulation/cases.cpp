@@ -1,4 +1,4 @@
-// Small kernels for python_tests/test_cuda_emulation.py, run one per process: `cases NAME`.
+// Small kernels for python_tests/cuda_emulation/test_cuda_emulation.py, one per process: `cases NAME`.
 //  - broken_*: each seeds one GPU-only bug class; the emulator must abort naming kernel and line.
 //  - good_*: the correct patterns next to those bugs; must run to the end and print "ok".
 //  - toy_*: kernels whose memory traffic is known in closed form; print the counters as JSON.

@@ -1,7 +1,8 @@
 // Runs every CUDA kernel of csrc/ on the CPU (HYCAM_CUDA_EMULATION, see cuda_emulation.h here)
 // with the launch configurations of the real launchers, and compares against a naive float64
-// computation of docs/formulas.md. Built and run by python_tests/test_cuda_emulation.py
-// (with AddressSanitizer/UBSan where available). Prints "failures: N" and exits non-zero on any.
+// computation of docs/formulas.md. Built and run by
+// python_tests/cuda_emulation/test_cuda_emulation.py (with AddressSanitizer/UBSan where
+// available). Prints "failures: N" and exits non-zero on any.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

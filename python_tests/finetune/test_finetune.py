@@ -16,7 +16,7 @@ from hycam_ext import finetune  # noqa: E402
 from hycam_ext.integrations.transformers import HyCAMModel  # noqa: E402
 
 from python_tests.hf_tiny import byte_tokenizer, save_tiny_checkpoint  # noqa: E402
-from python_tests.helpers import ROOT, SHARED_DATA  # noqa: E402
+from python_tests.helpers import AUTO_COT, ROOT, needs_auto_cot  # noqa: E402
 
 # a FutureWarning is an error (every user would see it), except peft's own use of a renamed
 # transformers API, which is not ours to fix
@@ -127,12 +127,11 @@ def _write_alpaca(path, n, seed):
     return str(path)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "Auto-CoT.json").is_file(),
-                    reason="shared data (../shared/data/Auto-CoT.json) not available")
+@needs_auto_cot
 def test_cli_on_auto_cot_with_checkpointing(tiny_ckpt, tmp_path):
     code = _write_alpaca(tmp_path / "code_tasks.json", 20, 3)
     out = tmp_path / "autocot"
-    m = finetune.main(["--model", tiny_ckpt, "--data", str(SHARED_DATA / "Auto-CoT.json"), code,
+    m = finetune.main(["--model", tiny_ckpt, "--data", str(AUTO_COT), code,
                        "--with-builtin", "--builtin-examples", "12", "--gen-max-new-tokens", "4",
                        "--output-dir", str(out), "--max-train-examples", "8",
                        "--max-eval-examples", "3", "--max-length", "96", "--batch-size", "2",

@@ -8,7 +8,7 @@ import torch.nn as nn
 import hycam_ext
 from hycam_ext import ops
 from hycam_ext.routing_stats import RoutingStats
-from python_tests.helpers import DEVICES, gumbel, make_pair
+from python_tests.helpers import DEVICES, ROOT, gumbel, make_pair
 
 needs_kernels = pytest.mark.skipif(not ops.kernels_available(), reason="hycam_ext._C not built")
 
@@ -167,6 +167,45 @@ def test_hycam_attention_wrapper():
         wrapped(x)
     plain = hycam_ext.HyCAMAttention(lambda x: x + 1, hycam_ext.HyCAMConfig(hidden_size=17, placement="attention"))
     assert isinstance(plain(x.float(), residual=res.float()), torch.Tensor)
+
+
+def test_hycam_attention_returns_the_wrapped_structure():
+    """A tensor for a tensor (the batch is never split by an unpacking meant for a tuple), a
+    tuple for a tuple, the same namedtuple type, a list for a list; the first item replaced."""
+    import collections
+    from hycam_ext.modules import HyCAMAttention
+    cfg = hycam_ext.HyCAMConfig(hidden_size=8, num_specialists=2, rank=2, placement="attention")
+    x = torch.randn(3, 5, 8)                                  # a batch of 3
+    Out = collections.namedtuple("Out", "hidden weights")
+    returns = {"tensor": lambda t: t * 2, "tuple": lambda t: (t * 2, "w"),
+               "namedtuple": lambda t: Out(t * 2, "w"), "list": lambda t: [t * 2, "w"],
+               "return_types": lambda t: torch.sort(t * 2, dim=0)}
+    for kind, fn in returns.items():
+        seen = []
+        wrapped = HyCAMAttention(lambda t, fn=fn: seen.append(fn(t)) or seen[-1], cfg).eval()
+        got = wrapped(x)
+        raw = seen[-1]                                        # what the attention returned
+        assert type(got) is type(raw), kind
+        if kind == "tensor":
+            assert got.shape == x.shape
+            continue
+        assert len(got) == len(raw) and all(a is b for a, b in zip(got[1:], raw[1:])), kind
+        torch.testing.assert_close(got[0], wrapped.hycam.placement_forward(x, torch.zeros_like(raw[0]),
+                                                                            raw[0]))
+    assert HyCAMAttention(returns["namedtuple"], cfg)(x).hidden.shape == x.shape
+    with pytest.raises(TypeError, match="first item is not a tensor"):
+        HyCAMAttention(lambda t: ("w", t), cfg)(x)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        HyCAMAttention(lambda t: {"hidden": t}, cfg)(x)
+
+
+def test_readme_unpacks_hycam_attention_as_the_wrapped_module_returns():
+    """`hidden, *rest = attn(...)` would silently split the batch of an attention that returns a
+    tensor; the README's example unpacks the result as the wrapped module returns it."""
+    readme = (ROOT / "README.md").read_text()
+    assert "HyCAMAttention(my_attention, cfg)" in readme
+    assert "*rest = attn(" not in readme
+    assert "hidden = attn(normed, *attn_args, residual=h_in)" in readme
 
 
 @pytest.mark.parametrize("cls", [hycam_ext.HyCAM, hycam_ext.ReferenceHyCAM])
