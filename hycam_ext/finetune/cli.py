@@ -126,6 +126,13 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
                    help="load-balancing statistics over this process's tokens (rank, as the "
                         "authors train) or over every rank's tokens of the step (global)")
     h.add_argument("--train-layernorms", action="store_true")
+    h.add_argument("--routing", choices=["token", "task"], default="token",
+                   help="token: the paper's per-token router; task (beyond the paper): every "
+                        "sequence routed by its task (one task per data file)")
+    h.add_argument("--router-lr-scale", type=float, default=1.0,
+                   help="the routers' learning rate is --lr times this (beyond the paper)")
+    h.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate (held-out loss, routing diagnostics) every N steps")
     h.add_argument("--no-kernels", action="store_true", help="use the reference path")
     lo = p.add_argument_group("LoRA baseline")
     lo.add_argument("--lora-rank", type=int, default=0, help="0 = match HyCAM's #params")
@@ -178,12 +185,12 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
                  "num_specialists", "rank"):
         if getattr(args, name) < 1:
             p.error(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "threads", "gen_max_new_tokens", "gen_max_examples", "max_eval_examples",
+    for name in ("max_steps", "eval_every", "threads", "gen_max_new_tokens", "gen_max_examples", "max_eval_examples",
                  "max_train_examples", "lora_rank", "lr", "weight_decay", "max_grad_norm",
                  "aux_loss_coef"):
         if not getattr(args, name) >= 0:   # NaN fails too
             p.error(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
-    for name in ("tau", "alpha"):
+    for name in ("tau", "alpha", "router_lr_scale"):
         if not 0 < getattr(args, name) < float("inf"):
             p.error(f"{_flag(name)} must be a finite number > 0, got {getattr(args, name)}")
     if not 0 < args.eval_fraction < 1:

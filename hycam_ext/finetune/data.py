@@ -171,7 +171,29 @@ def collate(batch: List[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.T
         ids[i, :k] = torch.tensor(b["input_ids"])
         labels[i, :k] = torch.tensor(b["labels"])
         mask[i, :k] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if all("task_id" in b for b in batch):
+        out["task_ids"] = torch.tensor([b["task_id"] for b in batch], dtype=torch.long)
+    return out
+
+
+def routes_by_task(model) -> bool:
+    """Whether ``model`` (HyCAMModel, possibly inside DDP) routes by task (routing="task")."""
+    for _ in range(4):
+        cfg = getattr(model, "hycam_config", None)
+        if cfg is not None:
+            return cfg.routing == "task"
+        model = getattr(model, "module", None)
+        if model is None:
+            return False
+    return False
+
+
+def model_inputs(batch: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
+    """A collated batch as ``model``'s keyword arguments: task_ids only for task routing."""
+    if "task_ids" in batch and not routes_by_task(model):
+        return {k: v for k, v in batch.items() if k != "task_ids"}
+    return batch
 
 
 def batches(examples: List[dict], batch_size: int, pad_id: int):
@@ -208,6 +230,9 @@ class TaskData:
     def __init__(self, train: List[dict], eval_records: Dict[str, List[dict]],
                  eval_encoded: Dict[str, List[dict]]):
         self.train, self.eval_records, self.eval_encoded = train, eval_records, eval_encoded
+        # task name -> task id (routing="task"): the order of the tasks (the --data files, then
+        # the built-in tasks)
+        self.task_index = {name: i for i, name in enumerate(eval_records)}
 
 
 def split_and_encode(tasks: Dict[str, List[dict]], fmt: Formatter, eval_fraction: float,
@@ -217,9 +242,9 @@ def split_and_encode(tasks: Dict[str, List[dict]], fmt: Formatter, eval_fraction
     eval_encoded: Dict[str, List[dict]] = {}
     for ti, (name, recs) in enumerate(tasks.items()):
         tr, ev = split_task(recs, eval_fraction, max_eval, max_train, seed + ti)
-        train += [dict(fmt.encode(r), task=name) for r in tr]
+        train += [dict(fmt.encode(r), task=name, task_id=ti) for r in tr]
         eval_records[name] = ev
-        eval_encoded[name] = [fmt.encode(r) for r in ev]
+        eval_encoded[name] = [dict(fmt.encode(r), task_id=ti) for r in ev]
         log(f"task {name}: {len(tr)} train / {len(ev)} held-out examples")
     if not train:
         raise SystemExit("no training examples")

@@ -108,20 +108,24 @@ def all_reduce_sum(values: Sequence[float], device) -> List[float]:
     return t.tolist()
 
 
-def reduce_routing(res: dict, device) -> torch.Tensor:
-    """Sum collect_routing()'s per-rank route distributions, weighted by token counts."""
+def reduce_routing(res: dict, device) -> dict:
+    """collect_routing()'s per-rank result summed over ranks: the route distributions and the
+    mean router probabilities weighted by token counts, and the token counts."""
     import torch.distributed as dist
-    dist_ = res["dist"].double()
+    L, K = res["dist"].shape
     counts = torch.tensor(res["tokens"], dtype=torch.float64)
-    sums = torch.nan_to_num(dist_, nan=0.0) * counts[:, None]
-    flat = torch.cat([sums.reshape(-1), counts]).to(device)
+    parts = [torch.nan_to_num(res[k].double(), nan=0.0) * counts[:, None]
+             for k in ("dist", "q_dist")]
+    flat = torch.cat([p.reshape(-1) for p in parts] + [counts]).to(device)
     dist.all_reduce(flat)
     flat = flat.cpu()
-    L, K = dist_.shape
-    sums, counts = flat[:L * K].view(L, K), flat[L * K:]
-    out = sums / counts.clamp_min(1.0)[:, None]
-    out[counts == 0] = float("nan")
-    return out.float()
+    counts = flat[2 * L * K:]
+    out = {"tokens": counts.tolist()}
+    for i, k in enumerate(("dist", "q_dist")):
+        d = flat[i * L * K:(i + 1) * L * K].view(L, K) / counts.clamp_min(1.0)[:, None]
+        d[counts == 0] = float("nan")
+        out[k] = d.float()
+    return out
 
 
 def gather_lists(items: list, ctx: DistContext) -> list:

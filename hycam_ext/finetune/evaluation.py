@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import IGNORE_INDEX, Formatter, batches
+from .data import IGNORE_INDEX, Formatter, batches, routes_by_task
 from .distributed import DistContext, all_reduce_sum, gather_lists
 
 SCORE_KEYS = ("bleu", "rouge1", "rouge2", "rougeL")
@@ -33,9 +33,10 @@ def eval_sums(model, examples: List[dict], batch_size: int, pad_id: int, device,
     total, count = 0.0, 0
     for b in batches(examples, batch_size, pad_id):
         b = {k: v.to(device) for k, v in b.items()}
+        kw = {"task_ids": b["task_ids"]} if "task_ids" in b and routes_by_task(model) else {}
         with autocast(device, autocast_dtype):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           use_cache=False).logits
+                           use_cache=False, **kw).logits
         lg = logits[:, :-1].float()
         lb = b["labels"][:, 1:]
         total += torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1),
@@ -83,9 +84,10 @@ def left_pad(prompts: Sequence[List[int]], pad_id: int) -> Dict[str, torch.Tenso
 @torch.no_grad()
 def generate_responses(model, tok, prompts: List[List[int]], max_new_tokens: int,
                        batch_size: int, device, autocast_dtype, desc: str = "generate",
-                       progress: bool = True) -> List[str]:
+                       progress: bool = True, task_id: Optional[int] = None) -> List[str]:
     """Greedy decoding with the KV cache, batched with left padding; returns the decoded new
-    tokens of each prompt (special tokens dropped), in the order of ``prompts``."""
+    tokens of each prompt (special tokens dropped), in the order of ``prompts``. ``task_id``:
+    the prompts' task, for a model that routes by task."""
     from tqdm.auto import tqdm
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -100,6 +102,9 @@ def generate_responses(model, tok, prompts: List[List[int]], max_new_tokens: int
         b = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx],
                                                     tok.pad_token_id).items()}
         with autocast(device, autocast_dtype):
+            if task_id is not None and routes_by_task(model):
+                b["task_ids"] = torch.full((b["input_ids"].shape[0],), task_id, dtype=torch.long,
+                                           device=device)
             seqs = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False,
                                   num_beams=1, use_cache=True, pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id)
@@ -151,7 +156,7 @@ def score_generations(preds: Sequence[str], refs: Sequence[str], seed: int = 0) 
 def generation_eval(model, tok, fmt: Formatter, eval_records: Dict[str, List[dict]],
                     max_new_tokens: int, batch_size: int, max_examples: int, device,
                     autocast_dtype, ctx: DistContext, progress: bool = True,
-                    samples: int = 3) -> dict:
+                    samples: int = 3, task_index: Optional[Dict[str, int]] = None) -> dict:
     """Per task: greedy responses to the held-out prompts (the first ``max_examples`` of each
     split, 0 = all) scored by score_generations; "mean": the unweighted mean over tasks;
     under torchrun each rank generates a disjoint slice and the responses are gathered."""
@@ -163,7 +168,8 @@ def generation_eval(model, tok, fmt: Formatter, eval_records: Dict[str, List[dic
         mine = list(range(ctx.rank, len(recs), ctx.world_size))
         preds = generate_responses(model, tok, [fmt.generation_prompt(recs[i]) for i in mine],
                                    max_new_tokens, batch_size, device, autocast_dtype,
-                                   desc=f"generate {task}", progress=progress and ctx.is_main)
+                                   desc=f"generate {task}", progress=progress and ctx.is_main,
+                                   task_id=(task_index or {}).get(task))
         pairs = sorted(gather_lists(list(zip(mine, preds)), ctx))
         preds = [p for _, p in pairs]
         refs = [r["output"] for r in recs]

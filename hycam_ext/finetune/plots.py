@@ -33,6 +33,33 @@ def plot_routing(routing: Dict[str, torch.Tensor], path: str, title: str) -> Non
     plt.close(fig)
 
 
+def plot_diagnostics(history: Sequence[dict], path: str) -> None:
+    """Routing diagnostics over training (hycam_ext.routing_diagnostics at each evaluation):
+    MI(task; route) per layer, and the layer means of route entropy, specialist similarity and
+    L_aux."""
+    plt = _pyplot()
+    steps = [h["step"] for h in history]
+    L = len(history[0]["layers"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    cmap = plt.get_cmap("viridis")
+    for li in range(L):
+        axes[0].plot(steps, [h["layers"][li]["mi"] for h in history], color=cmap(li / max(L - 1, 1)),
+                     lw=1, label=f"layer {li}" if L <= 8 or li in (0, L - 1) else None)
+    axes[0].set_title("normalised MI(task; route) per layer", fontsize=10)
+    axes[0].set_ylim(-0.02, 1.02)
+    for key, label in (("entropy", "route entropy / log K"), ("similarity", "specialist cosine"),
+                       ("aux", "L_aux")):
+        axes[1].plot(steps, [h["mean"][key] for h in history], marker="o", ms=3, label=label)
+    axes[1].set_title("means over layers", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_comparison(rows: Sequence[dict], tasks: Sequence[str], path: str, title: str,
                     metrics: Sequence[tuple] = (("bleu", "BLEU"), ("rougeL", "ROUGE-L"),
                                                 ("loss", "held-out loss"))) -> None:

@@ -15,11 +15,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..diagnostics import routing_diagnostics
 from .data import Formatter, TaskData, load_tasks, split_and_encode
 from .distributed import DistContext, reduce_routing
 from .evaluation import evaluate_loss, generation_eval
 from .models import build_adapter, load_model_and_tokenizer, trainable_parameters
-from .plots import plot_routing
+from .plots import plot_diagnostics, plot_routing
 from .training import plan_steps, train
 
 
@@ -69,13 +70,16 @@ def prepare(args, device: torch.device, ctx: DistContext,
         tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin)
     data = split_and_encode(tasks, fmt, args.eval_fraction, args.max_eval_examples,
                             args.max_train_examples or None, args.seed, log=ctx.log)
+    args.num_tasks = len(data.task_index)   # routing="task": one task id per task
+    if getattr(args, "routing", "token") == "task":
+        ctx.log("task routing: " + ", ".join(f"{t} -> {i}" for t, i in data.task_index.items()))
     return Session(args, device, ctx, amp_dtype, model, tok, fmt, data)
 
 
 def eval_losses(s: Session, model, tag: str, collect_routing: bool = False):
     """Held-out loss / perplexity per task; with collect_routing (HyCAM) also the per-task route
-    distribution per layer, reduced over ranks."""
-    losses, routing = {}, {}
+    distribution per layer, reduced over ranks, and the routing diagnostics (logged)."""
+    losses, routing, collected = {}, {}, {}
     for task, ex in s.data.eval_encoded.items():
         if not ex:
             continue
@@ -84,12 +88,20 @@ def eval_losses(s: Session, model, tag: str, collect_routing: bool = False):
         if collect_routing:
             with model.collect_routing() as res:
                 losses[task] = run()
-            routing[task] = reduce_routing(res, s.device) if s.ctx.enabled else res["dist"]
+            collected[task] = reduce_routing(res, s.device) if s.ctx.enabled else res
+            routing[task] = collected[task]["dist"]
         else:
             losses[task] = run()
         s.ctx.log(f"{'[' + tag + ']':<8} {task}: eval loss {losses[task]['loss']:.4f}  "
                   f"ppl {losses[task]['ppl']:.2f}")
-    return losses, routing
+    diag = None
+    if collected:
+        diag = routing_diagnostics(collected, model.hycam_modules())
+        m = diag["mean"]
+        s.ctx.log(f"{'[' + tag + ']':<8} routing: MI(task; route) {m['mi']:.3f}  route entropy "
+                  f"{m['entropy']:.3f}  specialist similarity {m['similarity']:.3f}  "
+                  f"L_aux {m['aux']:.4f}  (means over layers)")
+    return losses, routing, diag
 
 
 def eval_generation(s: Session, model, args) -> Optional[dict]:
@@ -97,7 +109,7 @@ def eval_generation(s: Session, model, args) -> Optional[dict]:
         return None
     gen = generation_eval(model, s.tok, s.fmt, s.data.eval_records, args.gen_max_new_tokens,
                           args.gen_batch_size, args.gen_max_examples, s.device, s.amp_dtype,
-                          s.ctx, progress=not args.no_progress)
+                          s.ctx, progress=not args.no_progress, task_index=s.data.task_index)
     for task, m in gen["tasks"].items():
         s.ctx.log(f"[generate] {task}: BLEU {m['bleu']:.2f}  ROUGE-1 {m['rouge1']:.2f}  "
                   f"ROUGE-2 {m['rouge2']:.2f}  ROUGE-L {m['rougeL']:.2f}  (n={m['n']})")
@@ -123,6 +135,9 @@ def write_outputs(s: Session, model, method: str, metrics: dict, routing: Dict[s
                 json.dump({t: d.tolist() for t, d in routing.items()}, f, indent=1)
             if plot_path:
                 plot_routing(routing, plot_path, "HyCAM route distribution per layer (held-out, eval)")
+                if len(metrics.get("routing_diagnostics") or []) > 1:
+                    plot_diagnostics(metrics["routing_diagnostics"],
+                                     str(out_dir / "routing_diagnostics.png"))
         with open(out_dir / "metrics.json", "w") as f:
             json.dump(metrics, f, indent=1)
     s.ctx.log(f"{method}: metrics in {out_dir / 'metrics.json'}"
@@ -142,13 +157,23 @@ def run_variant(s: Session, method: str, args, out_dir: Path, copy_base: bool = 
     if s.ctx.is_main and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     # the base model is not trained: its "before" is its "after"
-    before = eval_losses(s, model, "before")[0] if eval_before and method != "base" else None
+    hycam = method == "hycam"
+    diag_history: List[dict] = []
+
+    def evaluate_now(step: int, tag: str):
+        losses, routing, diag = eval_losses(s, model, tag, collect_routing=hycam)
+        if diag is not None:
+            diag_history.append({"step": step, **diag})
+        return losses, routing
+
+    before = (evaluate_now(0, "before")[0] if eval_before and method != "base" else None)
     global_batch, steps = plan_steps(len(s.data.train), args, s.ctx.world_size)
     result = None
     if method != "base" and steps > 0:
         result = train(model, params, s.data.train, steps, s.tok.pad_token_id, args, s.device,
-                       s.amp_dtype, s.ctx)
-    after, routing = eval_losses(s, model, "after", collect_routing=method == "hycam")
+                       s.amp_dtype, s.ctx,
+                       on_eval=lambda step: evaluate_now(step, f"step {step}"))
+    after, routing = evaluate_now(steps if result else 0, "after")
     metrics = {
         "method": method, "model": args.model, "device": str(s.device),
         "bf16": s.amp_dtype is not None, "trainable_params": sum(p.numel() for p in params),
@@ -161,6 +186,7 @@ def run_variant(s: Session, method: str, args, out_dir: Path, copy_base: bool = 
         "eval_before": after if method == "base" else before, "eval_after": after,
         "generation": eval_generation(s, model, args),
         "history": result.history if result else [], "args": vars(args),
+        "routing_diagnostics": diag_history,
     }
     write_outputs(s, model, method, metrics, routing, out_dir, args)
     return metrics

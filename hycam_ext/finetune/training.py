@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from .data import collate
+from .data import collate, model_inputs
 from .distributed import DistContext, all_reduce_sum
 from .evaluation import autocast
 
@@ -76,7 +76,7 @@ def train_step(train_model, stream, params, opt, sched, args, device, amp_dtype,
     ranks (what one process with grad_accum * world accumulation steps logs)."""
     tot_loss, tot_aux = 0.0, 0.0
     for micro in range(args.grad_accum):
-        b = {k: v.to(device) for k, v in next(stream).items()}
+        b = {k: v.to(device) for k, v in model_inputs(next(stream), train_model).items()}
         sync = not ctx.enabled or micro == args.grad_accum - 1
         with (contextlib.nullcontext() if sync else train_model.no_sync()):
             with autocast(device, amp_dtype):
@@ -97,11 +97,16 @@ def train_step(train_model, stream, params, opt, sched, args, device, amp_dtype,
 
 
 def train(model, params, train_data: List[dict], total_steps: int, pad_id: int, args,
-          device: torch.device, amp_dtype, ctx: DistContext) -> TrainResult:
+          device: torch.device, amp_dtype, ctx: DistContext, on_eval=None) -> TrainResult:
+    """``on_eval(step)``: called every ``args.eval_every`` optimizer steps (not after the last)."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
     train_model = wrap_ddp(model, device, ctx, args.seed)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    groups = params
+    if getattr(args, "router_lr_scale", 1.0) != 1.0:
+        from ..modules import hycam_param_groups
+        groups = hycam_param_groups(model, args.lr, args.router_lr_scale, args.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
     stream = micro_batches(train_data, args.batch_size, pad_id, args.seed, ctx)
     model.train()
@@ -116,6 +121,10 @@ def train(model, params, train_data: List[dict], total_steps: int, pad_id: int, 
         step_times.append(time.perf_counter() - t0)   # kept out of history: ranks differ in it
         history.append({"step": step + 1, **rec})
         bar.set_postfix(loss=f"{rec['loss']:.4f}", aux=f"{rec['aux_loss']:.3f}")
+        every = getattr(args, "eval_every", 0)
+        if on_eval is not None and every and (step + 1) % every == 0 and step + 1 < total_steps:
+            on_eval(step + 1)
+            model.train()
     bar.close()
     train_time = time.perf_counter() - t_train
     times = sorted(step_times)

@@ -58,7 +58,8 @@ GOOD = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in ran
                                   "model-missing", "model-relative-missing", "model-file-not-gguf",
                                   "model-empty-dir", "gguf-file-missing", "device-cuda",
                                   "device-cuda-index", "device-unknown", "output-dir-is-file",
-                                  "eval-fraction", "rank", "tau", "epochs"])
+                                  "eval-fraction", "rank", "tau", "epochs", "router-lr-scale",
+                                  "eval-every"])
 def test_every_argument_checked_before_the_model_loads(case, tmp_path, capsys, monkeypatch,
                                                        no_model_load):
     good = _alpaca(tmp_path / "good.json", GOOD)
@@ -111,6 +112,10 @@ def test_every_argument_checked_before_the_model_loads(case, tmp_path, capsys, m
         argv, want = ["--rank", "0"], "--rank must be >= 1"
     elif case == "tau":
         argv, want = ["--tau", "0"], "--tau must be a finite number > 0"
+    elif case == "router-lr-scale":
+        argv, want = ["--router-lr-scale", "-1"], "--router-lr-scale must be a finite number > 0"
+    elif case == "eval-every":
+        argv, want = ["--eval-every", "-2"], "--eval-every must be >= 0"
     else:
         argv, want = ["--max-steps", "0", "--epochs", "0"], "--epochs must be > 0"
     assert want in _run(base + argv, capsys)

@@ -295,3 +295,35 @@ def test_unknown_compare_variant(capsys):
     with pytest.raises(SystemExit):
         finetune.main(["--compare", "hycam,qlora"])
     assert "--compare: unknown variant(s) ['qlora']" in capsys.readouterr().err
+
+
+def test_cli_task_routing_and_routing_diagnostics(tiny_ckpt, tmp_path):
+    """--routing task (each task its id), --router-lr-scale, --eval-every: the diagnostics are
+    logged at every evaluation, kept in metrics.json and plotted over training."""
+    out = tmp_path / "task"
+    m = finetune.main(_tiny_args(tiny_ckpt, out, "--routing", "task", "--router-lr-scale", "10",
+                                 "--eval-every", "2"))
+    cfg = json.loads((out / "adapter" / "hycam_adapter_config.json").read_text())["hycam_config"]
+    assert cfg["routing"] == "task" and cfg["num_tasks"] == 3
+    diags = m["routing_diagnostics"]
+    assert [d["step"] for d in diags] == [0, 2, 4, 6]       # before, every 2 steps, after
+    for d in diags:
+        assert len(d["layers"]) == 2 and d["tasks"] == ["arithmetic", "code", "qa"]
+        for layer in d["layers"]:
+            assert 0.0 <= layer["mi"] <= 1.0 + 1e-9 and 0.0 <= layer["entropy"] <= 1.0 + 1e-9
+            assert sum(layer["shares"]) == pytest.approx(1.0)
+    # task routing: every token of a task takes its task's route, so the routes are a function
+    # of the task (eval routing is the argmax of the task's logits)
+    routing = json.loads((out / "routing.json").read_text())
+    for task, per_layer in routing.items():
+        for row in per_layer:
+            assert max(row) == pytest.approx(1.0)
+    assert (out / "routing_diagnostics.png").stat().st_size > 1000
+    assert m["generation"]["tasks"]                          # generation took the task ids
+    # the adapter loads back and routes by task
+    import transformers as tf
+    model = HyCAMModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(tiny_ckpt),
+                                       str(out / "adapter"))
+    assert model.hycam_config.routing == "task"
+    with pytest.raises(ValueError, match="pass task_ids"):
+        model(input_ids=torch.tensor([[5, 6, 7]]))
