@@ -112,12 +112,19 @@ def test_cli_torchrun_matches_single_process(tiny_ckpt, tmp_path, no_noise):
     # only rank 0 logs and writes
     assert stdout.count("[after]  arithmetic") == 1 and stdout.count("trainable params") == 1
     assert sorted(p.name for p in dist_out.iterdir()) == ["adapter", "metrics.json",
-                                                         "routing.json", "routing.png"]
+                                                         "routing.json", "routing.png",
+                                                         "routing_diagnostics.png"]
+    # the routing diagnostics are computed from the routes reduced over ranks
+    diag0 = json.loads((dist_out / "metrics.json").read_text())["routing_diagnostics"]
+    assert [d["step"] for d in diag0] == [0, r0["steps"]]
     assert json.loads((dist_out / "metrics.json").read_text())["world_size"] == 2
     single_out = tmp_path / "single"
     single = finetune.main(_cli_args(tiny_ckpt, single_out, "--grad-accum", "2"))
     assert single["world_size"] == 1 and single["global_batch_size"] == 4
     _assert_same_run(single, r0, single_out, dist_out)
+    for a, b in zip(single["routing_diagnostics"], diag0):
+        for key in ("mi", "entropy", "aux"):
+            assert b["mean"][key] == pytest.approx(a["mean"][key], rel=1e-4, abs=1e-6), key
     # routing statistics: per-rank token-weighted sums reduced over ranks
     ra = json.loads((single_out / "routing.json").read_text())
     rb = json.loads((dist_out / "routing.json").read_text())
