@@ -6,7 +6,7 @@ evaluation, distributed, plots. Importing this package needs only torch; running
 the [cli] extra (pip install ".[cli]")."""
 from .cli import build_parser, main
 from .data import (ALPACA_PROMPT, IGNORE_INDEX, Formatter, batches, builtin_tasks, collate,
-                   load_alpaca_file, load_tasks, split_task)
+                   conflict_tasks, load_alpaca_file, load_tasks, split_task)
 from .distributed import DistContext, init_distributed, launched_by_torchrun, resolve_device
 from .evaluation import evaluate, generate_responses, score_generations
 from .models import (DEFAULT_MODEL, hycam_param_count, load_model_and_tokenizer,
@@ -14,7 +14,8 @@ from .models import (DEFAULT_MODEL, hycam_param_count, load_model_and_tokenizer,
 from .runner import run
 
 __all__ = ["ALPACA_PROMPT", "DEFAULT_MODEL", "DistContext", "Formatter", "IGNORE_INDEX", "batches",
-           "build_parser", "builtin_tasks", "cli", "collate", "evaluate", "generate_responses",
+           "build_parser", "builtin_tasks", "conflict_tasks", "cli", "collate", "evaluate",
+           "generate_responses",
            "hycam_param_count", "init_distributed", "launched_by_torchrun", "load_alpaca_file",
            "load_model_and_tokenizer", "load_tasks", "lora_rank_for_budget", "main",
            "resolve_device", "run", "score_generations", "split_task"]

@@ -77,6 +77,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    help="with --data: also train and evaluate on the built-in tasks")
     g.add_argument("--builtin-examples", type=int, default=120,
                    help="examples per built-in task (default 120)")
+    g.add_argument("--builtin-set", choices=["default", "conflict"], default="default",
+                   help="the built-in tasks: default (arithmetic, code, qa) or conflict (four "
+                        "digit permutations of the same inputs: reverse, sort, rotate, swap)")
     g.add_argument("--eval-fraction", type=float, default=0.1)
     g.add_argument("--max-eval-examples", type=int, default=16, help="per task, 0 = no cap")
     g.add_argument("--max-train-examples", type=int, default=0, help="per task, 0 = no cap")
@@ -267,7 +270,8 @@ def check_inputs(p: argparse.ArgumentParser, args) -> Dict[str, List[dict]]:
             p.error(f"--data {f}: " + ("a directory, not a file" if os.path.isdir(f)
                                        else "no such file"))
     try:
-        tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin)
+        tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin,
+                           getattr(args, "builtin_set", "default"))
     except ValueError as e:   # a file that is not alpaca JSON, or a task name clash
         p.error(f"--data: {' '.join(str(e).split())}")
     except OSError as e:      # e.g. not readable

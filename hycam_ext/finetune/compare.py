@@ -2,7 +2,10 @@
 
 Variants: ``base`` (the model as loaded, no training), ``lora-budget`` (PEFT LoRA at about
 HyCAM's trainable budget), ``lora-r16`` (PEFT LoRA rank 16), ``shared-cam`` (HyCAM's shared CAM
-alone, specialists zeroed and frozen) and ``hycam`` (K = --num-specialists, r = --rank). The data
+alone, specialists zeroed and frozen) and ``hycam`` (K = --num-specialists, r = --rank), the
+default set; beyond the paper, by name: ``hycam-router-lr`` (routers at 10x the learning rate,
+aux coefficient 0.1), ``hycam-task`` (routing by task) and ``hycam-forced`` (task t always takes
+specialist t mod K: the upper bound of task routing). The data
 split is fixed by --seed; each training seed (--seeds) changes initialisation, batch order and
 routing noise. Writes compare.json, compare.md and compare.png to --output-dir, and each
 variant's metrics.json to a subfolder of it."""
@@ -29,8 +32,13 @@ VARIANTS = {
     "lora-r16": ("lora", {"lora_rank": 16}),
     "shared-cam": ("shared-cam", {}),
     "hycam": ("hycam", {}),
+    # beyond the paper (docs/quality.md): routers at 10x the learning rate with a larger aux
+    # coefficient; routing by task; routes forced by task (an upper bound)
+    "hycam-router-lr": ("hycam", {"router_lr_scale": 10.0, "aux_loss_coef": 0.1}),
+    "hycam-task": ("hycam", {"routing": "task"}),
+    "hycam-forced": ("hycam-forced", {}),
 }
-DEFAULT_VARIANTS = tuple(VARIANTS)
+DEFAULT_VARIANTS = ("base", "lora-budget", "lora-r16", "shared-cam", "hycam")
 METRICS = (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("loss", "held-out loss"))
 
 

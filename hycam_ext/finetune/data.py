@@ -77,6 +77,30 @@ def builtin_tasks(num_examples: int = 200, seed: int = 0) -> Dict[str, List[dict
     return {"arithmetic": arith, "code": code, "qa": qa}
 
 
+# Conflicting tasks: the same digit sequences, incompatible answers; the instruction states the
+# task, so every method can in principle tell them apart.
+_CONFLICT_TASKS = {
+    "reverse": ("Reverse the sequence of digits.", lambda s: s[::-1]),
+    "sort": ("Sort the digits in ascending order.", sorted),
+    "rotate": ("Rotate the sequence one place to the left.", lambda s: s[1:] + s[:1]),
+    "swap": ("Swap each adjacent pair of digits.",
+             lambda s: [s[i ^ 1] if (i ^ 1) < len(s) else s[i] for i in range(len(s))]),
+}
+
+
+def conflict_tasks(num_examples: int = 200, seed: int = 0) -> Dict[str, List[dict]]:
+    """Four conflicting digit-permutation tasks (reverse, sort, rotate, swap) over the same
+    inputs: every task sees the same random sequences of 5-7 digits, in the same order."""
+    rng = random.Random(seed)
+    inputs = [[rng.randint(0, 9) for _ in range(rng.randint(5, 7))] for _ in range(num_examples)]
+    return {name: [{"instruction": instr, "input": " ".join(map(str, s)),
+                    "output": " ".join(map(str, fn(list(s))))} for s in inputs]
+            for name, (instr, fn) in _CONFLICT_TASKS.items()}
+
+
+BUILTIN_SETS = {"default": builtin_tasks, "conflict": conflict_tasks}
+
+
 def load_alpaca_file(path: str) -> List[dict]:
     """The records of one alpaca-format JSON file; ValueError naming the file when it is not
     one (not UTF-8, not JSON, not a list of records with instruction and output)."""
@@ -204,7 +228,7 @@ def batches(examples: List[dict], batch_size: int, pad_id: int):
 
 
 def load_tasks(data_files: Optional[Sequence[str]], builtin_examples: int, seed: int,
-               include_builtin: bool = False) -> Dict[str, List[dict]]:
+               include_builtin: bool = False, builtin_set: str = "default") -> Dict[str, List[dict]]:
     """Task name -> records: one task per alpaca file (name = file stem, made unique), and the
     built-in tasks when no file is given or include_builtin is set."""
     tasks: Dict[str, List[dict]] = {}
@@ -215,7 +239,7 @@ def load_tasks(data_files: Optional[Sequence[str]], builtin_examples: int, seed:
             name, i = f"{base_name}_{i}", i + 1
         tasks[name] = load_alpaca_file(f)
     if include_builtin or not data_files:
-        for name, recs in builtin_tasks(builtin_examples, seed).items():
+        for name, recs in BUILTIN_SETS[builtin_set](builtin_examples, seed).items():
             if name in tasks:
                 raise ValueError(f"a file named {name!r} clashes with the built-in task "
                                  f"of that name; rename the file or drop --with-builtin")

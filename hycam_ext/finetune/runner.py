@@ -67,7 +67,8 @@ def prepare(args, device: torch.device, ctx: DistContext,
                 f"{args.batch_size} x {args.grad_accum} x {ctx.world_size} examples per step")
     fmt = Formatter(tok, args.prompt_format, args.max_length)
     if tasks is None:
-        tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin)
+        tasks = load_tasks(args.data, args.builtin_examples, args.seed, args.with_builtin,
+                           getattr(args, "builtin_set", "default"))
     data = split_and_encode(tasks, fmt, args.eval_fraction, args.max_eval_examples,
                             args.max_train_examples or None, args.seed, log=ctx.log)
     args.num_tasks = len(data.task_index)   # routing="task": one task id per task
@@ -157,7 +158,7 @@ def run_variant(s: Session, method: str, args, out_dir: Path, copy_base: bool = 
     if s.ctx.is_main and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     # the base model is not trained: its "before" is its "after"
-    hycam = method == "hycam"
+    hycam = method.startswith("hycam")
     diag_history: List[dict] = []
 
     def evaluate_now(step: int, tag: str):

@@ -327,3 +327,33 @@ def test_cli_task_routing_and_routing_diagnostics(tiny_ckpt, tmp_path):
     assert model.hycam_config.routing == "task"
     with pytest.raises(ValueError, match="pass task_ids"):
         model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_conflicting_tasks_and_the_routing_variants(tiny_ckpt, tmp_path):
+    """--builtin-set conflict (the same digit sequences, four incompatible permutations) and the
+    variants beyond the paper: router learning rate, task routing, routes forced by task."""
+    tasks = finetune.conflict_tasks(5, seed=0)
+    assert list(tasks) == ["reverse", "sort", "rotate", "swap"]
+    assert len({tuple(r["input"] for r in recs) for recs in tasks.values()}) == 1  # same inputs
+    rec = {t: recs[0]["output"] for t, recs in tasks.items()}
+    digits = tasks["reverse"][0]["input"].split()
+    assert rec["reverse"].split() == digits[::-1] and rec["sort"].split() == sorted(digits)
+    assert rec["rotate"].split() == digits[1:] + digits[:1]
+    out = tmp_path / "conflict"
+    summary = finetune.main(_tiny_args(tiny_ckpt, out, "--builtin-set", "conflict",
+                                       "--max-steps", "2", "--gen-max-new-tokens", "4",
+                                       "--num-specialists", "4", "--compare",
+                                       "hycam-router-lr,hycam-task,hycam-forced"))
+    by = {v["variant"]: v for v in summary["variants"]}
+    assert set(by) == {"hycam-router-lr", "hycam-task", "hycam-forced"}
+    for name, v in by.items():
+        assert set(v["loss"]) == {"reverse", "sort", "rotate", "swap", "mean"}
+    # forced routes: task t takes specialist t in every layer, in eval and after training
+    routing = json.loads((out / "hycam-forced-seed0" / "routing.json").read_text())
+    for t, task in enumerate(["reverse", "sort", "rotate", "swap"]):
+        for row in routing[task]:
+            assert row[t] == pytest.approx(1.0)
+    m = json.loads((out / "hycam-forced-seed0" / "metrics.json").read_text())
+    assert m["routing_diagnostics"][-1]["mean"]["mi"] == pytest.approx(1.0)
+    router = json.loads((out / "hycam-router-lr-seed0" / "metrics.json").read_text())["args"]
+    assert router["router_lr_scale"] == 10.0 and router["aux_loss_coef"] == 0.1
