@@ -123,9 +123,9 @@ class _StepAuxLoss(torch.autograd.Function):
         return (torch.zeros((), dtype=dt, device=dev) if scalar else None), None, None
 
 
-def _hand_out_grads(step: RoutingStep, scope: str, weight: float, grad=None) -> torch.Tensor:
+def _hand_out_grads(step: RoutingStep, scope: str, weight: float) -> None:
     """Differentiate ``weight * L_aux`` of the step's stored sums; leave each layer's gradient in
-    the step. Returns L_aux (no graph)."""
+    the step."""
     idx = step.layers()
     with torch.enable_grad():
         leaves = [RoutingSums(step.sums[i].g.detach().requires_grad_(),
@@ -133,10 +133,9 @@ def _hand_out_grads(step: RoutingStep, scope: str, weight: float, grad=None) -> 
                   for i in idx]
         loss = aux_loss(total(leaves), scope)
         inputs = [t for s in leaves for t in (s.g, s.q)]
-        grads = torch.autograd.grad(loss * weight, inputs, grad)
+        grads = torch.autograd.grad(loss * weight, inputs)
     step.grads = {i: (grads[2 * j], grads[2 * j + 1]) for j, i in enumerate(idx)}
     step.grads_set = True
-    return loss.detach()
 
 
 class _InjectAuxGrad(torch.autograd.Function):
