@@ -49,6 +49,21 @@ static void print(const hycam_emu::Counters& c, const char* group) {
   tr("load", c.load);
   std::printf(", ");
   tr("store", c.store);
+  std::printf(", ");
+  hycam_emu::print_smem_json("smem_plain", c.smem);
+  std::printf(", ");
+  hycam_emu::print_smem_json("smem_frag", c.frag);
+  for (int st = 0; st < 2; ++st) {  // global requests by width in bytes
+    std::printf(", \"%s_width\": {", st ? "store" : "load");
+    const uint64_t* wd = st ? c.store_width : c.load_width;
+    bool first = true;
+    for (int b = 1; b <= 16; ++b)
+      if (wd[b]) {
+        std::printf("%s\"%d\": %llu", first ? "" : ", ", b, (unsigned long long)wd[b]);
+        first = false;
+      }
+    std::printf("}");
+  }
   std::printf("}\n");
 }
 
