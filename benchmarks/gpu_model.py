@@ -404,11 +404,12 @@ def model_kernel(rec, m, code, T, d, K, r, routed):
 
 def serial_latency(kernel, T, K, r, m):
     """Latency floor of a kernel whose threads walk a serial loop: small_reductions_kernel, one
-    thread per output over its split's tokens (S = min(8, ceil(T / 1024)) splits), four loads in
-    flight per latency wait (the loop unrolled by four): tokens / 4 x the dependent-load latency."""
+    thread per output over its split's tokens (S = min(64, ceil(T / 128)) splits,
+    shrink_backward_config), four loads in flight per latency wait (the loop unrolled by four):
+    tokens / 4 x the dependent-load latency."""
     if kernel != "small_reductions_kernel":
         return 0.0
-    S = max(1, min(8, math.ceil(T / 1024)))
+    S = max(1, min(64, math.ceil(T / 128)))
     return math.ceil(T / S) / 4 * m["serial_latency_s"]
 
 
