@@ -65,6 +65,7 @@ def test_bench_rows_spread_and_no_files_without_out(tmp_path, monkeypatch):
     assert lo <= hy["fwd+bwd"]["speedup_vs_reference"] <= hi
 
 
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # one shape: the plot's line panel is empty
 def test_bench_writes_with_out(tmp_path):
     import hycam_ext
 
