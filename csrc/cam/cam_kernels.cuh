@@ -52,11 +52,12 @@ HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
 // scalar_t (rb = r, or r rounded up to 16 with zero rows for the tensor-core expand; the row
 // stride bst is jt, plus 16 bytes of padding for the tensor-core expand, see b_stride); ws
 // [tokens][K][rp] (rp: r rounded up to 16 bytes of acc_t, zero padded, so that w is read as
-// 16-byte broadcasts) and gs [tokens][K] in acc_t; backward only: the tokens routed to each
-// specialist tl [K][tokens], their count tn [K] and the first phase-1b item of each specialist
-// istart [K + 1] (int); tensor-core expand only: w in scalar_t, wh [tokens16][K * rb + 8] (tokens16 =
-// tokens rounded up to 16, the mma's M; 8 elements of row padding, see wh_stride); du [max(tokens, tokens16)][K][jt] (token stride
-// du_stride), the dB / db accumulators acc [K][r + 1][jt] and, when z_bias is given (dz_sums),
+// 16-byte broadcasts; not in the tensor-core backward, which keeps w only as wh) and gs
+// [tokens][K] in acc_t; backward only: the tokens routed to each specialist tl [K][tokens], their
+// count tn [K] and the first phase-1b item of each specialist istart [K + 1] (int); tensor-core
+// expand only: w in scalar_t, wh [tokens16][K * rb + 8] (tokens16 = tokens rounded up to 16, the
+// mma's M; 8 elements of row padding, see wh_stride; zero past the tile's tokens and past r; the
+// mma's operand and phase 2's w); du [max(tokens, tokens16)][K][jt] (token stride du_stride), the dB / db accumulators acc [K][r + 1][jt] and, when z_bias is given (dz_sums),
 // the sums of dz zs [tokens][jt] (one row per lane group, summed over the rows at the end) in acc_t.
 //
 // The backward keeps its channels in "x order": du, acc and (both staged by the backward) Bs and
@@ -97,8 +98,8 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
   int64_t o = align32(K * rb * b_stride(jt, tc) * elem);
   L.b = o;
   o = align32(o + K * jt * elem);
-  L.w = o;
-  o = align32(o + tokens * K * w_stride(r, acc) * acc);
+  L.w = o;  // the tensor-core backward keeps w only in scalar_t (wh), not in acc_t
+  o = align32(o + (backward && tc ? 0 : tokens * K * w_stride(r, acc) * acc));
   L.g = o;
   o = align32(o + tokens * K * acc);
   L.tl = L.tn = L.wh = L.du = L.acc = L.zs = o;
@@ -343,19 +344,20 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   const int64_t valid = d - j;  // <= 0: a lane past d (computes zeros, stores nothing)
   for (int64_t t0 = ts0; t0 < ts1; t0 += rows) {
     const int64_t nt = min(rows, ts1 - t0);
-    __syncthreads();  // the previous tile's phases 1b and 2 are done with ws, gs, tl, du
-    stage_w(ws, w, t0, nt, rows, K, r);
-    for (int64_t q = threadIdx.x; q < rows * K; q += blockDim.x)
-      gs[q] = q < nt * K ? static_cast<acc_t>(cuda::ld(g + t0 * K + q)) : acc_t(0);
-    __syncthreads();
-    if (tc) {  // w again, in scalar_t for the mma (exact: w is scalar_t): [rows16][K * rb (+ pad)], zero padded
+    __syncthreads();  // the previous tile's phases 1b and 2 are done with ws / wh, gs, tl, du
+    if (tc) {  // w in scalar_t for the mma and phase 2: [rows16][K * rb (+ pad)], zero padded
       const int64_t whs = wh_stride(K, rb);
       for (int64_t q = threadIdx.x; q < rows16 * K * rb; q += blockDim.x) {
         const int64_t tk = q / rb, i = q % rb;
         cuda::sst(wh + tk / K * whs + tk % K * rb + i,
-                  static_cast<scalar_t>(i < r && tk < rows * K ? cuda::sld(ws + tk * rp + i) : acc_t(0)));
+                  i < r && tk < nt * K ? cuda::ld(w + (t0 * K + tk) * r + i) : static_cast<scalar_t>(0.0f));
       }
+    } else {
+      stage_w(ws, w, t0, nt, rows, K, r);
     }
+    for (int64_t q = threadIdx.x; q < rows * K; q += blockDim.x)
+      gs[q] = q < nt * K ? static_cast<acc_t>(cuda::ld(g + t0 * K + q)) : acc_t(0);
+    __syncthreads();
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {  // tokens routed to each specialist
       int n = 0;
       for (int64_t tt = 0; tt < rows; ++tt)
@@ -571,6 +573,24 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
         for (int n = 0; n < tn[k]; ++n) {  // the tokens routed to k (hard routing: about rows / K)
           const int64_t q = tl[k * rows + n];
           const acc_t du0 = cuda::sld(du_k + q * dst), du1 = cuda::sld(du_k + q * dst + half);
+          if (tc) {  // w_k[i0 .. i0 + kC) from wh: 16-byte broadcasts of V scalar_t (zero padded to rb)
+            const scalar_t* whq = wh + q * wh_stride(K, rb) + k * rb + i0;
+#pragma unroll
+            for (int c0 = 0; c0 < kC; c0 += V) {
+              if (i0 + c0 < rb) {
+                cuda::check_smem16(whq + c0);
+                const auto wv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(whq + c0);
+#pragma unroll
+                for (int c = 0; c < V && c0 + c < kC; ++c) {
+                  a0[c0 + c] += du0 * static_cast<acc_t>(wv.v[c]);
+                  a1[c0 + c] += du1 * static_cast<acc_t>(wv.v[c]);
+                }
+              }
+            }
+            db0 += du0;
+            db1 += du1;
+            continue;
+          }
           const acc_t* wq = ws + (q * K + k) * rp + i0;
           // w_k[i0 + c0 .. + P) as 16-byte broadcasts up to rp (zero padded past r); none past rp
 #pragma unroll
