@@ -212,8 +212,8 @@ def test_quick_model_table_for_todays_kernels():
     assert by["cam_forward_kernel"]["sector_eff"] > 0.95
     assert by["cam_backward_kernel"]["sector_eff"] > 0.95
     # one pass over [T, d] in the backward: what it moves is its minimum plus the partials, of
-    # which the dw partials only for routed pairs (hard routing: 1 in K), one per 64-channel tile
-    assert by["cam_backward_kernel"]["dram_bytes"] < 1.2 * by["cam_backward_kernel"]["min_bytes"]
+    # which the dw partials only for routed pairs (hard routing: 1 in K)
+    assert by["cam_backward_kernel"]["dram_bytes"] < 1.15 * by["cam_backward_kernel"]["min_bytes"]
     assert by["cam_backward_kernel"]["smem_wavefronts"] > 0
     # shared memory counted from addresses: the padded tensor-core operands are conflict-free, and
     # the fragment traffic is what the hand count says (4 wavefronts per 16 x 16 operand, 8 per
