@@ -41,8 +41,8 @@ def count(T=64, d=64, K=4, r=16, hard=True, dtype=None) -> dict:
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen[func.overloadpacket.__name__ if func.namespace == "aten" else f"{func.namespace}::{func.__name__}"] += (
-                0 if getattr(func, "is_view", False) else 1)
+            name = func.overloadpacket.__name__ if func.namespace == "aten" else f"{func.namespace}::{func.__name__}"
+            seen[name] += 0 if getattr(func, "is_view", False) else 1
             return func(*args, **(kwargs or {}))
 
     with Count():

@@ -549,7 +549,8 @@ def format_table(out) -> str:
         opt, pes = ends["optimistic"], ends.get("pessimistic", ends["optimistic"])
         for end, e in ends.items():
             c = e["constants"]
-            lines.append(f"{name} {end}: clock {c['clock'] / 1e9:.3f} GHz (max boost {c.get('max_boost', 0) / 1e9:.2f}), "
+            lines.append(f"{name} {end}: clock {c['clock'] / 1e9:.3f} GHz "
+                         f"(max boost {c.get('max_boost', 0) / 1e9:.2f}), "
                          f"cuBLAS {c['gemm'] / 1e12:.0f} TFLOP/s, copy {c['dram_bw'] / 1e12:.1f} TB/s, "
                          f"launch {c['launch_s'] * 1e6:.0f} us, serial-load latency "
                          f"{c.get('serial_latency_s', 0) * 1e9:.0f} ns, overlap penalty {c.get('overlap', 0):.0%}")
@@ -579,9 +580,10 @@ def format_table(out) -> str:
         lines.append(f"{'3 d x d GEMMs at cuBLAS rate':28s} {Lo['gemm_s'] * 1e6:>{w}.1f} {Lp['gemm_s'] * 1e6:7.1f}")
         for (k, v), vp in zip(Lo["torch_ops_s"].items(), Lp["torch_ops_s"].values()):
             lines.append(f"  {k[:w + 24]:{w + 26}s} {v * 1e6:7.1f} {vp * 1e6:7.1f}")
-        lines.append(f"LAYER fwd+bwd (modelled): {Lo['total_s'] * 1e3:.2f} ms (optimistic) to {Lp['total_s'] * 1e3:.2f} ms "
-                     f"(pessimistic); floor (GEMMs at the same end's cuBLAS rate + minimum bytes at "
-                     f"{opt['constants']['dram_bw'] / 1e12:.1f} TB/s): {Lo['floor_s'] * 1e3:.2f} / {Lp['floor_s'] * 1e3:.2f} ms; "
+        lines.append(f"LAYER fwd+bwd (modelled): {Lo['total_s'] * 1e3:.2f} ms (optimistic) to "
+                     f"{Lp['total_s'] * 1e3:.2f} ms (pessimistic); floor (GEMMs at the same end's cuBLAS rate + "
+                     f"minimum bytes at {opt['constants']['dram_bw'] / 1e12:.1f} TB/s): {Lo['floor_s'] * 1e3:.2f} / "
+                     f"{Lp['floor_s'] * 1e3:.2f} ms; "
                      f"{Lo['vs_floor']:.2f}x to {Lp['vs_floor']:.2f}x the floor (target <= 1.2x measured, "
                      f"<= 1.3x modelled at the pessimistic end)")
     return "\n".join(lines)

@@ -100,7 +100,7 @@ def measure(out: pathlib.Path, reps=30):
     zb = torch.randn(d, device=dev, dtype=torch.bfloat16) * 0.1
     w = torch.randn(T, K, r, device=dev, dtype=torch.bfloat16)
     g = F.one_hot(torch.randint(0, K, (T,), device=dev), K).to(torch.bfloat16)
-    p, _ = torch.ops.hycam.shrink(x, A, Ab, N, Nb)
+    p_saved, _ = torch.ops.hycam.shrink(x, A, Ab, N, Nb)
     dw = torch.randn(T, K, r, device=dev, dtype=torch.bfloat16)
     fns = {
         "copy (256 MiB fp32)": lambda: dst.copy_(src),
@@ -109,15 +109,15 @@ def measure(out: pathlib.Path, reps=30):
         "cam_forward": lambda: torch.ops.hycam.cam_forward(hh, None, z, w, B, bb, g, 2.0, 0, zb),
         "cam_backward": lambda: torch.ops.hycam.cam_backward(gov, hh, None, z, w, B, bb, g, 2.0, 0, zb),
         "shrink": lambda: torch.ops.hycam.shrink(x, A, Ab, N, Nb),
-        "shrink_backward": lambda: torch.ops.hycam.shrink_backward(dw, x, p, A, N),
+        "shrink_backward": lambda: torch.ops.hycam.shrink_backward(dw, x, p_saved, A, N),
     }
     res = interleaved(dev, fns, reps, warmup=5, warmup_s=0.5, flush=timer.flush)
     copy = res["copy (256 MiB fp32)"]
     res["copy (256 MiB fp32)"]["rate"] = 2 * src.numel() * 4 / (copy["ms"] * 1e-3)
     gm = res["cuBLAS bf16 [T, d] x [d, d]"]
     res["cuBLAS bf16 [T, d] x [d, d]"]["rate"] = 2 * T * d * d / (gm["ms"] * 1e-3)
-    p = torch.cuda.get_device_properties(0)
-    meta = {"device": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+    props = torch.cuda.get_device_properties(0)
+    meta = {"device": props.name, "capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
             "torch": torch.__version__, "cuda": torch.version.cuda, "shape": SHAPE, "dtype": "bf16",
             "routing": "hard", "reps": reps}
     (out / "measured.json").write_text(json.dumps({"meta": meta, "measured": res}, indent=1))

@@ -133,7 +133,8 @@ def cuda_unusable_reason() -> str:
         first = " ".join(str(e).split())
         low = first.lower()
         if "too old" in low:
-            return f"the NVIDIA driver is older than torch {torch.__version__} (CUDA {torch.version.cuda}) needs: {first}"
+            return (f"the NVIDIA driver is older than torch {torch.__version__} (CUDA {torch.version.cuda}) "
+                    f"needs: {first}")
         if "no nvidia driver" in low or "found no" in low:
             return f"no NVIDIA driver found: {first}"
         return f"CUDA cannot be initialised: {first}"

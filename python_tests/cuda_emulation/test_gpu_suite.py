@@ -88,7 +88,8 @@ def test_gpu_suite_report_puts_the_model_beside_each_measurement(tmp_path):
     def st(ms):
         return {"ms": ms, "ms_q1": 0.9 * ms, "ms_q3": 1.1 * ms, "ms_min": 0.8 * ms, "ms_max": 1.2 * ms,
                 "reps": 30, "iqr_rel": 0.2}
-    measured = {"copy (256 MiB fp32)": dict(st(0.18), rate=3.0e12), "cuBLAS bf16 [T, d] x [d, d]": dict(st(0.4), rate=690e12),
+    measured = {"copy (256 MiB fp32)": dict(st(0.18), rate=3.0e12),
+                "cuBLAS bf16 [T, d] x [d, d]": dict(st(0.4), rate=690e12),
                 "layer fwd+bwd": st(1.9), "cam_forward": st(0.08), "cam_backward": st(0.2), "shrink": st(0.05),
                 "shrink_backward": st(0.15)}
     (tmp_path / "measured.json").write_text(json.dumps({"meta": {"device": "NVIDIA H100 80GB HBM3"},
