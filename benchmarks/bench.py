@@ -6,7 +6,16 @@ eager, torch.compile(ReferenceHyCAM) and a peft LoRA layer of the same trainable
     python -m benchmarks.bench --shapes 2048x1024x4x64,8192x1024x4x16   # given T x d x K x r
     python -m benchmarks.bench --help
 
-Writes a table to stdout, and results.json + speedup.png under --out (benchmarks/results/<date>)."""
+Writes a table to stdout; with --out DIR also DIR/results.json, results.txt and speedup.png (nothing is
+written without --out).
+
+Timing (benchmarks/harness.py, interleaved): every variant is warmed up (a few calls and at least a
+fraction of a second), then the variants' repetitions are interleaved round by round, so a slow
+phase of a shared machine hits them alike. Each stage is timed on its own: fwd(no_grad), fwd,
+bwd (the backward alone, its forward run untimed before each repetition) and fwd+bwd (both, one
+timed region); nothing is derived by subtraction. Rows carry the median and its spread (quartiles,
+min, max); a row whose interquartile range is over WIDE of its median, or a speed-up whose two
+interquartile ranges overlap, is flagged: not rankable on this run.""" 
 from __future__ import annotations
 
 import argparse
@@ -24,9 +33,10 @@ import hycam_ext  # noqa: E402
 from hycam_ext import ops  # noqa: E402
 from hycam_ext.reference import reference_cam, reference_shrink  # noqa: E402
 
-from .harness import Timer, copy_bandwidth, device_name, matmul_rate, peak_memory_bytes  # noqa: E402
+from .harness import Timer, copy_bandwidth, device_name, interleaved, matmul_rate, peak_memory_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WIDE = 0.15  # a row's interquartile range above this share of its median: too noisy to rank
 
 
 @dataclass(frozen=True)
@@ -126,39 +136,65 @@ def layer_rows(shape: Shape, dtype, device, impls, timer: Timer, floor: Dict[str
     h = torch.randn(shape.T, shape.d, device=device, dtype=dtype, requires_grad=True)
     go = torch.randn(shape.T, shape.d, device=device, dtype=dtype)
     rows = []
-    for name, layer in layers.items():
+    stages = {"fwd(no_grad)": {}, "fwd": {}, "bwd": {}, "fwd+bwd": {}}
+    mems = {}
+    for name, layer in list(layers.items()):
         layer.train()
         params = [p for p in layer.parameters() if p.requires_grad]
+        inputs = [x, h] + params
 
-        def fwd():
+        def fwd_ng(layer=layer):
+            with torch.no_grad():
+                return layer(x, h)
+
+        def fwd(layer=layer):
             return layer(x, h)
 
-        def fwd_bwd():
-            torch.autograd.backward(layer(x, h), go, inputs=[x, h] + params)
+        def bwd(out, inputs=inputs):
+            torch.autograd.backward(out, go, inputs=inputs)
 
-        try:
-            with torch.no_grad():
-                t_fwd_ng = timer(fwd)
-            t_fwd = timer(fwd)
-            t_all = timer(fwd_bwd)
-            mem = peak_memory_bytes(fwd_bwd, device)
+        def fwd_bwd(layer=layer, inputs=inputs):
+            torch.autograd.backward(layer(x, h), go, inputs=inputs)
+
+        try:  # one call of each first: an implementation that cannot run is reported, not timed
+            fwd_ng()
+            fwd_bwd()
+            mems[name] = peak_memory_bytes(fwd_bwd, device)
         except Exception as e:  # e.g. torch.compile unavailable: report, keep going
             rows.append({"impl": name, "stage": "error", "error": f"{type(e).__name__}: {e}"})
+            del layers[name]
             continue
-        for p in params + [x, h]:
-            p.grad = None
-        for stage, t in (("fwd(no_grad)", t_fwd_ng["ms"]), ("fwd", t_fwd["ms"]),
-                         ("bwd", max(t_all["ms"] - t_fwd["ms"], 0.0)), ("fwd+bwd", t_all["ms"])):
-            rows.append({"impl": name, "stage": stage, "ms": t, "peak_mem_MiB": mem / 2**20 if stage == "fwd+bwd" else None})
-    # ratios against the reference (speed-up > 1: faster than that baseline)
+        stages["fwd(no_grad)"][name] = fwd_ng
+        stages["fwd"][name] = fwd
+        stages["bwd"][name] = (fwd, bwd)
+        stages["fwd+bwd"][name] = fwd_bwd
+    for stage, fns in stages.items():
+        if not fns:
+            continue
+        res = interleaved(device, fns, timer.reps, warmup=timer.warmup, warmup_s=timer.warmup_s, flush=timer.flush,
+                          min_time_s=timer.min_time_s, max_reps=4 * timer.reps)
+        for name, st in res.items():
+            rows.append({"impl": name, "stage": stage, **st,
+                         "peak_mem_MiB": mems[name] / 2**20 if stage == "fwd+bwd" else None})
+    for p in [x, h] + [p for layer in layers.values() for p in layer.parameters()]:
+        p.grad = None
+    # ratios against the reference (speed-up > 1: faster than that baseline); a ratio whose two
+    # interquartile ranges overlap cannot be ranked on this run
     by = {(r["impl"], r["stage"]): r for r in rows if "ms" in r}
     for r in rows:
         if "ms" not in r:
             continue
+        flags = []
+        if r["iqr_rel"] > WIDE:
+            flags.append("wide")
         for base in ("reference", "compiled"):
             b = by.get((base, r["stage"]))
-            if b is not None and r["ms"] > 0:
+            if b is not None and r["ms"] > 0 and b is not r:
                 r[f"speedup_vs_{base}"] = b["ms"] / r["ms"]
+                r[f"speedup_vs_{base}_range"] = [b["ms_q1"] / r["ms_q3"], b["ms_q3"] / r["ms_q1"]]
+                if r["impl"] == "hycam" and not (r["ms_q3"] < b["ms_q1"] or b["ms_q3"] < r["ms_q1"]):
+                    flags.append(f"~{base}")
+        r["flag"] = ",".join(flags) or None
         if r["stage"] == "fwd+bwd" and ("reference", "fwd+bwd") in by and r.get("peak_mem_MiB"):
             r["mem_vs_reference"] = r["peak_mem_MiB"] / max(by[("reference", "fwd+bwd")]["peak_mem_MiB"], 1e-9)
         if r["impl"] == "hycam" and r["stage"] == "fwd+bwd" and floor:
@@ -216,23 +252,39 @@ def op_rows(shape: Shape, dtype, device, timer: Timer, ceil: Dict[str, float], w
     ]
     rows = []
     for name, fn, ref_fn, nbytes, flops in cases:
-        t = timer(fn)["ms"]
-        row = {"kind": "op", "impl": "hycam", "stage": name, "shape": str(shape), **shape.__dict__, "ms": t,
+        fns = {"hycam": fn}
+        if with_ref and ref_fn is not None:
+            fns["reference"] = ref_fn
+        res = interleaved(device, fns, timer.reps, warmup=timer.warmup, warmup_s=timer.warmup_s, flush=timer.flush,
+                          min_time_s=timer.min_time_s, max_reps=4 * timer.reps)
+        st = res["hycam"]
+        t = st["ms"]
+        row = {"kind": "op", "impl": "hycam", "stage": name, "shape": str(shape), **shape.__dict__, **st,
                "min_MB": nbytes / 1e6, "GBps": nbytes / (t * 1e-3) / 1e9, "TFLOPs": flops / (t * 1e-3) / 1e12,
                "frac_copy_bw": nbytes / (t * 1e-3) / ceil["copy_Bps"],
                "frac_matmul": flops / (t * 1e-3) / ceil["matmul_flops"]}
-        if with_ref and ref_fn is not None:
-            rt = timer(ref_fn)["ms"]
-            row["reference_ms"] = rt
-            row["speedup_vs_reference"] = rt / t
+        flags = ["wide"] if st["iqr_rel"] > WIDE else []
+        if "reference" in res:
+            rs = res["reference"]
+            row["reference_ms"] = rs["ms"]
+            row["speedup_vs_reference"] = rs["ms"] / t
+            row["speedup_vs_reference_range"] = [rs["ms_q1"] / st["ms_q3"], rs["ms_q3"] / st["ms_q1"]]
+            if not (st["ms_q3"] < rs["ms_q1"] or rs["ms_q3"] < st["ms_q1"]):
+                flags.append("~reference")
+        row["flag"] = ",".join(flags) or None
         rows.append(row)
     return rows
 
 
 # ------------------------------------------------------------------------------ output
 def fmt_table(rows: List[dict]) -> str:
-    cols = ["shape", "kind", "impl", "stage", "ms", "speedup_vs_reference", "speedup_vs_compiled",
-            "peak_mem_MiB", "mem_vs_reference", "vs_floor", "GBps", "frac_copy_bw", "TFLOPs", "frac_matmul"]
+    for r in rows:  # the spread beside the median: "q1-q3" (interquartile range) and min-max
+        if "ms_q1" in r:
+            r["IQR ms"] = f"{r['ms_q1']:.3g}-{r['ms_q3']:.3g}"
+            r["min-max ms"] = f"{r['ms_min']:.3g}-{r['ms_max']:.3g}"
+    cols = ["shape", "kind", "impl", "stage", "ms", "IQR ms", "min-max ms", "flag", "speedup_vs_reference",
+            "speedup_vs_compiled", "peak_mem_MiB", "mem_vs_reference", "vs_floor", "GBps", "frac_copy_bw",
+            "TFLOPs", "frac_matmul"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
 
     def cell(v):
@@ -245,8 +297,44 @@ def fmt_table(rows: List[dict]) -> str:
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    for r in rows:
+        r.pop("IQR ms", None)
+        r.pop("min-max ms", None)
     errors = [f"{r['shape']} {r['impl']}: {r['error']}" for r in rows if r.get("stage") == "error"]
-    return "\n".join(lines + (["", "errors:"] + errors if errors else []))
+    notes = [f"ms: median of the interleaved repetitions; flag wide: IQR over {WIDE:.0%} of the median; "
+             "~base: the interquartile ranges of this row and the base overlap (the speed-up cannot be ranked)"]
+    return "\n".join(lines + [""] + notes + (["", "errors:"] + errors if errors else []))
+
+
+def compare_runs(old: List[dict], new: List[dict]) -> str:
+    """Two runs compared row by row: the speed-ups of hycam_ext (what the table ranks) agree when
+    their quartile ranges overlap, the times when their interquartile ranges do (times also move
+    with the load of a shared machine between runs; the interleaved ratios much less)."""
+    key = lambda r: (r.get("dtype"), r.get("shape"), r.get("kind"), r.get("impl"), r.get("stage"))  # noqa: E731
+    before = {key(r): r for r in old if "ms_q1" in r}
+    out = []
+    for what in ("speed-ups", "times"):
+        agree, differ = 0, []
+        for r in new:
+            b = before.get(key(r))
+            if b is None or "ms_q1" not in r:
+                continue
+            if what == "times":
+                lo1, hi1, lo2, hi2, v1, v2 = b["ms_q1"], b["ms_q3"], r["ms_q1"], r["ms_q3"], b["ms"], r["ms"]
+            else:
+                if r["impl"] != "hycam" or "speedup_vs_reference_range" not in r or \
+                        "speedup_vs_reference_range" not in b:
+                    continue
+                (lo1, hi1), (lo2, hi2) = b["speedup_vs_reference_range"], r["speedup_vs_reference_range"]
+                v1, v2 = b["speedup_vs_reference"], r["speedup_vs_reference"]
+            if lo2 <= hi1 and lo1 <= hi2:
+                agree += 1
+            else:
+                differ.append(f"  {r['shape']} {r['kind']} {r['impl']} {r['stage']}: {v1:.3g} [{lo1:.3g}-{hi1:.3g}] "
+                              f"then {v2:.3g} [{lo2:.3g}-{hi2:.3g}]")
+        out.append(f"compared with the earlier run, {what}: {agree} of {agree + len(differ)} rows agree within "
+                   f"their ranges" + (":" if not differ else "; these do not:\n" + "\n".join(differ)))
+    return "\n".join(out)
 
 
 def plot(rows: List[dict], path: str, title: str) -> Optional[str]:
@@ -311,8 +399,13 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="comma list of TxdxKxr, e.g. 2048x1024x4x64 (overrides the presets)")
     ap.add_argument("--impls", default="hycam,reference,compiled,lora")
     ap.add_argument("--no-ops", action="store_true", help="skip the per-op rows")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default: GPU 50, CPU 15, "
+                    "--quick on CPU 7)")
+    ap.add_argument("--compare", metavar="RESULTS_JSON", default=None,
+                    help="an earlier run's results.json: say for every row of both whether the two runs agree "
+                         "(their interquartile ranges overlap)")
+    ap.add_argument("--out", default=None, help="write results.json, results.txt and speedup.png into this folder "
+                    "(nothing is written without it; e.g. benchmarks/results/<device>-<date>)")
     args = ap.parse_args(argv)
     if not ops.kernels_available():
         sys.exit("hycam_ext._C is not built: run `bash .ci/setup` first")
@@ -321,11 +414,15 @@ def main(argv=None):
     device = torch.device(args.device)
     dtypes = (args.dtypes or ("bf16" if args.device == "cuda" else "fp32")).split(",")
     impls = args.impls.split(",")
-    reps = args.reps or (50 if args.device == "cuda" else 10)
-    timer = Timer(device, warmup=3 if args.device == "cuda" else 1, reps=reps)
+    reps = args.reps or (50 if args.device == "cuda" else (7 if args.quick else 15))
+    # short stages get more rounds (at least min_time_s of the slowest variant, at most 4 x reps)
+    timer = Timer(device, warmup=5 if args.device == "cuda" else (1 if args.quick else 2), reps=reps,
+                  warmup_s=0.2 if args.device == "cuda" else (0.2 if args.quick else 1.0),
+                  min_time_s=0.1 if args.device == "cuda" else (0.4 if args.quick else 2.0))
     date = datetime.date.today().isoformat()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{args.device}-{date}")
-    os.makedirs(out, exist_ok=True)
+    out = args.out
+    if out:
+        os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
 
     meta = {"device": device_name(device), "torch": torch.__version__, "hycam_ext": hycam_ext.__version__,
@@ -357,6 +454,11 @@ def main(argv=None):
                            for k, v in ceilings.items()))
     print(header)
     print(table)
+    if args.compare:
+        with open(args.compare) as f:
+            print("\n" + compare_runs(json.load(f)["rows"], rows))
+    if not out:
+        return rows
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "ceilings": ceilings, "rows": rows}, f, indent=1)
     with open(os.path.join(out, "results.txt"), "w") as f:

@@ -49,6 +49,21 @@ static void print(const hycam_emu::Counters& c, const char* group) {
   tr("load", c.load);
   std::printf(", ");
   tr("store", c.store);
+  std::printf(", ");
+  hycam_emu::print_smem_json("smem_plain", c.smem);
+  std::printf(", ");
+  hycam_emu::print_smem_json("smem_frag", c.frag);
+  for (int st = 0; st < 2; ++st) {  // global requests by width in bytes
+    std::printf(", \"%s_width\": {", st ? "store" : "load");
+    const uint64_t* wd = st ? c.store_width : c.load_width;
+    bool first = true;
+    for (int b = 1; b <= 16; ++b)
+      if (wd[b]) {
+        std::printf("%s\"%d\": %llu", first ? "" : ", ", b, (unsigned long long)wd[b]);
+        first = false;
+      }
+    std::printf("}");
+  }
   std::printf("}\n");
 }
 
@@ -127,7 +142,7 @@ int main(int argc, char** argv) {
     using namespace shrink_kernels;
     Buf<M> dw(T * KR), x(T * d), A(KR * d), N(K * r * r), p(T * KR), dplo(T * KR), dx(T * d);
     const auto cfg = shrink_backward_config(T, d, K, r, /*tensor_cores=*/true);
-    Buf<float> dp(T * KR), pA(cfg.S * KR * d), pS(cfg.S * cfg.nq), sA(KR * d), sS(cfg.nq);
+    Buf<float> dp(T * KR), pA(cfg.S * KR * d), pS(cfg.S_small * cfg.nq), sA(KR * d), sS(cfg.nq);
     launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
            [&] { dp_kernel<M, float>(dw.p, N.p, dp.p, dplo.p, T, K, r); }, "dp_kernel");
     const auto dpo = make_operand<M>(dplo.p, KR);
@@ -135,11 +150,11 @@ int main(int argc, char** argv) {
            [&] { dx_tc_kernel<M>(dpo, make_operand<M>(A.p, d), dx.p, T, d, KR); }, "dx_tc_kernel");
     launch(dim3(unsigned(cfg.nO), unsigned(cfg.nJ), unsigned(cfg.S)), dim3(kMThreads), 0,
            [&] { dA_tc_kernel<M>(dpo, make_operand<M>(x.p, d), pA.p, T, d, KR, cfg.per_split); }, "dA_tc_kernel");
-    launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S)), dim3(256), 0, [&] {
-      small_reductions_kernel<M, float>(dp.p, dw.p, p.p, pS.p, T, K, r, cfg.per_split);
+    launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S_small)), dim3(256), 0, [&] {
+      small_reductions_kernel<M, float>(dp.p, dw.p, p.p, pS.p, T, K, r, cfg.per_small);
     }, "small_reductions_kernel");
     sum_partials(pA.p, cfg.S, KR * d, sA.p, "sum_partials_kernel(pA)");
-    sum_partials(pS.p, cfg.S, cfg.nq, sS.p, "sum_partials_kernel(pSmall)");
+    sum_partials(pS.p, cfg.S_small, cfg.nq, sS.p, "sum_partials_kernel(pSmall)");
   } else {
     std::fprintf(stderr, "unknown group %s\n", group.c_str());
     return 2;

@@ -219,6 +219,10 @@ class KernelCode:
     global_stores: dict = dataclasses.field(default_factory=dict)
     hmma: int = 0
     spill_instr: int = 0  # LDL / STL
+    generic_loads: int = 0  # LD (generic 64-bit addressing: the compiler could not prove the space)
+    generic_stores: int = 0  # ST
+    shared_loads: dict = dataclasses.field(default_factory=dict)  # LDS / LDSM opcode -> count
+    shared_stores: int = 0  # STS
 
     def share_128(self) -> float:
         tot = sum(self.global_loads.values()) + sum(self.global_stores.values())
@@ -289,6 +293,14 @@ def read_cubins(path: str) -> list[KernelCode]:
             cur.hmma += 1
         elif base in ("LDL", "STL"):
             cur.spill_instr += 1
+        elif base == "LD":
+            cur.generic_loads += 1
+        elif base == "ST":
+            cur.generic_stores += 1
+        elif base in ("LDS", "LDSM"):
+            cur.shared_loads[op] = cur.shared_loads.get(op, 0) + 1
+        elif base == "STS":
+            cur.shared_stores += 1
     names = _demangle([k.name for k in kernels.values()])
     out = []
     for k in kernels.values():
@@ -323,11 +335,11 @@ def main(argv=None):
     ks, src = kernel_code(archs, args.so)
     print(f"source: {src}")
     print(f"{'kernel':42s} {'sm':>3s} {'regs':>4s} {'smem':>6s} {'local':>5s} {'LDG':>4s} {'STG':>4s} "
-          f"{'128b%':>5s} {'HMMA':>4s}")
+          f"{'128b%':>5s} {'STG128':>6s} {'LD/ST.E':>7s} {'HMMA':>4s}")
     for k in ks:
         print(f"{k.name:42s} {k.arch:3d} {k.regs:4d} {k.static_smem:6d} {k.local:5d} "
               f"{sum(k.global_loads.values()):4d} {sum(k.global_stores.values()):4d} {100 * k.share_128():5.1f} "
-              f"{k.hmma:4d}")
+              f"{k.global_stores.get(128, 0):6d} {k.generic_loads + k.generic_stores:7d} {k.hmma:4d}")
 
 
 if __name__ == "__main__":

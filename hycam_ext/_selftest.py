@@ -122,18 +122,44 @@ def describe(env: Dict[str, object]) -> List[str]:
     return lines
 
 
+def cuda_unusable_reason() -> str:
+    """Why torch can use no GPU here, in one line: a CPU-only torch, no driver, a driver older than
+    this torch's CUDA needs, or no GPU visible (torch.cuda.init() raises the driver's reason)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build (no CUDA)"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # torch's message names the driver version it found and what it needs
+        first = " ".join(str(e).split())
+        low = first.lower()
+        if "too old" in low:
+            return (f"the NVIDIA driver is older than torch {torch.__version__} (CUDA {torch.version.cuda}) "
+                    f"needs: {first}")
+        if "no nvidia driver" in low or "found no" in low:
+            return f"no NVIDIA driver found: {first}"
+        return f"CUDA cannot be initialised: {first}"
+    if torch.cuda.device_count() == 0:
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return "no GPU visible to torch" + (f" (CUDA_VISIBLE_DEVICES={vis!r})" if vis is not None else "")
+    return "no GPU usable by torch"
+
+
 def devices_to_test(env: Dict[str, object], wanted: str) -> Tuple[List[str], List[str]]:
-    """(devices to test, notes about devices that cannot be tested)."""
+    """(devices to test, notes about devices that cannot be tested). Asked for CUDA explicitly
+    (`--device cuda`) with no usable GPU: SystemExit with the reason (a failed run, never a pass)."""
     devices, notes = [], []
     if wanted in ("all", "cpu"):
         devices.append("cpu")
     if wanted in ("all", "cuda"):
         if not env["gpus"]:
-            notes.append("cuda: not tested (no GPU visible to torch)")
+            reason = cuda_unusable_reason()
+            if wanted == "cuda":
+                raise SystemExit(f"FAIL  cuda: asked for but not usable: {reason}")
+            notes.append(f"cuda: not tested ({reason})")
         elif not env.get("cuda_kernels"):
             msg = "cuda: a GPU is visible but this binary has no CUDA kernels (CPU-only build)"
             if wanted == "cuda":
-                raise SystemExit(msg)
+                raise SystemExit("FAIL  " + msg)
             notes.append(msg + ": rebuild on a machine with nvcc to use it")
         else:
             devices.append("cuda")
@@ -319,7 +345,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report.update(passed=0, failed=1, error=_extension.unavailable_message())
         _write_json(args.json, report)
         return 2
-    devices, notes = devices_to_test(env, args.device)
+    try:
+        devices, notes = devices_to_test(env, args.device)
+    except SystemExit as e:  # CUDA asked for and not usable: one line, exit 1, no checks
+        say("")
+        say(str(e.code))
+        report.update(passed=0, failed=1, error=str(e.code))
+        _write_json(args.json, report)
+        if not text:
+            print(str(e.code), file=sys.stderr)
+        return 1
     problem = arch_problem(env)
     if problem:
         notes.append(problem)
@@ -332,6 +367,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = len(checks) - passed + (1 if problem else 0)
     seconds = time.perf_counter() - start
     say("")
+    if not checks:  # nothing tested is never a pass
+        failed = max(failed, 1)
+        notes.append("no checks ran")
+        say("FAIL  no checks ran")
     say(f"hycam_ext self-test: {passed} passed, {failed} failed "
         f"({len(checks)} checks on {', '.join(devices)} in {seconds:.1f} s)")
     report.update(checks=[dataclasses.asdict(c) for c in checks], notes=notes, passed=passed,

@@ -48,14 +48,16 @@ constexpr int64_t kSplitTokens = 512;   // at least this many tokens per split
 HYCAM_HD int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
 HYCAM_HD int64_t align32(int64_t x) { return (x + 31) / 32 * 32; }
 
-// Shared-memory layout (byte offsets, each 32-byte aligned). Bs [K][rb][jt] and bs [K][jt] in
-// scalar_t (rb = r, or r rounded up to 16 with zero rows for the tensor-core expand); ws
+// Shared-memory layout (byte offsets, each 32-byte aligned). Bs [K][rb][bst] and bs [K][jt] in
+// scalar_t (rb = r, or r rounded up to 16 with zero rows for the tensor-core expand; the row
+// stride bst is jt, plus 16 bytes of padding for the tensor-core expand, see b_stride); ws
 // [tokens][K][rp] (rp: r rounded up to 16 bytes of acc_t, zero padded, so that w is read as
-// 16-byte broadcasts) and gs [tokens][K] in acc_t; backward only: the tokens routed to each
-// specialist tl [K][tokens], their count tn [K] and the first phase-1b item of each specialist
-// istart [K + 1] (int); tensor-core expand only: w in scalar_t, wh [tokens16][K][rb] (tokens16 =
-// tokens rounded up to 16, the mma's M); du [max(tokens, tokens16)][K][jt] (token stride
-// du_stride), the dB / db accumulators acc [K][r + 1][jt] and, when z_bias is given (dz_sums),
+// 16-byte broadcasts; not in the tensor-core backward, which keeps w only as wh) and gs
+// [tokens][K] in acc_t; backward only: the tokens routed to each specialist tl [K][tokens], their
+// count tn [K] and the first phase-1b item of each specialist istart [K + 1] (int); tensor-core
+// expand only: w in scalar_t, wh [tokens16][K * rb + 8] (tokens16 = tokens rounded up to 16, the
+// mma's M; 8 elements of row padding, see wh_stride; zero past the tile's tokens and past r; the
+// mma's operand and phase 2's w); du [max(tokens, tokens16)][K][jt] (token stride du_stride), the dB / db accumulators acc [K][r + 1][jt] and, when z_bias is given (dz_sums),
 // the sums of dz zs [tokens][jt] (one row per lane group, summed over the rows at the end) in acc_t.
 //
 // The backward keeps its channels in "x order": du, acc and (both staged by the backward) Bs and
@@ -76,6 +78,14 @@ HYCAM_HD int64_t du_stride(int64_t K, int64_t jt, int64_t lpr, int64_t acc) {
 }
 HYCAM_HD int64_t w_stride(int64_t r, int64_t acc) { return align16(r * acc) / acc; }
 HYCAM_HD int64_t b_rows(int64_t r, bool tc) { return tc ? (r + 15) / 16 * 16 : r; }
+// Row strides of the tensor-core operands in shared memory (16-bit elements). A fragment load
+// (LDSM) reads 8 rows of 16 bytes per phase; a row stride that is an odd number of 16-byte units
+// puts the 8 rows on 8 different groups of 4 banks (conflict-free). jt and K * rb are multiples
+// of 16 elements (an even number of 16-byte units, which put every row on the same banks: 8-way
+// conflicts), so both get 8 elements (16 bytes) of padding. The pad is never read. Without the
+// tensor-core expand Bs rows are jt long (the lanes read a row's contiguous runs: no conflicts).
+HYCAM_HD int64_t b_stride(int64_t jt, bool tc) { return tc ? jt + 8 : jt; }
+HYCAM_HD int64_t wh_stride(int64_t K, int64_t rb) { return K * rb + 8; }
 // x order (see Layout): the position of tile channel jl
 HYCAM_HD int64_t x_pos(int64_t jl, int64_t lpr, int64_t V, int64_t P) {
   const int64_t li = jl / V, c = jl % V;
@@ -85,11 +95,11 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
                            int64_t acc, bool backward, bool tc, bool dz_sums) {
   Layout L;
   const int64_t rb = b_rows(r, tc), tokens16 = (tokens + 15) / 16 * 16;
-  int64_t o = align32(K * rb * jt * elem);
+  int64_t o = align32(K * rb * b_stride(jt, tc) * elem);
   L.b = o;
   o = align32(o + K * jt * elem);
-  L.w = o;
-  o = align32(o + tokens * K * w_stride(r, acc) * acc);
+  L.w = o;  // the tensor-core backward keeps w only in scalar_t (wh), not in acc_t
+  o = align32(o + (backward && tc ? 0 : tokens * K * w_stride(r, acc) * acc));
   L.g = o;
   o = align32(o + tokens * K * acc);
   L.tl = L.tn = L.wh = L.du = L.acc = L.zs = o;
@@ -99,7 +109,7 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
     L.tn = o;
     o = align32(o + (2 * K + 1) * 4);  // tn [K], then phase 1b's first item of each specialist [K + 1]
     L.wh = o;
-    if (tc) o = align32(o + tokens16 * K * rb * elem);
+    if (tc) o = align32(o + tokens16 * wh_stride(K, rb) * elem);
     L.du = o;
     o = align32(o + (tc ? tokens16 : tokens) * du_stride(K, jt, lpr, acc) * acc);
     L.acc = o;
@@ -111,13 +121,14 @@ HYCAM_HD Layout cam_layout(int64_t K, int64_t r, int64_t jt, int64_t lpr, int64_
   return L;
 }
 
-// Stage B[:, j0:j0+jt, :] (global [K, d, r]) as Bs [K][rb][jt] and b[:, j0:j0+jt] as bs [K][jt],
+// Stage B[:, j0:j0+jt, :] (global [K, d, r]) as Bs [K][rb][bst] and b[:, j0:j0+jt] as bs [K][jt],
 // channel jl at x_pos(jl, lpr, V, P) (P = V: channel order), zero past d (so that lanes past d
-// compute zeros) and in the rows r..rb. 16-byte loads when `vec`.
+// compute zeros) and in the rows r..rb; the bst - jt padding elements of a row are not written.
+// 16-byte loads when `vec`.
 template <typename scalar_t>
 HYCAM_DEVICE void stage_B(scalar_t* Bs, scalar_t* bs, const scalar_t* __restrict__ B, const scalar_t* __restrict__ b,
-                          int64_t j0, int64_t jt, int64_t d, int64_t K, int64_t r, int64_t rb, bool vec,
-                          int64_t lpr, int64_t P) {
+                          int64_t j0, int64_t jt, int64_t bst, int64_t d, int64_t K, int64_t r, int64_t rb,
+                          bool vec, int64_t lpr, int64_t P) {
   constexpr int V = cuda::Pack16<scalar_t>::kN;
   const int64_t per_k = jt * r, nvalid = (d - j0 < jt ? d - j0 : jt) * r;
   for (int64_t q = static_cast<int64_t>(threadIdx.x) * V; q < K * per_k; q += static_cast<int64_t>(blockDim.x) * V) {
@@ -132,16 +143,16 @@ HYCAM_DEVICE void stage_B(scalar_t* Bs, scalar_t* bs, const scalar_t* __restrict
     }
     for (int c = 0; c < V; ++c) {
       const int64_t jl = (f + c) / r, i = (f + c) % r;
-      Bs[(k * rb + i) * jt + x_pos(jl, lpr, V, P)] = e[c];
+      cuda::sst(Bs + (k * rb + i) * bst + x_pos(jl, lpr, V, P), e[c]);
     }
   }
   for (int64_t q = threadIdx.x; q < K * (rb - r) * jt; q += blockDim.x) {
     const int64_t k = q / ((rb - r) * jt), f = q % ((rb - r) * jt);
-    Bs[(k * rb + r) * jt + f] = static_cast<scalar_t>(0.0f);
+    cuda::sst(Bs + (k * rb + r + f / jt) * bst + f % jt, static_cast<scalar_t>(0.0f));
   }
   for (int64_t q = threadIdx.x; q < K * jt; q += blockDim.x) {
     const int64_t k = q / jt, jl = q % jt, j = j0 + jl;
-    bs[k * jt + x_pos(jl, lpr, V, P)] = (b && j < d) ? cuda::ld(b + k * d + j) : static_cast<scalar_t>(0.0f);
+    cuda::sst(bs + k * jt + x_pos(jl, lpr, V, P), (b && j < d) ? cuda::ld(b + k * d + j) : static_cast<scalar_t>(0.0f));
   }
 }
 
@@ -152,32 +163,32 @@ HYCAM_DEVICE void stage_w(acc_t* ws, const scalar_t* __restrict__ w, int64_t t0,
   const int64_t rp = w_stride(r, sizeof(acc_t));
   for (int64_t q = threadIdx.x; q < tokens * K * rp; q += blockDim.x) {
     const int64_t tk = q / rp, i = q % rp;  // tk = tt * K + k
-    ws[q] = (i < r && tk < nt * K) ? static_cast<acc_t>(cuda::ld(w + (t0 * K + tk) * r + i)) : acc_t(0);
+    cuda::sst(ws + q, (i < r && tk < nt * K) ? static_cast<acc_t>(cuda::ld(w + (t0 * K + tk) * r + i)) : acc_t(0));
   }
 }
 
 // The V values of lane li in a shared-memory row of x order with runs of P (see Layout): V / P
 // accesses of P * sizeof(T) bytes, as acc_t (P = V: one access at li * V, channel order).
 template <int V, int P, typename T, typename acc_t>
-HYCAM_DEVICE void lds_lane(const T* row, int64_t li, int64_t lpr, acc_t* out) {
+HYCAM_DEVICE void lds_lane(const T* row, int64_t li, int64_t lpr, acc_t* out HYCAM_SITE_PARAM) {
 #pragma unroll
   for (int g = 0; g < V / P; ++g) {
     const T* p = row + g * lpr * P + li * P;
-    cuda::check_smem_aligned(p, P * sizeof(T));
+    cuda::check_smem_aligned(p, P * sizeof(T) HYCAM_SITE_ARG);
     const auto q = *reinterpret_cast<const cuda::VecN<T, P>*>(p);
 #pragma unroll
     for (int c = 0; c < P; ++c) out[g * P + c] = static_cast<acc_t>(q.v[c]);
   }
 }
 template <int V, int P, typename acc_t>
-HYCAM_DEVICE void sts_lane(acc_t* row, int64_t li, int64_t lpr, const acc_t* in) {
+HYCAM_DEVICE void sts_lane(acc_t* row, int64_t li, int64_t lpr, const acc_t* in HYCAM_SITE_PARAM) {
 #pragma unroll
   for (int g = 0; g < V / P; ++g) {
     cuda::VecN<acc_t, P> q;
 #pragma unroll
     for (int c = 0; c < P; ++c) q.v[c] = in[g * P + c];
     acc_t* p = row + g * lpr * P + li * P;
-    cuda::check_smem_aligned(p, P * sizeof(acc_t));
+    cuda::check_smem_aligned(p, P * sizeof(acc_t) HYCAM_SITE_ARG);
     *reinterpret_cast<cuda::VecN<acc_t, P>*>(p) = q;
   }
 }
@@ -186,7 +197,7 @@ HYCAM_DEVICE void sts_lane(acc_t* row, int64_t li, int64_t lpr, const acc_t* in)
 // memory in x order with runs of P; w_k 16-byte aligned and zero padded to a multiple of 16 bytes).
 template <int V, int P, typename scalar_t, typename acc_t>
 HYCAM_DEVICE void expand_lane(const scalar_t* Bs, const scalar_t* bs, const acc_t* wk, int64_t k, int64_t r,
-                              int64_t rb, int64_t jt, int64_t li, int64_t lpr, acc_t* u) {
+                              int64_t rb, int64_t jt, int64_t bst, int64_t li, int64_t lpr, acc_t* u) {
   constexpr int W = cuda::Pack16<acc_t>::kN;
   lds_lane<V, P>(bs + k * jt, li, lpr, u);
   for (int64_t i0 = 0; i0 < r; i0 += W) {
@@ -196,7 +207,7 @@ HYCAM_DEVICE void expand_lane(const scalar_t* Bs, const scalar_t* bs, const acc_
     for (int p = 0; p < W; ++p) {
       if (i0 + p < r) {
         acc_t Bv[V];
-        lds_lane<V, P>(Bs + (k * rb + i0 + p) * jt, li, lpr, Bv);
+        lds_lane<V, P>(Bs + (k * rb + i0 + p) * bst, li, lpr, Bv);
 #pragma unroll
         for (int c = 0; c < V; ++c) u[c] += Bv[c] * wv.v[p];
       }
@@ -246,7 +257,7 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
   acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
   acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
   const int64_t t0 = blockIdx.x * tile, nt = min(tile, T - t0), j0 = blockIdx.y * jt;
-  stage_B(Bs, bs, B, b, j0, jt, d, K, r, r, vec_B, lpr, V);
+  stage_B(Bs, bs, B, b, j0, jt, jt, d, K, r, r, vec_B, lpr, V);
   stage_w(ws, w, t0, nt, tile, K, r);
   for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
   __syncthreads();
@@ -264,7 +275,7 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
     for (int64_t k = 0; k < K; ++k) {
       const acc_t gk = gs[tt * K + k];
       if (gk == acc_t(0)) continue;  // hard routing: only the routed specialist is expanded
-      expand_lane<V, V>(Bs, bs, ws + (tt * K + k) * rp, k, r, r, jt, li, lpr, u);
+      expand_lane<V, V>(Bs, bs, ws + (tt * K + k) * rp, k, r, r, jt, jt, li, lpr, u);
 #pragma unroll
       for (int c = 0; c < V; ++c) spec[c] += gk * silu(s * u[c]);
     }
@@ -305,7 +316,7 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   HYCAM_DYNAMIC_SMEM(smem);
   const int64_t jt = lpr * V, rows = blockDim.x / lpr, R1 = r + 1, rp = w_stride(r, sizeof(acc_t));
   const bool tc = !std::is_void_v<M> && jt % 16 == 0;
-  const int64_t rb = b_rows(r, tc), rows16 = (rows + 15) / 16 * 16;
+  const int64_t rb = b_rows(r, tc), rows16 = (rows + 15) / 16 * 16, bst = b_stride(jt, tc);
   const bool dz_sums = zb != nullptr;  // as cam_backward_config was told
   const Layout L = cam_layout(K, r, jt, lpr, rows, sizeof(scalar_t), sizeof(acc_t), true, tc, dz_sums);
   const int64_t dst = du_stride(K, jt, lpr, sizeof(acc_t));
@@ -324,26 +335,29 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   const int64_t ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
   acc_t* pdw_j = pdw + static_cast<int64_t>(blockIdx.x) * T * K * r;  // this channel tile's partials
   acc_t* pdg_j = pdg + static_cast<int64_t>(blockIdx.x) * T * K;
-  stage_B(Bs, bs, B, b, j0, jt, d, K, r, rb, vec_B, lpr, P);
-  for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) accs[q] = 0;
+  stage_B(Bs, bs, B, b, j0, jt, bst, d, K, r, rb, vec_B, lpr, P);
+  for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) cuda::sst(accs + q, acc_t(0));
   if (dz_sums)
-    for (int64_t q = threadIdx.x; q < rows * jt; q += blockDim.x) zss[q] = 0;
+    for (int64_t q = threadIdx.x; q < rows * jt; q += blockDim.x) cuda::sst(zss + q, acc_t(0));
 
   const int64_t li = threadIdx.x % lpr, row = threadIdx.x / lpr, j = j0 + li * V;
   const int64_t valid = d - j;  // <= 0: a lane past d (computes zeros, stores nothing)
   for (int64_t t0 = ts0; t0 < ts1; t0 += rows) {
     const int64_t nt = min(rows, ts1 - t0);
-    __syncthreads();  // the previous tile's phases 1b and 2 are done with ws, gs, tl, du
-    stage_w(ws, w, t0, nt, rows, K, r);
+    __syncthreads();  // the previous tile's phases 1b and 2 are done with ws / wh, gs, tl, du
+    if (tc) {  // w in scalar_t for the mma and phase 2: [rows16][K * rb (+ pad)], zero padded
+      const int64_t whs = wh_stride(K, rb);
+      for (int64_t q = threadIdx.x; q < rows16 * K * rb; q += blockDim.x) {
+        const int64_t tk = q / rb, i = q % rb;
+        cuda::sst(wh + tk / K * whs + tk % K * rb + i,
+                  i < r && tk < nt * K ? cuda::ld(w + (t0 * K + tk) * r + i) : static_cast<scalar_t>(0.0f));
+      }
+    } else {
+      stage_w(ws, w, t0, nt, rows, K, r);
+    }
     for (int64_t q = threadIdx.x; q < rows * K; q += blockDim.x)
       gs[q] = q < nt * K ? static_cast<acc_t>(cuda::ld(g + t0 * K + q)) : acc_t(0);
     __syncthreads();
-    if (tc) {  // w again, in scalar_t for the mma (exact: w is scalar_t): [rows16][K][rb], zero padded
-      for (int64_t q = threadIdx.x; q < rows16 * K * rb; q += blockDim.x) {
-        const int64_t tk = q / rb, i = q % rb;
-        wh[q] = static_cast<scalar_t>(i < r && tk < rows * K ? ws[tk * rp + i] : acc_t(0));
-      }
-    }
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {  // tokens routed to each specialist
       int n = 0;
       for (int64_t tt = 0; tt < rows; ++tt)
@@ -371,11 +385,12 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
             mma::zero(uacc);
             for (int64_t i0 = 0; i0 < rb; i0 += 16) {
               if (rb > 16 || !have_a) {
-                mma::load_a<true>(fa, whm + (mi * 16 * K + k) * rb + i0, static_cast<unsigned>(K * rb));
+                mma::load_a<true>(fa, whm + mi * 16 * wh_stride(K, rb) + k * rb + i0,
+                                  static_cast<unsigned>(wh_stride(K, rb)));
                 have_a = true;
               }
               mma::FragB<M, true> fb;
-              mma::load_b<true>(fb, Bm + (k * rb + i0) * jt + n * 16, static_cast<unsigned>(jt));
+              mma::load_b<true>(fb, Bm + (k * rb + i0) * bst + n * 16, static_cast<unsigned>(bst));
               mma::mma(uacc, fa, fb);
             }
             mma::store(dus + mi * 16 * dst + k * jt + n * 16, uacc, static_cast<unsigned>(dst));
@@ -414,7 +429,7 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
 #pragma unroll
           for (int c = 0; c < V; ++c) u[c] += bias[c];
         } else {
-          expand_lane<V, P>(Bs, bs, ws + (tt * K + k) * rp, k, r, rb, jt, li, lpr, u);
+          expand_lane<V, P>(Bs, bs, ws + (tt * K + k) * rp, k, r, rb, jt, bst, li, lpr, u);
         }
         acc_t sdg = 0, du[V];
 #pragma unroll
@@ -511,7 +526,7 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
         for (int64_t i = 0; i < r; ++i) {
           acc_t Bv[V];
           if (k >= 0) {
-            lds_lane<V, P>(Bs + (k * rb + i) * jt, li, lpr, Bv);
+            lds_lane<V, P>(Bs + (k * rb + i) * bst, li, lpr, Bv);
           } else {
 #pragma unroll
             for (int c = 0; c < V; ++c) Bv[c] = 0;
@@ -548,15 +563,34 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
       const acc_t* du_k = dus + k * jt + x;
       for (int64_t i0 = 0; i0 < r || i0 == 0; i0 += kC) {
         const bool first = i0 == 0;
-        acc_t a0[kC], a1[kC], db0 = first ? acc_k[r * jt] : acc_t(0), db1 = first ? acc_k[r * jt + half] : acc_t(0);
+        acc_t a0[kC], a1[kC], db0 = first ? cuda::sld(acc_k + r * jt) : acc_t(0),
+                              db1 = first ? cuda::sld(acc_k + r * jt + half) : acc_t(0);
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
-          a0[c] = i0 + c < r ? acc_k[(i0 + c) * jt] : acc_t(0);
-          a1[c] = i0 + c < r ? acc_k[(i0 + c) * jt + half] : acc_t(0);
+          a0[c] = i0 + c < r ? cuda::sld(acc_k + (i0 + c) * jt) : acc_t(0);
+          a1[c] = i0 + c < r ? cuda::sld(acc_k + (i0 + c) * jt + half) : acc_t(0);
         }
         for (int n = 0; n < tn[k]; ++n) {  // the tokens routed to k (hard routing: about rows / K)
           const int64_t q = tl[k * rows + n];
-          const acc_t du0 = du_k[q * dst], du1 = du_k[q * dst + half];
+          const acc_t du0 = cuda::sld(du_k + q * dst), du1 = cuda::sld(du_k + q * dst + half);
+          if (tc) {  // w_k[i0 .. i0 + kC) from wh: 16-byte broadcasts of V scalar_t (zero padded to rb)
+            const scalar_t* whq = wh + q * wh_stride(K, rb) + k * rb + i0;
+#pragma unroll
+            for (int c0 = 0; c0 < kC; c0 += V) {
+              if (i0 + c0 < rb) {
+                cuda::check_smem16(whq + c0);
+                const auto wv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(whq + c0);
+#pragma unroll
+                for (int c = 0; c < V && c0 + c < kC; ++c) {
+                  a0[c0 + c] += du0 * static_cast<acc_t>(wv.v[c]);
+                  a1[c0 + c] += du1 * static_cast<acc_t>(wv.v[c]);
+                }
+              }
+            }
+            db0 += du0;
+            db1 += du1;
+            continue;
+          }
           const acc_t* wq = ws + (q * K + k) * rp + i0;
           // w_k[i0 + c0 .. + P) as 16-byte broadcasts up to rp (zero padded past r); none past rp
 #pragma unroll
@@ -577,13 +611,13 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
           if (i0 + c < r) {
-            acc_k[(i0 + c) * jt] = a0[c];
-            acc_k[(i0 + c) * jt + half] = a1[c];
+            cuda::sst(acc_k + (i0 + c) * jt, a0[c]);
+            cuda::sst(acc_k + (i0 + c) * jt + half, a1[c]);
           }
         }
         if (first) {
-          acc_k[r * jt] = db0;
-          acc_k[r * jt + half] = db1;
+          cuda::sst(acc_k + r * jt, db0);
+          cuda::sst(acc_k + r * jt + half, db1);
         }
       }
     }
@@ -591,13 +625,13 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
   __syncthreads();
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) {
     const int64_t jl = q % jt, ki = q / jt;  // ki = k * R1 + i; consecutive threads: consecutive j
-    if (j0 + jl < d) cuda::st(pB + (split * nB + ki) * d + j0 + jl, accs[ki * jt + x_pos(jl, lpr, V, P)]);
+    if (j0 + jl < d) cuda::st(pB + (split * nB + ki) * d + j0 + jl, cuda::sld(accs + ki * jt + x_pos(jl, lpr, V, P)));
   }
   if (dz_sums) {
     for (int64_t jl = threadIdx.x; jl < jt; jl += blockDim.x) {  // dz summed over the rows, in row order
       const int64_t x = x_pos(jl, lpr, V, P);
       acc_t sum = 0;
-      for (int64_t rr = 0; rr < rows; ++rr) sum += zss[rr * jt + x];
+      for (int64_t rr = 0; rr < rows; ++rr) sum += cuda::sld(zss + rr * jt + x);
       if (j0 + jl < d) cuda::st(pB + (split * nB + KR1) * d + j0 + jl, sum);
     }
   }

@@ -57,28 +57,59 @@ template <typename T>
 struct NoDeduce {
   using type = T;
 };
+// A 16-byte, 16-byte aligned T (Pack16, VecN of 16 bytes) is stored with an explicit
+// st.global.v4.b32 under nvcc: a plain `*p = v` of a 16-byte struct may be split into narrower
+// stores (st_row's scalar branch stores to the same addresses, and the compiler merged the two
+// into 2-byte stores); the inline PTX is one STG.E.128 in the SASS (checked by
+// python_tests/cuda_emulation/test_sass.py). p must point to global memory.
 template <typename T>
 HYCAM_DEVICE void st(T* p, typename NoDeduce<T>::type v HYCAM_SITE_PARAM) {
 #if defined(HYCAM_CUDA_EMULATION)
   if (reinterpret_cast<uintptr_t>(p) % alignof(T))
     ::hycam_emu::fail("misaligned " + std::to_string(sizeof(T)) + "-byte store at " + ::hycam_emu::where(site));
   ::hycam_emu::record(p, sizeof(T), true, site);
-#endif
   *p = v;
+#else
+  if constexpr (sizeof(T) == 16 && alignof(T) == 16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(&v);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+                 : "memory");
+  } else {
+    *p = v;
+  }
+#endif
 }
 // Under the emulation: fail unless p (a shared-memory access of `bytes`, a power of two) is
-// aligned to its size, as the GPU requires; nothing under nvcc.
+// aligned to its size, as the GPU requires, and record the access for the bank-conflict counters
+// (every vector shared access of the kernels calls it); nothing under nvcc.
 HYCAM_DEVICE void check_smem_aligned(const void* p, int bytes HYCAM_SITE_PARAM) {
 #if defined(HYCAM_CUDA_EMULATION)
   if (reinterpret_cast<uintptr_t>(p) % bytes)
     ::hycam_emu::fail("misaligned " + std::to_string(bytes) + "-byte shared-memory access at " +
                       ::hycam_emu::where(site));
+  ::hycam_emu::record(p, static_cast<unsigned>(bytes), false, site, true);
 #else
   (void)p;
   (void)bytes;
 #endif
 }
 HYCAM_DEVICE void check_smem16(const void* p HYCAM_SITE_PARAM) { check_smem_aligned(p, 16 HYCAM_SITE_ARG); }
+// A scalar shared-memory load / store: a plain access under nvcc; under the emulation recorded for
+// the bank-conflict counters (with its call site, so that the lanes of a warp pair up).
+template <typename T>
+HYCAM_DEVICE T sld(const T* p HYCAM_SITE_PARAM) {
+#if defined(HYCAM_CUDA_EMULATION)
+  ::hycam_emu::record(p, sizeof(T), false, site, true);
+#endif
+  return *p;
+}
+template <typename T>
+HYCAM_DEVICE void sst(T* p, typename NoDeduce<T>::type v HYCAM_SITE_PARAM) {
+#if defined(HYCAM_CUDA_EMULATION)
+  ::hycam_emu::record(p, sizeof(T), true, site, true);
+#endif
+  *p = v;
+}
 
 // N consecutive T as one access of N * sizeof(T) bytes (a power of two <= 16).
 template <typename T, int N>

@@ -60,6 +60,7 @@ inline void emu_load(F& f, const T* p, unsigned ldm, const std::source_location&
     hycam_emu::fail("wmma::load_matrix_sync at " + hycam_emu::where(site) + ": ldm not a multiple of 16 bytes");
   hycam_emu::warp_uniform(reinterpret_cast<uintptr_t>(p), "wmma::load_matrix_sync (pointer)", site);
   hycam_emu::warp_uniform(ldm, "wmma::load_matrix_sync (ldm)", site);
+  hycam_emu::record_fragment(p, uint64_t(ldm) * sizeof(T), false);  // bank conflicts of the LDSM phases
   for (int i = 0; i < kTile; ++i)
     for (int j = 0; j < kTile; ++j) f.v[i][j] = static_cast<float>(kRowMajor ? p[i * ldm + j] : p[j * ldm + i]);
 }
@@ -107,6 +108,7 @@ inline void store(float* p, const FragC& c, unsigned ldm HYCAM_SITE_PARAM) {
     hycam_emu::fail("wmma::store_matrix_sync at " + hycam_emu::where(site) + ": ldm not a multiple of 16 bytes");
   hycam_emu::warp_uniform(reinterpret_cast<uintptr_t>(p), "wmma::store_matrix_sync (pointer)", site);
   hycam_emu::warp_uniform(ldm, "wmma::store_matrix_sync (ldm)", site);
+  hycam_emu::record_fragment(p, uint64_t(ldm) * sizeof(float), true);
   if ((threadIdx.x & 31) == 0)
     for (int i = 0; i < kTile; ++i)
       for (int j = 0; j < kTile; ++j) p[i * ldm + j] = c.v[i][j];
@@ -124,20 +126,82 @@ template <typename T, bool kRowMajor>
 using FragB = wm::fragment<wm::matrix_b, kTile, kTile, kTile, T, Layout<kRowMajor>>;
 using FragC = wm::fragment<wm::accumulator, kTile, kTile, kTile, float>;
 
-template <bool kRowMajor, typename T>
-HYCAM_DEVICE void load_a(FragA<T, kRowMajor>& f, const T* p, unsigned ldm) {
-  wm::load_matrix_sync(f, p, ldm);
+// Fragment loads and stores as the PTX wmma instructions with the .shared state space and a
+// 32-bit shared-memory address: wm::load_matrix_sync / store_matrix_sync take generic pointers,
+// and where the compiler could not prove the pointer shared they became generic LD.E / ST.E
+// (64-bit addressing); with .shared they are LDSM / STS. Every caller passes shared memory. The
+// registers are the fragment's storage in order, as CUDA's mma.hpp passes them to its builtins
+// (a and b: 8 x 32 bits for __half, 4 for __nv_bfloat16; the float accumulator 8).
+HYCAM_DEVICE unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+#define HYCAM_WMMA_LD8(op)                                                                             \
+  asm volatile(op " {%0, %1, %2, %3, %4, %5, %6, %7}, [%8], %9;"                                        \
+               : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]), "=r"(x[4]), "=r"(x[5]), "=r"(x[6]), \
+                 "=r"(x[7])                                                                            \
+               : "r"(smem_u32(p)), "r"(ldm)                                                            \
+               : "memory")
+#define HYCAM_WMMA_LD4(op)                                                                             \
+  asm volatile(op " {%0, %1, %2, %3}, [%4], %5;"                                                        \
+               : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])                                        \
+               : "r"(smem_u32(p)), "r"(ldm)                                                            \
+               : "memory")
+
+template <bool kRowMajor>
+HYCAM_DEVICE void load_a(FragA<__half, kRowMajor>& f, const __half* p, unsigned ldm) {
+  unsigned* x = reinterpret_cast<unsigned*>(f.x);
+  if constexpr (kRowMajor) {
+    HYCAM_WMMA_LD8("wmma.load.a.sync.aligned.row.m16n16k16.shared.f16");
+  } else {
+    HYCAM_WMMA_LD8("wmma.load.a.sync.aligned.col.m16n16k16.shared.f16");
+  }
 }
-template <bool kRowMajor, typename T>
-HYCAM_DEVICE void load_b(FragB<T, kRowMajor>& f, const T* p, unsigned ldm) {
-  wm::load_matrix_sync(f, p, ldm);
+template <bool kRowMajor>
+HYCAM_DEVICE void load_b(FragB<__half, kRowMajor>& f, const __half* p, unsigned ldm) {
+  unsigned* x = reinterpret_cast<unsigned*>(f.x);
+  if constexpr (kRowMajor) {
+    HYCAM_WMMA_LD8("wmma.load.b.sync.aligned.row.m16n16k16.shared.f16");
+  } else {
+    HYCAM_WMMA_LD8("wmma.load.b.sync.aligned.col.m16n16k16.shared.f16");
+  }
 }
+template <bool kRowMajor>
+HYCAM_DEVICE void load_a(FragA<__nv_bfloat16, kRowMajor>& f, const __nv_bfloat16* p, unsigned ldm) {
+  unsigned* x = reinterpret_cast<unsigned*>(f.x);
+  if constexpr (kRowMajor) {
+    HYCAM_WMMA_LD4("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16");
+  } else {
+    HYCAM_WMMA_LD4("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16");
+  }
+}
+template <bool kRowMajor>
+HYCAM_DEVICE void load_b(FragB<__nv_bfloat16, kRowMajor>& f, const __nv_bfloat16* p, unsigned ldm) {
+  unsigned* x = reinterpret_cast<unsigned*>(f.x);
+  if constexpr (kRowMajor) {
+    HYCAM_WMMA_LD4("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16");
+  } else {
+    HYCAM_WMMA_LD4("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16");
+  }
+}
+#undef HYCAM_WMMA_LD8
+#undef HYCAM_WMMA_LD4
+static_assert(sizeof(FragA<__half, true>::x) == 32 && sizeof(FragA<__nv_bfloat16, true>::x) == 16 &&
+                  sizeof(FragB<__half, true>::x) == 32 && sizeof(FragB<__nv_bfloat16, true>::x) == 16 &&
+                  sizeof(FragC::x) == 32,
+              "wmma fragment storage is not what the PTX loads and stores assume");
 HYCAM_DEVICE void zero(FragC& c) { wm::fill_fragment(c, 0.f); }
 template <typename FA, typename FB>  // FragA, FragB of the same element type
 HYCAM_DEVICE void mma(FragC& c, const FA& a, const FB& b) {
   wm::mma_sync(c, a, b, c);
 }
-HYCAM_DEVICE void store(float* p, const FragC& c, unsigned ldm) { wm::store_matrix_sync(p, c, ldm, wm::mem_row_major); }
+// Row-major float store to shared memory.
+HYCAM_DEVICE void store(float* p, const FragC& c, unsigned ldm) {
+  const float* x = c.x;
+  asm volatile(
+      "wmma.store.d.sync.aligned.row.m16n16k16.shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;" ::"r"(
+          smem_u32(p)),
+      "f"(x[0]), "f"(x[1]), "f"(x[2]), "f"(x[3]), "f"(x[4]), "f"(x[5]), "f"(x[6]), "f"(x[7]), "r"(ldm)
+      : "memory");
+}
 
 #endif
 

@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   const auto cfg = shrink_backward_config(T, d, K, r, tc);
   const int64_t nO = cfg.nO, nJ = cfg.nJ, S = cfg.S, per_split = cfg.per_split, nq = cfg.nq;
   auto pA = at::empty({S, KR, d}, x.options().dtype(acc_type));
-  auto pSmall = at::empty({S, nq}, x.options().dtype(acc_type));
+  auto pSmall = at::empty({cfg.S_small, nq}, x.options().dtype(acc_type));
   auto dp_lo = tc ? at::empty({T, KR}, x.options()) : at::Tensor();  // dp rounded for the tensor cores
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_backward_cuda", [&] {
@@ -149,9 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
-    small_reductions_kernel<scalar_t, acc_t><<<dim3(cuda::ceil_div(nq, 256), S), 256, 0, stream>>>(
+    small_reductions_kernel<scalar_t, acc_t><<<dim3(cuda::ceil_div(nq, 256), cfg.S_small), 256, 0, stream>>>(
         dp.data_ptr<acc_t>(), dw.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), pSmall.data_ptr<acc_t>(), T, K, r,
-        per_split);
+        cfg.per_small);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // every output its own tensor: .to() of the same dtype would return views of one buffer

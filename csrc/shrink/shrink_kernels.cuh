@@ -174,7 +174,9 @@ HYCAM_GLOBAL void small_reductions_kernel(const acc_t* __restrict__ dp, const sc
 constexpr int kMThreads = 128;
 constexpr int kMM = 64, kMN = 64, kMK = 32;
 constexpr int kPad = 8;  // keeps every wmma tile pointer 32-byte aligned and spreads banks
-constexpr int kCS = kMN + 4;  // row stride of the float result tile
+// row stride of the float result tile: 8 words off a multiple of 32, so that the four rows of a
+// half-warp's 64-bit accumulator stores fall on different banks (kMN + 4: 2-way conflicts)
+constexpr int kCS = kMN + 8;
 static_assert(kMN == kTN, "the launchers' grid checks assume one output-tile width for both paths");
 
 // Copy the [R, C] window at (r0, c0) of a row-major global matrix (row stride ld, valid while
@@ -357,13 +359,17 @@ HYCAM_GLOBAL void dA_tc_kernel(Operand<T> dp, Operand<T> x, float* __restrict__ 
 }
 
 // launch configuration of the backward (host side; shared with the emulation test)
+constexpr int64_t kSmallSplitTokens = 128, kMaxSmallSplits = 64;
 struct ShrinkBackwardConfig {
   int64_t nO, nJ, S, per_split, nq;
+  int64_t S_small, per_small;  // token splits of small_reductions_kernel (partials pSmall [S_small, nq])
 };
 
 // tensor_cores: the dA tiles are kMM rows (dA_tc_kernel) instead of kTM (dA_kernel). The token
-// split count depends on T only (never on the GPU, so the results are the same on every GPU
-// model): one split per 1024 tokens, at most 8.
+// split counts depend on T only (never on the GPU, so the results are the same on every GPU
+// model): dA one split per 1024 tokens, at most 8; small_reductions_kernel, whose threads each walk
+// their split's tokens one by one (latency-bound: a few dependent loads per step), one split per
+// 128 tokens, at most 64.
 inline ShrinkBackwardConfig shrink_backward_config(int64_t T, int64_t d, int64_t K, int64_t r,
                                                    bool tensor_cores = false) {
   ShrinkBackwardConfig c;
@@ -375,6 +381,10 @@ inline ShrinkBackwardConfig shrink_backward_config(int64_t T, int64_t d, int64_t
   c.S = S > 1 ? S : 1;
   c.per_split = cuda::ceil_div(T, c.S);
   c.nq = 2 * KR + K * r * r;
+  int64_t Ss = cuda::ceil_div(T, kSmallSplitTokens);
+  Ss = Ss < kMaxSmallSplits ? Ss : kMaxSmallSplits;
+  c.S_small = Ss > 1 ? Ss : 1;
+  c.per_small = cuda::ceil_div(T, c.S_small);
   return c;
 }
 

@@ -21,6 +21,10 @@ static void print_counters(const hycam_emu::Counters& c) {
   tr("load", c.load);
   std::printf(", ");
   tr("store", c.store);
+  std::printf(", ");
+  hycam_emu::print_smem_json("smem_plain", c.smem);
+  std::printf(", ");
+  hycam_emu::print_smem_json("smem_frag", c.frag);
   std::printf("}\n");
 }
 
@@ -211,6 +215,39 @@ int main(int argc, char** argv) {
     launch(dim3(2), dim3(96), 0, five_mmas, "toy_mma");
     hycam_emu::set_counting(true);
     launch(dim3(2), dim3(96), 0, five_mmas, "toy_mma");
+    print_counters(hycam_emu::last_counters());
+  } else if (name.rfind("toy_bank_", 0) == 0) {  // one warp, one shared access pattern (see the test)
+    const std::string pat = name.substr(9);
+    hycam_emu::set_counting(true);
+    launch(dim3(1), dim3(32), 4096 * 4, [&] {
+      HYCAM_DYNAMIC_SMEM(smem);
+      float* f = reinterpret_cast<float*>(smem);
+      const unsigned l = threadIdx.x;
+      if (pat == "f32_contig") cuda::sst(f + l, 1.f);                  // 1 wavefront
+      if (pat == "f32_stride32") cuda::sst(f + 32 * l, 1.f);           // 32-way conflict
+      if (pat == "f32_stride2") cuda::sst(f + 2 * l, 1.f);             // 2-way
+      if (pat == "f32_broadcast") (void)cuda::sld(f + 5);              // 1
+      if (pat == "v16_contig") cuda::check_smem16(f + 4 * l);          // 512 bytes: 4
+      if (pat == "v16_broadcast") cuda::check_smem16(f + 8);           // 1
+      if (pat == "v16_stride128") cuda::check_smem16(f + 32 * l);      // every lane on banks 0..3: 32
+    }, "toy_bank");
+    print_counters(hycam_emu::last_counters());
+  } else if (name == "toy_frag_128B_rows" || name == "toy_frag_144B_rows" || name == "toy_frag_store") {
+    // a 16 x 16 bf16 operand with rows of 64 elements (128 bytes: every row on the same banks)
+    // or 72 (144 bytes: padded); a 16 x 16 float store with rows of 520 floats (8 words off)
+    alignas(32) static __nv_bfloat16 tb[16 * 72];
+    alignas(32) static float tf[16 * 520];
+    hycam_emu::set_counting(true);
+    launch(dim3(1), dim3(32), 0, [&] {
+      mma::FragA<__nv_bfloat16, true> a;
+      mma::FragC c;
+      mma::zero(c);
+      if (name == "toy_frag_store") {
+        mma::store(tf, c, 520);
+      } else {
+        mma::load_a<true>(a, tb, name == "toy_frag_128B_rows" ? 64 : 72);
+      }
+    }, "toy_frag");
     print_counters(hycam_emu::last_counters());
   } else {
     std::fprintf(stderr, "unknown case %s\n", name.c_str());

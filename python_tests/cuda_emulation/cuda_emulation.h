@@ -117,18 +117,72 @@ inline void print_traffic_json(const char* name, const Traffic& t) {
               (unsigned long long)t.bytes, (unsigned long long)t.request_unique_bytes,
               (unsigned long long)t.unique_bytes, (unsigned long long)t.unique_sectors);
 }
+// Shared-memory bank counters of one launch (see smem_wavefronts): warp instructions, the
+// wavefronts their addresses cost, and the wavefronts they would cost without bank conflicts.
+struct SmemTraffic {
+  uint64_t requests = 0, wavefronts = 0, ideal = 0;
+};
+inline void print_smem_json(const char* name, const SmemTraffic& t) {
+  std::printf("\"%s\": {\"requests\": %llu, \"wavefronts\": %llu, \"ideal\": %llu}", name,
+              (unsigned long long)t.requests, (unsigned long long)t.wavefronts, (unsigned long long)t.ideal);
+}
 struct Counters {
   std::string kernel;
   uint64_t blocks = 0, threads_per_block = 0, smem_bytes = 0, mma = 0, shfl = 0;  // mma, shfl: per warp
   Traffic load, store;
+  // global requests by access width (bytes 1..16 -> index), loads and stores: what the machine
+  // code must contain (benchmarks/gpu_model.py checks it against the SASS)
+  uint64_t load_width[17] = {}, store_width[17] = {};
+  SmemTraffic smem;  // shared accesses through the counted helpers (lds_lane, sts_lane, cuda::sld/sst, ...)
+  SmemTraffic frag;  // tensor-core fragment loads and stores (wmma)
 };
 
 struct Access {
   uint64_t addr;
   uint32_t site, tid, occ;
   uint16_t bytes;
-  uint8_t store;
+  uint8_t store;  // bit 0: store; bit 1: shared memory
 };
+
+// Wavefronts of one shared-memory phase (sm_80 / sm_90 bank model: 32 banks of 4 bytes, one
+// wavefront serves at most one 4-byte word per bank, lanes reading the same word share it): the
+// largest number of distinct words any bank is asked for, at least 1. Addresses: (byte address,
+// bytes) per lane.
+inline uint64_t bank_wavefronts(const std::pair<uint64_t, unsigned>* a, size_t n) {
+  uint64_t words[32][64];
+  unsigned cnt[32] = {};
+  uint64_t worst = n ? 1 : 0;
+  for (size_t i = 0; i < n; ++i)
+    for (uint64_t w = a[i].first >> 2; w <= (a[i].first + a[i].second - 1) >> 2; ++w) {
+      const unsigned b = unsigned(w & 31);
+      unsigned k = 0;
+      while (k < cnt[b] && words[b][k] != w) ++k;
+      if (k == cnt[b] && cnt[b] < 64) {
+        words[b][cnt[b]++] = w;
+        worst = std::max<uint64_t>(worst, cnt[b]);
+      }
+    }
+  return worst;
+}
+// A warp's shared-memory access (the lanes' addresses and widths): the wavefronts are the largest
+// number of distinct 4-byte words any bank is asked for (lanes asking for the same word share
+// it: broadcasts cost nothing extra), at least the distinct bytes / 128 (a wavefront moves 128
+// bytes); ideal is the latter, the cost without bank conflicts (Nsight Compute's "ideal
+// wavefronts"). Fragment loads (record_fragment) are counted per 8 x 8 matrix instead.
+inline void add_smem_request(SmemTraffic& t, const std::vector<std::pair<uint32_t, std::pair<uint64_t, unsigned>>>& lanes) {
+  std::vector<std::pair<uint64_t, unsigned>> a;
+  std::vector<uint64_t> words;
+  for (const auto& l : lanes) {
+    a.push_back(l.second);
+    for (uint64_t w = l.second.first >> 2; w <= (l.second.first + l.second.second - 1) >> 2; ++w) words.push_back(w);
+  }
+  std::sort(words.begin(), words.end());
+  const uint64_t distinct = uint64_t(std::unique(words.begin(), words.end()) - words.begin());
+  const uint64_t ideal = std::max<uint64_t>(1, (distinct * 4 + 127) / 128);
+  t.requests += 1;
+  t.wavefronts += std::max(ideal, bank_wavefronts(a.data(), a.size()));
+  t.ideal += ideal;
+}
 
 struct Emu {
   const char* kernel = "kernel";
@@ -405,8 +459,9 @@ inline uint32_t site_id(const Loc& loc) {
   return id;
 }
 
-// One global access of `bytes` bytes at p by the current thread (called by hycam::cuda::ld/st).
-inline void record(const void* p, unsigned bytes, bool store, const Loc& loc) {
+// One global access of `bytes` bytes at p by the current thread (called by hycam::cuda::ld/st);
+// shared: a shared-memory access (hycam::cuda::check_smem_aligned and the sld / sst helpers).
+inline void record(const void* p, unsigned bytes, bool store, const Loc& loc, bool shared = false) {
   if (!g.counting) return;
   Quiet q;
   const uint32_t s = site_id(loc), t = g.cur;
@@ -419,7 +474,37 @@ inline void record(const void* p, unsigned bytes, bool store, const Loc& loc) {
     g.occ_sites = n;
   }
   const uint32_t o = g.occ[size_t(t) * g.occ_sites + s]++;
-  g.acc.push_back(Access{reinterpret_cast<uint64_t>(p), s, t, o, uint16_t(bytes), uint8_t(store)});
+  g.acc.push_back(Access{reinterpret_cast<uint64_t>(p), s, t, o, uint16_t(bytes),
+                         uint8_t((store ? 1 : 0) | (shared ? 2 : 0))});
+}
+// A wmma fragment load (16-bit elements, 16 rows of 32 bytes at p + q * row_bytes: LDSM, four
+// phases of 8 rows x 16 bytes) or a row-major float accumulator store (four 64-bit stores per
+// lane of 8 rows x 8 floats, each in two phases of 4 rows x 32 bytes), counted once per warp.
+inline void record_fragment(const void* p, uint64_t row_bytes, bool float_store) {
+  if (!g.counting || (g.cur & 31) != 0) return;
+  Quiet q;
+  const uint64_t base = reinterpret_cast<uint64_t>(p);
+  std::pair<uint64_t, unsigned> buf[8];
+  SmemTraffic& t = g.counters.frag;
+  if (!float_store) {
+    t.requests += 1;
+    for (int half = 0; half < 2; ++half)
+      for (int rows = 0; rows < 2; ++rows) {
+        for (int i = 0; i < 8; ++i) buf[i] = {base + uint64_t(rows * 8 + i) * row_bytes + half * 16, 16u};
+        t.wavefronts += bank_wavefronts(buf, 8);
+        t.ideal += 1;
+      }
+  } else {
+    for (int rh = 0; rh < 2; ++rh)
+      for (int ch = 0; ch < 2; ++ch) {
+        t.requests += 1;
+        for (int ph = 0; ph < 2; ++ph) {
+          for (int i = 0; i < 4; ++i) buf[i] = {base + uint64_t(rh * 8 + ph * 4 + i) * row_bytes + ch * 32, 32u};
+          t.wavefronts += bank_wavefronts(buf, 4);
+          t.ideal += 1;
+        }
+      }
+  }
 }
 
 // Groups the block's accesses into warp requests and adds them to the launch's counters.
@@ -440,8 +525,20 @@ inline void flush_block_accesses() {
     int nsec = 0;
     lines.clear();
     const Access& first = A[order[i].second];
-    Traffic& tr = first.store ? g.counters.store : g.counters.load;
-    auto& global_mask = first.store ? g.store_mask : g.load_mask;
+    if (first.store & 2) {  // shared memory: bank conflicts from the lanes' addresses
+      std::vector<std::pair<uint32_t, std::pair<uint64_t, unsigned>>> lanes;
+      for (; j < order.size() && order[j].first == order[i].first; ++j) {
+        const Access& x = A[order[j].second];
+        lanes.push_back({x.tid, {x.addr, x.bytes}});
+      }
+      add_smem_request(g.counters.smem, lanes);
+      i = j;
+      continue;
+    }
+    Traffic& tr = (first.store & 1) ? g.counters.store : g.counters.load;
+    auto& global_mask = (first.store & 1) ? g.store_mask : g.load_mask;
+    uint64_t* widths = (first.store & 1) ? g.counters.store_width : g.counters.load_width;
+    widths[std::min<unsigned>(first.bytes, 16u)] += 1;
     for (; j < order.size() && order[j].first == order[i].first; ++j) {
       const Access& x = A[order[j].second];
       for (uint64_t a = x.addr; a < x.addr + x.bytes;) {  // bytes of this lane, sector by sector

@@ -288,7 +288,7 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
         dN[(k * r + i) * r + m] += double(dw[t * KR + o]) * double(pg[t * KR + k * r + m]);
     }
   const auto cfg = shrink_backward_config(T, d, K, r);
-  auto dpg = poisoned<S>(T * KR), pA = poisoned<S>(cfg.S * KR * d), pS = poisoned<S>(cfg.S * cfg.nq);
+  auto dpg = poisoned<S>(T * KR), pA = poisoned<S>(cfg.S * KR * d), pS = poisoned<S>(cfg.S_small * cfg.nq);
   auto dxg = poisoned<S>(T * d);
   launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
          [&] { dp_kernel<S, S>(dw.data(), N.data(), dpg.data(), nullptr, T, K, r); }, "dp_kernel");
@@ -298,10 +298,10 @@ void test_shrink(int64_t T, int64_t d, int64_t K, int64_t r, bool bias) {
     launch(dim3(unsigned(cfg.nO), unsigned(cfg.nJ), unsigned(cfg.S)), dim3(kThreads), 0,
            [&] { dA_kernel<S, S>(dpg.data(), x.data(), pA.data(), T, d, KR, cfg.per_split); }, "dA_kernel");
   }
-  launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S)), dim3(256), 0, [&] {
-    small_reductions_kernel<S, S>(dpg.data(), dw.data(), pg.data(), pS.data(), T, K, r, cfg.per_split);
+  launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S_small)), dim3(256), 0, [&] {
+    small_reductions_kernel<S, S>(dpg.data(), dw.data(), pg.data(), pS.data(), T, K, r, cfg.per_small);
   }, "small_reductions_kernel");
-  const auto sA = sum_partials(pA, cfg.S, KR * d), sS = sum_partials(pS, cfg.S, cfg.nq);
+  const auto sA = sum_partials(pA, cfg.S, KR * d), sS = sum_partials(pS, cfg.S_small, cfg.nq);
   cmp("dx", dxg.data(), dx, tol);
   cmp("dA", sA.data(), dA, tol);
   cmp("da", sS.data(), da, tol);
@@ -362,7 +362,7 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
   cmp("w", wg.data(), w, out_tol);
   // backward
   const auto cfg = shrink_backward_config(T, d, K, r, /*tensor_cores=*/true);
-  std::vector<float> dpg(T * KR, NAN), pA(cfg.S * KR * d, NAN), pS(cfg.S * cfg.nq, NAN);
+  std::vector<float> dpg(T * KR, NAN), pA(cfg.S * KR * d, NAN), pS(cfg.S_small * cfg.nq, NAN);
   std::vector<M> dplo(T * KR, M(NAN)), dxg(T * d, M(NAN));
   launch(dim3(unsigned(cuda::grid_1d(T * KR))), dim3(256), 0,
          [&] { dp_kernel<M, float>(dw.data(), N.data(), dpg.data(), dplo.data(), T, K, r); }, "dp_kernel");
@@ -387,10 +387,10 @@ void test_shrink_tc(int64_t T, int64_t d, int64_t K, int64_t r, bool bias, int64
     cmp("dx", dxg.data(), dx, out_tol);
     cmp("dA", sum_partials(pA, cfg.S, KR * d).data(), dA, 1e-5);
   }
-  launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S)), dim3(256), 0, [&] {
-    small_reductions_kernel<M, float>(dpg.data(), dw.data(), pg.data(), pS.data(), T, K, r, cfg.per_split);
+  launch(dim3(unsigned(cuda::ceil_div(cfg.nq, 256)), unsigned(cfg.S_small)), dim3(256), 0, [&] {
+    small_reductions_kernel<M, float>(dpg.data(), dw.data(), pg.data(), pS.data(), T, K, r, cfg.per_small);
   }, "small_reductions_kernel");
-  const auto sS = sum_partials(pS, cfg.S, cfg.nq);
+  const auto sS = sum_partials(pS, cfg.S_small, cfg.nq);
   std::vector<double> da(KR, 0), dN(K * r * r, 0), dn(KR, 0);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t o = 0; o < KR; ++o) {

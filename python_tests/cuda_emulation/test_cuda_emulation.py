@@ -141,6 +141,27 @@ def test_counters_stride_r_gather(cases, r):
     assert abs(eff - 64 / (32 * per_request)) < 1e-12
 
 
+@pytest.mark.parametrize("pattern,wavefronts,ideal", [
+    ("f32_contig", 1, 1), ("f32_stride32", 32, 1), ("f32_stride2", 2, 1), ("f32_broadcast", 1, 1),
+    ("v16_contig", 4, 4), ("v16_broadcast", 1, 1), ("v16_stride128", 32, 4),
+])
+def test_counters_shared_memory_banks(cases, pattern, wavefronts, ideal):
+    """Bank conflicts from the lanes' addresses (32 banks of 4 bytes, 128 bytes per wavefront,
+    broadcasts free): one warp instruction of each pattern."""
+    c = _counters(cases, f"toy_bank_{pattern}")["smem_plain"]
+    assert (c["requests"], c["wavefronts"], c["ideal"]) == (1, wavefronts, ideal), c
+
+
+@pytest.mark.parametrize("name,wavefronts,ideal", [
+    ("toy_frag_128B_rows", 32, 4),  # 8 rows of each 8 x 8 matrix on the same 4 banks: 8-way
+    ("toy_frag_144B_rows", 4, 4),   # 16 bytes of padding per row: conflict-free
+    ("toy_frag_store", 8, 8),       # float accumulator rows 8 words apart: 4 x 2 half-warp phases
+])
+def test_counters_fragment_banks(cases, name, wavefronts, ideal):
+    c = _counters(cases, name)["smem_frag"]
+    assert (c["wavefronts"], c["ideal"]) == (wavefronts, ideal), c
+
+
 def test_counters_mma(cases):
     assert _counters(cases, "toy_mma")["mma"] == 2 * 3 * 5  # blocks x warps x mma per warp
 

@@ -215,6 +215,18 @@ def test_quick_model_table_for_todays_kernels():
     # which the dw partials only for routed pairs (hard routing: 1 in K)
     assert by["cam_backward_kernel"]["dram_bytes"] < 1.15 * by["cam_backward_kernel"]["min_bytes"]
     assert by["cam_backward_kernel"]["smem_wavefronts"] > 0
+    # shared memory counted from addresses: the padded tensor-core operands are conflict-free, and
+    # the fragment traffic is what the hand count says (4 wavefronts per 16 x 16 operand, 8 per
+    # float tile stored)
+    bw = by["cam_backward_kernel"]
+    assert bw["smem_frag"] == pytest.approx(bw["smem_frag_ideal"]) and bw["smem_frag"] > 0
+    assert bw["smem_wavefronts"] < 1.05 * bw["smem_ideal"]
+    # the machine code has the widths the model assumes (no charge at a narrower SASS width)
+    assert not any("charged" in k["width_st"] or "charged" in k["width_ld"] for k in mo["kernels"]), mo["kernels"]
+    assert out["width_mismatches"] == [] or out["width_mismatches"] == ["no machine code"]
+    # a range: the pessimistic end is slower than the optimistic one, both above the floor
+    pes = out["machines"]["H100 SXM"]["ends"]["pessimistic"]["layer"]
+    assert pes["total_s"] > mo["layer"]["total_s"] and pes["vs_floor"] > 1
     # (K + the router's ceil(K / r) slots) * r = 80 outputs: two 64-wide tiles of tensor-core work
     assert by["shrink_tc_kernel"]["tensor_flops"] == pytest.approx(2 * 8192 * 4096 * 128, rel=0.01)
     L = mo["layer"]

@@ -157,3 +157,53 @@ def test_selftest_fails_on_a_wrong_kernel(monkeypatch):
     cam_checks = [c for c in checks if c.name.startswith("cam") and c.shape[0] > 0]
     assert cam_checks and not any(c.ok for c in cam_checks)
     assert all(c.ok for c in checks if c.name.startswith("shrink"))
+
+
+# ---- a CUDA self-test without a usable GPU fails, and a run of zero checks never passes ----------
+def test_selftest_cuda_asked_without_gpu_fails_with_reason(tmp_path):
+    """`--device cuda` with no GPU visible (hidden here by CUDA_VISIBLE_DEVICES) exits 1 with one
+    FAIL line naming why, and runs no check."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYCAM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-m", "hycam_ext", "--device", "cuda", "--json", str(tmp_path / "r.json")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    fails = [ln for ln in res.stdout.splitlines() if ln.startswith("FAIL")]
+    assert len(fails) == 1 and "cuda: asked for but not usable:" in fails[0], res.stdout
+    assert "CPU-only" in fails[0] or "no GPU visible" in fails[0] or "driver" in fails[0], fails[0]
+    assert "PASS" not in res.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["failed"] == 1 and report["passed"] == 0 and not report["checks"]
+    assert "not usable" in report["error"]
+
+
+def test_selftest_reason_driver_too_old(monkeypatch):
+    """torch's own error for a driver older than its CUDA becomes the one-line reason."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+    def init():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 12020).\n"
+                           "Please update your GPU driver by downloading and installing a new version")
+    monkeypatch.setattr(torch.cuda, "init", init)
+    reason = _selftest.cuda_unusable_reason()
+    assert "older than torch" in reason and "12020" in reason and "\n" not in reason
+    env = {"gpus": [], "cuda_kernels": True}
+    with pytest.raises(SystemExit) as e:
+        _selftest.devices_to_test(env, "cuda")
+    assert "not usable" in str(e.value.code) and "12020" in str(e.value.code)
+    # the default (all devices) tests the CPU and says why CUDA was not tested
+    devices, notes = _selftest.devices_to_test(env, "all")
+    assert devices == ["cpu"] and "12020" in notes[0]
+
+
+def test_selftest_cpu_only_torch_reason(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only" in _selftest.cuda_unusable_reason()
+
+
+def test_selftest_zero_checks_never_pass(monkeypatch, capsys):
+    monkeypatch.setattr(_selftest, "run_checks", lambda *a, **k: [])
+    assert _selftest.main(["--device", "cpu", "--dtypes", "fp32"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  no checks ran" in out and "0 passed, 1 failed" in out
