@@ -16,15 +16,7 @@ the model's forward per sequence, so such adapters are refused at export (see ``
 """
 from __future__ import annotations
 
-# model_type -> (the base architecture in config.json, the HyCAM architecture vLLM serves)
-ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "HyCAMLlamaForCausalLM"),
-    "qwen2": ("Qwen2ForCausalLM", "HyCAMQwen2ForCausalLM"),
-    "qwen3": ("Qwen3ForCausalLM", "HyCAMQwen3ForCausalLM"),
-}
-
-# the key of config.json that carries HyCAMConfig.to_dict()
-CONFIG_KEY = "hycam_config"
+from .names import ARCHITECTURES, CONFIG_KEY
 
 
 def register() -> None:

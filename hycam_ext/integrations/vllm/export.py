@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ...config import HyCAMConfig
-from . import ARCHITECTURES, CONFIG_KEY
+from .names import ARCHITECTURES, CONFIG_KEY
 
 WEIGHTS_NAME = "model.safetensors"
 # what a Hugging Face source directory may hold of its tokenizer

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ...config import HyCAMConfig
 from ...modules import HyCAM
-from . import CONFIG_KEY
+from .names import CONFIG_KEY
 
 
 def hycam_config_of(hf_config) -> HyCAMConfig:
