@@ -1,0 +1,123 @@
+"""vLLM (CPU backend) against HyCAMModel.generate, one tiny random model per family.
+
+Run by test_vllm_serving.py in a subprocess of the vLLM venv (vLLM spawns its engine process, so
+this needs the __main__ guard), from a scratch directory so that ``import hycam_ext`` is the
+installed one (built against the venv's torch), not the checkout's:
+
+    python serve_check.py OUT.json WORKDIR llama qwen2 qwen3
+
+For each family: a random base (hidden 128, 2 heads of 64: vLLM's CPU attention takes head_dim
+64, not 16), HyCAM with every parameter perturbed (a "trained" adapter: CAM != 1 and the routes
+vary by token), exported with hycam_ext.integrations.vllm.export; the HF side greedy-decodes each
+prompt with HyCAMModel.generate (output_logits), the vLLM side the whole batch at once. Also a
+fresh (identity) adapter against the base model's own tokens. Writes tokens and log-probs.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+PROMPTS = [[5, 17, 42], [9, 3, 250, 77, 31, 8, 120], [44] * 2 + list(range(60, 70)),
+           [200, 199, 7, 7, 101]]
+MAX_NEW = 8
+VOCAB = 256
+
+
+def tiny_config(family: str):
+    import transformers as tf
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                  rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    if family == "llama":   # untied head
+        return tf.LlamaConfig(**common, tie_word_embeddings=False)
+    if family == "qwen2":   # q/k/v biases, tied head
+        return tf.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
+    if family == "qwen3":   # q/k norms, explicit head_dim, tied head
+        return tf.Qwen3Config(**common, head_dim=64, tie_word_embeddings=True,
+                              use_sliding_window=False)
+    raise ValueError(family)
+
+
+def build(family: str, trained: bool, seed: int):
+    import torch
+    import transformers as tf
+    from hycam_ext import HyCAMConfig
+    from hycam_ext.integrations.transformers import get_hycam_model
+    torch.manual_seed(seed)
+    base = tf.AutoModelForCausalLM.from_config(tiny_config(family)).float()
+    with torch.no_grad():   # non-zero biases too (qwen2's q/k/v), so that their loading counts
+        for n, p in base.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    model = get_hycam_model(base, HyCAMConfig(num_specialists=4, rank=8, alpha=16.0))
+    if trained:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".hycam." in n:
+                    p.add_(torch.randn_like(p) * (0.3 if n.endswith(("router_weight", "router_bias")) else 0.05))
+    return model.eval()
+
+
+def hf_generate(model, base_only: bool):
+    import contextlib
+    import torch
+    res = []
+    ctx = model.disable_adapter() if base_only else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        for p in PROMPTS:
+            ids = torch.tensor([p])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+            toks = out.sequences[0, len(p):].tolist()
+            lps = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, toks)]
+            res.append({"tokens": toks, "logprobs": lps})
+    return res
+
+
+def vllm_generate(path: str):
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=path, enforce_eager=True, dtype="float32", max_model_len=64,
+              skip_tokenizer_init=True, seed=0)
+    arch = llm.llm_engine.model_config.architectures
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=1, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    res = []
+    for o in outs:
+        c = o.outputs[0]
+        toks = list(c.token_ids)
+        res.append({"tokens": toks, "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, toks)]})
+    del llm
+    gc.collect()
+    return res, arch
+
+
+def main():
+    out_json, work = sys.argv[1], sys.argv[2]
+    families = sys.argv[3:]
+    from hycam_ext.integrations.vllm import export
+    results = {}
+    for i, fam in enumerate(families):
+        t0 = time.time()
+        r = {}
+        trained = build(fam, trained=True, seed=100 + i)
+        r["hf_trained"] = hf_generate(trained, base_only=False)
+        r["hf_base"] = hf_generate(trained, base_only=True)
+        d = export(trained, os.path.join(work, f"{fam}_trained"))
+        r["vllm_trained"], r["arch"] = vllm_generate(d)
+        fresh = build(fam, trained=False, seed=100 + i)     # the same base weights
+        r["hf_fresh_base"] = hf_generate(fresh, base_only=True)
+        d = export(fresh, os.path.join(work, f"{fam}_fresh"))
+        r["vllm_fresh"], _ = vllm_generate(d)
+        r["seconds"] = time.time() - t0
+        results[fam] = r
+        print(f"serve_check: {fam} done in {r['seconds']:.1f}s", flush=True)
+    with open(out_json, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
