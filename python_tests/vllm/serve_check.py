@@ -5,6 +5,7 @@ this needs the __main__ guard), from a scratch directory so that ``import hycam_
 installed one (built against the venv's torch), not the checkout's:
 
     python serve_check.py OUT.json WORKDIR llama qwen2 qwen3
+    python serve_check.py served OUT_DIR PROMPT OUT.json    (an export for the OpenAI server)
 
 For each family: a random base (hidden 128, 2 heads of 64: vLLM's CPU attention takes head_dim
 64, not 16), HyCAM with every parameter perturbed (a "trained" adapter: CAM != 1 and the routes
@@ -26,9 +27,9 @@ MAX_NEW = 8
 VOCAB = 256
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, vocab: int = VOCAB):
     import transformers as tf
-    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
                   rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=None)
     if family == "llama":   # untied head
@@ -41,13 +42,13 @@ def tiny_config(family: str):
     raise ValueError(family)
 
 
-def build(family: str, trained: bool, seed: int):
+def build(family: str, trained: bool, seed: int, vocab: int = VOCAB):
     import torch
     import transformers as tf
     from hycam_ext import HyCAMConfig
     from hycam_ext.integrations.transformers import get_hycam_model
     torch.manual_seed(seed)
-    base = tf.AutoModelForCausalLM.from_config(tiny_config(family)).float()
+    base = tf.AutoModelForCausalLM.from_config(tiny_config(family, vocab)).float()
     with torch.no_grad():   # non-zero biases too (qwen2's q/k/v), so that their loading counts
         for n, p in base.named_parameters():
             if n.endswith("bias"):
@@ -95,7 +96,41 @@ def vllm_generate(path: str):
     return res, arch
 
 
+def byte_tokenizer():
+    """A 256-byte BPE fast tokenizer with <pad>, <s>, </s> (python_tests/hf_tiny.py's, which this
+    script cannot import: it runs outside the checkout)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"])}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def export_with_tokenizer(out_dir: str, prompt: str, out_json: str):
+    """``served`` mode: a tiny Llama with a perturbed adapter and the byte tokenizer, exported
+    for the OpenAI server; writes HyCAMModel.generate's greedy tokens for ``prompt``."""
+    import torch
+    from hycam_ext.integrations.vllm import export
+    tok = byte_tokenizer()
+    model = build("llama", trained=True, seed=7, vocab=len(tok))
+    export(model, out_dir, tokenizer=tok)
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    with open(out_json, "w") as f:
+        json.dump({"prompt_ids": ids[0].tolist(), "tokens": out[0, ids.shape[1]:].tolist()}, f)
+
+
 def main():
+    if sys.argv[1] == "served":
+        return export_with_tokenizer(sys.argv[2], sys.argv[3], sys.argv[4])
     out_json, work = sys.argv[1], sys.argv[2]
     families = sys.argv[3:]
     from hycam_ext.integrations.vllm import export

