@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--K", type=int, default=4)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--compiled", action="store_true",
+                    help="vLLM's default mode (torch.compile) instead of enforce_eager")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -86,7 +88,8 @@ def main():
     max_len = args.prompt_len + args.new_tokens + 8
     engines = {}
     for label, d in (("base", base_dir), ("base + HyCAM", hycam_dir)):
-        engines[label] = LLM(model=d, enforce_eager=True, dtype=args.dtype, max_model_len=max_len,
+        engines[label] = LLM(model=d, enforce_eager=not args.compiled, dtype=args.dtype,
+                             max_model_len=max_len,
                              skip_tokenizer_init=True, seed=0, max_num_seqs=args.batch)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0.0, max_tokens=1 + args.new_tokens, ignore_eos=True)
@@ -111,10 +114,11 @@ def main():
     meta = {"model": name, "device": f"CPU ({platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
             "vllm": vllm.__version__, "torch": torch.__version__, "hycam_ext": hycam_ext.__version__,
-            "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len,
+            "dtype": args.dtype, "mode": "compiled" if args.compiled else "eager",
+            "batch": args.batch, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "repeats": args.repeats, "K": args.K, "r": args.r,
             "hycam_over_base": ratio, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    print(f"\nvLLM decode throughput, {meta['device']}, {name}, {args.dtype}, batch {args.batch}, "
+    print(f"\nvLLM decode throughput, {meta['device']}, {name}, {args.dtype}, {meta['mode']}, batch {args.batch}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.repeats} repeats")
     print(f"{'model':<14} {'tok/s (median)':>15} {'min-max':>18}")
     for k, r in rows.items():
