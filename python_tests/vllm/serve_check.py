@@ -42,7 +42,7 @@ def tiny_config(family: str, vocab: int = VOCAB):
     raise ValueError(family)
 
 
-def build(family: str, trained: bool, seed: int, vocab: int = VOCAB):
+def build(family: str, trained: bool, seed: int, vocab: int = VOCAB, placement: str = "residual"):
     import torch
     import transformers as tf
     from hycam_ext import HyCAMConfig
@@ -53,7 +53,8 @@ def build(family: str, trained: bool, seed: int, vocab: int = VOCAB):
         for n, p in base.named_parameters():
             if n.endswith("bias"):
                 p.normal_(0.0, 0.1)
-    model = get_hycam_model(base, HyCAMConfig(num_specialists=4, rank=8, alpha=16.0))
+    model = get_hycam_model(base, HyCAMConfig(num_specialists=4, rank=8, alpha=16.0,
+                                              placement=placement))
     if trained:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -112,20 +113,26 @@ def byte_tokenizer():
 
 
 def export_with_tokenizer(out_dir: str, prompt: str, out_json: str):
-    """``served`` mode: a tiny Llama with a perturbed adapter and the byte tokenizer, exported
-    for the OpenAI server; writes HyCAMModel.generate's greedy tokens for ``prompt``."""
+    """``served`` mode: a tiny Llama with a perturbed adapter in the ``attention`` placement
+    (h' = h_in + a * CAM(x); the family runs above use the default ``residual``) and the byte
+    tokenizer, exported for the OpenAI server; writes HyCAMModel.generate's greedy tokens for
+    ``prompt``."""
     import torch
     from hycam_ext.integrations.vllm import export
     tok = byte_tokenizer()
-    model = build("llama", trained=True, seed=7, vocab=len(tok))
+    model = build("llama", trained=True, seed=7, vocab=len(tok), placement="attention")
     export(model, out_dir, tokenizer=tok)
     ids = torch.tensor([tok(prompt)["input_ids"]])
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+              do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0,
-                             eos_token_id=None)
+        out = model.generate(**kw)
+        with model.disable_adapter():
+            base = model.generate(**kw)
+    n = ids.shape[1]
     with open(out_json, "w") as f:
-        json.dump({"prompt_ids": ids[0].tolist(), "tokens": out[0, ids.shape[1]:].tolist()}, f)
+        json.dump({"prompt_ids": ids[0].tolist(), "tokens": out[0, n:].tolist(),
+                   "base_tokens": base[0, n:].tolist()}, f)
 
 
 def main():

