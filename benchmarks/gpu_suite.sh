@@ -121,6 +121,22 @@ if [ -n "${BENCH:-}" ]; then
   note "benchmarks --quick: rc=$rc (bench/results.txt)"
   [ $rc -eq 0 ] || status=1
 fi
+# 6. vLLM on the GPU (benchmarks/README.md, "GPU checklist"): only where a vLLM venv with the CUDA
+# kernels exists (VLLM_PY, default .venv-vllm/bin/python); the device machine reaches no package
+# index, so it is skipped with a note otherwise. Decode throughput, base vs HyCAM, bf16, vLLM's
+# compiled mode with CUDA graphs (the default) and eager.
+VLLM_PY=${VLLM_PY:-.venv-vllm/bin/python}
+if [ -x "$VLLM_PY" ] && (cd / && "$VLLM_PY" -c "import vllm, torch, hycam_ext; assert torch.cuda.is_available() and hycam_ext.ops.cuda_kernels_available()") >/dev/null 2>&1; then
+  out_abs=$(cd "$OUT" && pwd)
+  for mode in --compiled ""; do
+    tag=$([ -n "$mode" ] && echo compiled || echo eager)
+    (cd / && timeout "$(limit 120)" "$VLLM_PY" "$repo/benchmarks/vllm_decode.py" --tiny --dtype bfloat16 $mode \
+      --json "$out_abs/vllm-decode-$tag.json") >"$OUT/vllm-decode-$tag.txt" 2>&1; rc=$?
+    note "vLLM decode ($tag, bf16, tiny model): rc=$rc (vllm-decode-$tag.txt)"
+  done
+else
+  note "vLLM: no vLLM venv with CUDA kernels at $VLLM_PY, skipped (benchmarks/README.md, GPU checklist)"
+fi
 note "elapsed: $(( $(date +%s) - T0 )) s of a ${BUDGET} s budget"
 note "suite status: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 $PY -m benchmarks.gpu_suite_run report "$OUT" >>"$SUMMARY" 2>&1 || status=1
