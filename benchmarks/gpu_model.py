@@ -52,8 +52,8 @@ EMU_INC = ROOT / "python_tests" / "cuda_emulation"
 # scale with the clock: 128 FP32 lanes x 2 per SM and clock; dense bf16 989 TFLOP/s at 1.98 GHz
 # (NVIDIA H100 datasheet / Hopper whitepaper) = 3784 FLOP per SM and clock. cuBLAS dense bf16 on
 # the layer's three [T, d] x [d, d] GEMMs: 750 (optimistic) to 640 TFLOP/s (pessimistic); source:
-# SPEC.md section 7 and issue #22 (workplace readings of cuBLAS on these shapes: 790 is the top,
-# 640-750 likelier). A100 SXM4 80 GB: 108 SMs, base 1095 / boost 1410 MHz (NVIDIA A100 datasheet,
+# readings of cuBLAS on these shapes reported to the project (about 790 at the top, 640-750
+# likelier; not measured by us). A100 SXM4 80 GB: 108 SMs, base 1095 / boost 1410 MHz (NVIDIA A100 datasheet,
 # TechPowerUp), 64 FP32 lanes per SM, 312 TFLOP/s dense bf16 at 1.41 GHz, 2.04 TB/s HBM2e; its
 # sustained clock (1.41 optimistic, 1.275 GHz pessimistic), copy bandwidth (1.7 TB/s, ~83% of
 # peak) and matmul rate (250 to 220 TFLOP/s) are assumptions. Per SM and clock on both: one

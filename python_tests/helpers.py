@@ -86,6 +86,20 @@ needs_auto_cot = pytest.mark.skipif(
            f"(README, 'Data files')")
 
 
+def repository_files():
+    """The repository's files: tracked ones and untracked ones git would add (not ignored);
+    skips the calling test outside a git checkout."""
+    import subprocess
+    try:
+        r = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        r = None
+    if r is None or r.returncode != 0:
+        pytest.skip("not a git checkout (or no git): the repository's file list is unknown")
+    return r.stdout.splitlines()
+
+
 def worker_env(**extra):
     """Environment for a worker started as `python -m python_tests.<area>.<worker>` (cwd=ROOT):
     the checkout first on its path, one OpenMP thread per process unless told otherwise."""

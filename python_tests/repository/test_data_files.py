@@ -2,25 +2,11 @@
 lives beside the checkout (../shared/data/, README "Data files"), never inside it."""
 import subprocess
 
-import pytest
-
-from python_tests.helpers import AUTO_COT, ROOT, needs_auto_cot
-
-
-def _repository_files():
-    """Tracked files and untracked ones that git would add (not ignored)."""
-    try:
-        r = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=str(ROOT), capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        r = None
-    if r is None or r.returncode != 0:
-        pytest.skip("not a git checkout (or no git): the repository's file list is unknown")
-    return r.stdout.splitlines()
+from python_tests.helpers import AUTO_COT, ROOT, needs_auto_cot, repository_files
 
 
 def test_auto_cot_is_not_in_the_repository():
-    copies = [f for f in _repository_files() if "auto-cot" in f.lower()]
+    copies = [f for f in repository_files() if "auto-cot" in f.lower()]
     assert not copies, (f"{copies}: the HyCAM authors' Auto-CoT data must not be added to the "
                         f"repository; the tests read it from {AUTO_COT}")
     ignore = subprocess.run(["git", "check-ignore", "-q", "Auto-CoT.json"], cwd=str(ROOT))

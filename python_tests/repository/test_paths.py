@@ -19,9 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Iterator, List, Set, Tuple
 
-import pytest
-
-from python_tests.helpers import ROOT
+from python_tests.helpers import ROOT, repository_files
 
 TEXT_SUFFIXES = {".py", ".h", ".hpp", ".cpp", ".cu", ".cuh", ".md", ".sh", ".txt", ".toml",
                  ".cfg", ".cmake", ".yml", ".yaml", ".ini"}
@@ -29,15 +27,8 @@ SKIP_PREFIXES = ("benchmarks/results/",)
 _CHARS = r"[\w.{},+*<>/-]"
 
 
-def repository_files() -> List[str]:
-    try:
-        r = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=str(ROOT), capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        r = None
-    if r is None or r.returncode != 0:
-        pytest.skip("not a git checkout (or no git): the repository's file list is unknown")
-    return sorted(f for f in r.stdout.splitlines() if (ROOT / f).is_file())
+def existing_repository_files() -> List[str]:
+    return sorted(f for f in repository_files() if (ROOT / f).is_file())
 
 
 def scanned(files: List[str]) -> List[str]:
@@ -122,7 +113,7 @@ def ignored_by_git(path: str) -> bool:
 
 
 def stale_references(root: Path = ROOT) -> List[str]:
-    files = repository_files()
+    files = existing_repository_files()
     file_set = set(files)
     dirs = {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
     tops = sorted({f.split("/")[0] for f in files if "/" in f})

@@ -64,7 +64,6 @@ class RoutingStep:
         # layer index -> (dL/dS_g, dL/dS_q), set by _StepAuxLoss or _InjectAuxGrad.backward
         self.grads: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.grads_set = False
-        self.aux_value: Optional[torch.Tensor] = None   # L_aux of this forward (no graph)
 
     def has_stats(self) -> bool:
         return any(s is not None for s in self.sums)
@@ -98,27 +97,37 @@ class _ReceiveAuxGrad(torch.autograd.Function):
         return grad_h, grad_g, grad_q, None, None
 
 
+def _leaf_aux_loss(step: RoutingStep, scope: str):
+    """L_aux of the step's stored sums, differentiable w.r.t. leaf copies of them: (the layer
+    indices, the leaves' tensors in layer order (S_g, S_q per layer), L_aux)."""
+    idx = step.layers()
+    with torch.enable_grad():
+        leaves = [RoutingSums(step.sums[i].g.detach().requires_grad_(),
+                              step.sums[i].q.detach().requires_grad_(), step.sums[i].count)
+                  for i in idx]
+        loss = aux_loss(total(leaves), scope)
+    return idx, [t for s in leaves for t in (s.g, s.q)], loss
+
+
+def _set_grads(step: RoutingStep, idx, grads) -> None:
+    step.grads = {i: (grads[2 * j], grads[2 * j + 1]) for j, i in enumerate(idx)}
+    step.grads_set = True
+
+
 class _StepAuxLoss(torch.autograd.Function):
     """L_aux of a step; ``anchor`` only orders the backward (see the module's design note)."""
 
     @staticmethod
     def forward(ctx, anchor, step: RoutingStep, scope: str):
-        idx = step.layers()
-        with torch.enable_grad():
-            leaves = [RoutingSums(step.sums[i].g.detach().requires_grad_(),
-                                  step.sums[i].q.detach().requires_grad_(), step.sums[i].count)
-                      for i in idx]
-            loss = aux_loss(total(leaves), scope)
-        ctx.step, ctx.idx, ctx.loss, ctx.leaves = step, idx, loss, leaves
+        idx, inputs, loss = _leaf_aux_loss(step, scope)
+        ctx.step, ctx.idx, ctx.loss, ctx.inputs = step, idx, loss, inputs
         ctx.anchor_meta = (anchor.dim() == 0, anchor.dtype, anchor.device)
         return loss.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        inputs = [t for s in ctx.leaves for t in (s.g, s.q)]
-        grads = torch.autograd.grad(ctx.loss, inputs, grad, retain_graph=True)
-        ctx.step.grads = {i: (grads[2 * j], grads[2 * j + 1]) for j, i in enumerate(ctx.idx)}
-        ctx.step.grads_set = True
+        _set_grads(ctx.step, ctx.idx,
+                   torch.autograd.grad(ctx.loss, ctx.inputs, grad, retain_graph=True))
         scalar, dt, dev = ctx.anchor_meta
         return (torch.zeros((), dtype=dt, device=dev) if scalar else None), None, None
 
@@ -126,16 +135,9 @@ class _StepAuxLoss(torch.autograd.Function):
 def _hand_out_grads(step: RoutingStep, scope: str, weight: float) -> None:
     """Differentiate ``weight * L_aux`` of the step's stored sums; leave each layer's gradient in
     the step."""
-    idx = step.layers()
-    with torch.enable_grad():
-        leaves = [RoutingSums(step.sums[i].g.detach().requires_grad_(),
-                              step.sums[i].q.detach().requires_grad_(), step.sums[i].count)
-                  for i in idx]
-        loss = aux_loss(total(leaves), scope)
-        inputs = [t for s in leaves for t in (s.g, s.q)]
-        grads = torch.autograd.grad(loss * weight, inputs)
-    step.grads = {i: (grads[2 * j], grads[2 * j + 1]) for j, i in enumerate(idx)}
-    step.grads_set = True
+    idx, inputs, loss = _leaf_aux_loss(step, scope)
+    with torch.enable_grad():   # runs inside a backward, where grad mode is off
+        _set_grads(step, idx, torch.autograd.grad(loss * weight, inputs))
 
 
 class _InjectAuxGrad(torch.autograd.Function):
@@ -213,6 +215,7 @@ class SharedState:
         self.enabled = True                       # False inside disable_adapter()
         self.step: Optional[RoutingStep] = None   # the latest forward's (routing_stats())
         self.tally: Optional[RouteTally] = None   # set inside collect_routing()
+        self.log_aux = False                      # keep aux_log (HyCAMAuxLossCallback)
         self.aux_log: List[torch.Tensor] = []     # L_aux of training forwards since the last log
         self.step_in_kwargs = True                # see attach()
         self.task_ids = None                      # routing="task": this call's (HyCAMModel)
@@ -250,11 +253,10 @@ class SharedState:
             step = self.step
             if not (self.enabled and step is not None and step.has_stats()):
                 return output
-            with torch.no_grad():
-                step.aux_value = aux_loss(total([step.sums[i] for i in step.layers()]),
-                                          self.aux_loss_scope)
-            if len(self.aux_log) < 10_000:
-                self.aux_log.append(step.aux_value)
+            if self.log_aux and len(self.aux_log) < 10_000:   # HyCAMAuxLossCallback reads it
+                with torch.no_grad():
+                    self.aux_log.append(aux_loss(total([step.sums[i] for i in step.layers()]),
+                                                 self.aux_loss_scope))
             first = output[0] if isinstance(output, tuple) else output.last_hidden_state
             new = inject_aux_grad(first, step, self.aux_loss_scope,
                                   self.aux_loss_coef * self.aux_grad_scale)

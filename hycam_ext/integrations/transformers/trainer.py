@@ -57,6 +57,7 @@ class HyCAMAuxLossCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         for st in hycam_shared_states(model):
             st.aux_grad_scale = 1.0 / max(int(args.gradient_accumulation_steps), 1)
+            st.log_aux = True
         return control
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
