@@ -5,7 +5,7 @@
     python -m benchmarks.gpu_model --out DIR       # also writes DIR/model.json, model.txt, model.png
 
 What is measured (counted exactly, on the CPU): each op's kernels run in the CUDA emulation
-(python_tests/cuda_emulation/cuda_emulation.h, via benchmarks/gpu_model_driver.cpp) with the
+(csrc/emulation/cuda_emulation.h, via benchmarks/gpu_model_driver.cpp) with the
 launch configurations and the bf16 tensor-core path the launchers choose, at two reduced token
 counts T1 < T2 (d, K, r at full size); per launch: warp requests, 32-byte sectors, 128-byte L1
 lines, bytes requested, unique bytes touched, tensor-core mma and shuffle instructions per warp,
@@ -41,7 +41,6 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "benchmarks" / "gpu_model_driver.cpp"
-EMU_INC = ROOT / "python_tests" / "cuda_emulation"
 
 # Machine constants, each end of a range (ENDS below). H100 SXM: 132 SMs, 50 MB L2, ~3.0 TB/s
 # device-to-device copy (a reading of H100s in this workplace, docs/kernels.md, Performance
@@ -149,14 +148,14 @@ def build_driver(cache_dir: str | None = None) -> str:
     if shutil.which(cxx) is None:
         raise RuntimeError(f"needs a C++20 compiler ({cxx})")
     h = hashlib.sha256()
-    for p in [DRIVER, EMU_INC / "cuda_emulation.h", *sorted((ROOT / "csrc").rglob("*.cuh")),
+    for p in [DRIVER, *sorted((ROOT / "csrc").rglob("*.cuh")),
               *sorted((ROOT / "csrc").rglob("*.h"))]:
         h.update(p.read_bytes())
     cache = pathlib.Path(cache_dir or os.path.join(tempfile.gettempdir(), "hycam_model"))
     cache.mkdir(parents=True, exist_ok=True)
     exe = cache / f"gpu_model_driver_{h.hexdigest()[:16]}"
     if not exe.exists():
-        cmd = [cxx, "-std=c++20", "-O2", "-DHYCAM_CUDA_EMULATION", f"-I{ROOT / 'csrc'}", f"-I{EMU_INC}",
+        cmd = [cxx, "-std=c++20", "-O2", "-DHYCAM_CUDA_EMULATION", f"-I{ROOT / 'csrc'}",
                str(DRIVER), "-o", str(exe) + ".tmp"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if r.returncode != 0:

@@ -1,7 +1,6 @@
-// Runs one op's CUDA kernels in the test-only CPU emulation (python_tests/cuda_emulation/
-// cuda_emulation.h) with the memory-traffic counters on, with the launch configurations and the
-// bfloat16 / tensor-core path the launchers (csrc/*/*_cuda.cu) choose (they depend on the shape
-// only, never on the GPU), and
+// Runs one op's CUDA kernels in the CPU emulation (csrc/emulation/cuda_emulation.h) with the
+// memory-traffic counters on, with the launch configurations and the bfloat16 / tensor-core path
+// the launchers (csrc/*/*_cuda.cu) choose (they depend on the shape only, never on the GPU), and
 // prints one JSON object per launch. Used by benchmarks/gpu_model.py; the counts are not timings.
 //
 //   gpu_model_driver GROUP T d K r hard|soft

@@ -24,8 +24,8 @@
 //
 // Global memory is read and written only through cuda::ld / cuda::st (cuda::ld_row / st_row for
 // the row vectors): plain accesses under nvcc, counted under the emulation. Compiles with nvcc,
-// and with a C++ compiler under HYCAM_CUDA_EMULATION (python_tests/cuda_emulation,
-// benchmarks/gpu_model.py).
+// and with a C++ compiler under HYCAM_CUDA_EMULATION (csrc/emulation/cuda_emulation.h; the
+// emulation tests and benchmarks/gpu_model.py).
 #pragma once
 
 #include <type_traits>

@@ -1,15 +1,15 @@
 // Device-side helpers of the CUDA kernels and the qualifiers they are written with. The kernel
-// headers (csrc/*/*_kernels.cuh) include only this file and hycam_math.h, so that besides nvcc
-// they also compile with a plain C++ compiler under HYCAM_CUDA_EMULATION (the test-only
-// python_tests/cuda_emulation/cuda_emulation.h, on the include path only there: one fiber per
-// CUDA thread), which python_tests/cuda_emulation/test_cuda_emulation.py uses to run every kernel
-// on machines without a GPU and benchmarks/gpu_model.py to count their memory traffic.
+// headers (csrc/*/*_kernels.cuh) include only this file, cuda_mma.cuh and hycam_math.h, so that
+// besides nvcc they also compile with a plain C++ compiler under HYCAM_CUDA_EMULATION (then this
+// file includes csrc/emulation/cuda_emulation.h: one fiber per CUDA thread), which the emulation
+// tests (python_tests/cuda_emulation/test_cuda_emulation.py) use to run every kernel on machines
+// without a GPU and benchmarks/gpu_model.py to count their memory traffic.
 #pragma once
 
 #include <cstdint>
 
 #if defined(HYCAM_CUDA_EMULATION)
-#include "cuda_emulation.h"
+#include "../emulation/cuda_emulation.h"
 #define HYCAM_GLOBAL
 #define HYCAM_LAUNCH_BOUNDS(threads, blocks)
 #define HYCAM_DEVICE inline

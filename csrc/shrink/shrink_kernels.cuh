@@ -3,7 +3,8 @@
 // reductions over tokens write per-split partials summed in a fixed order (no atomics). Global
 // memory is read and written only through cuda::ld / cuda::st / mma::copy16 (plain accesses under
 // nvcc, counted under the emulation). Compiles with nvcc, and with a C++ compiler under
-// HYCAM_CUDA_EMULATION (python_tests/cuda_emulation/test_cuda_emulation.py, benchmarks/gpu_model.py).
+// HYCAM_CUDA_EMULATION (csrc/emulation/cuda_emulation.h; the emulation tests and
+// benchmarks/gpu_model.py).
 #pragma once
 
 #include "../common/cuda_device.cuh"

@@ -1,4 +1,4 @@
-// Runs every CUDA kernel of csrc/ on the CPU (HYCAM_CUDA_EMULATION, see cuda_emulation.h here)
+// Runs every CUDA kernel of csrc/ on the CPU (HYCAM_CUDA_EMULATION, csrc/emulation/cuda_emulation.h)
 // with the launch configurations of the real launchers, and compares against a naive float64
 // computation of docs/formulas.md. Built and run by
 // python_tests/cuda_emulation/test_cuda_emulation.py (with AddressSanitizer/UBSan where

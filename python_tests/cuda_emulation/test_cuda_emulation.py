@@ -1,5 +1,5 @@
 """The CUDA kernels, run on the CPU: csrc/*/*_kernels.cuh compiled with a C++ compiler under
-HYCAM_CUDA_EMULATION (python_tests/cuda_emulation/cuda_emulation.h: one fiber per CUDA thread,
+HYCAM_CUDA_EMULATION (csrc/emulation/cuda_emulation.h: one fiber per CUDA thread,
 real barriers and warp collectives with the GPU's rules enforced) with the launch configurations
 of the real launchers, against a float64 computation of docs/formulas.md, under AddressSanitizer/UBSan
 where the toolchain has them.
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"needs a C++ 
 
 
 def _compile(src, exe, sanitize=None, opt="-O1"):
-    base = [CXX, "-std=c++20", opt, "-g", "-DHYCAM_CUDA_EMULATION", f"-I{ROOT / 'csrc'}", f"-I{EMU}", str(src),
+    base = [CXX, "-std=c++20", opt, "-g", "-DHYCAM_CUDA_EMULATION", f"-I{ROOT / 'csrc'}", str(src),
             "-o", str(exe), "-pthread"]
     if sanitize:
         cmd = base[:1] + [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] + base[1:]

@@ -1,6 +1,7 @@
-// Test-only CUDA emulation: runs kernels written against csrc/common/cuda_device.cuh on the CPU.
-// Never part of the extension build (it lives in the test tree; the kernel headers include it only
-// under HYCAM_CUDA_EMULATION).
+// CUDA emulation: runs kernels written against csrc/common/cuda_device.cuh on the CPU. Never part
+// of the extension build: the kernel headers include it only under HYCAM_CUDA_EMULATION, as the
+// emulation tests (python_tests/cuda_emulation) and the cost model (benchmarks/gpu_model.py) compile
+// them.
 //
 // Every CUDA thread of a block is a fiber (ucontext) with its own stack, run by one host thread:
 // a fiber runs until it reaches a barrier, a warp collective or its end, then the next runnable
