@@ -48,9 +48,10 @@ void check_opt(const char* op, const char* name, const OptTensor& t, std::vector
   if (t.has_value() && t->defined()) check_arg(op, name, *t, std::move(sizes), ref, ref_name);
 }
 
-OptTensor contig(const OptTensor& t) {
+// An optional argument for the implementations: contiguous, or undefined when absent.
+at::Tensor contig(const OptTensor& t) {
   if (t.has_value() && t->defined()) return t->contiguous();
-  return c10::nullopt;
+  return at::Tensor();
 }
 
 void check_device_supported(const char* op, const at::Tensor& t) {
@@ -64,17 +65,21 @@ void check_device_supported(const char* op, const at::Tensor& t) {
   }
 }
 
-void check_placement(const char* op, int64_t placement, const OptTensor& a) {
-  TORCH_CHECK_VALUE(placement == kResidual || placement == kAttention, "hycam.", op,
-                    ": placement must be 0 (residual) or 1 (attention), got ", placement);
-  TORCH_CHECK_VALUE(placement == kResidual || (a.has_value() && a->defined()), "hycam.", op,
-                    ": placement 1 (attention) needs the attention output a");
+Placement check_placement(const char* op, int64_t placement, const OptTensor& a) {
+  const auto residual = static_cast<int64_t>(Placement::RESIDUAL);
+  const auto attention = static_cast<int64_t>(Placement::ATTENTION);
+  TORCH_CHECK_VALUE(placement == residual || placement == attention, "hycam.", op, ": placement must be ", residual,
+                    " (residual) or ", attention, " (attention), got ", placement);
+  TORCH_CHECK_VALUE(placement == residual || (a.has_value() && a->defined()), "hycam.", op, ": placement ",
+                    attention, " (attention) needs the attention output a");
+  return static_cast<Placement>(placement);
 }
 
-// [T, d], [T, K, r], [K, d, r] ... of the CAM ops; returns (T, d, K, r).
-void check_cam_args(const char* op, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z,
-                    const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g,
-                    const OptTensor& z_bias) {
+// Checks the arguments of a CAM op ([T, d], [T, K, r], [K, d, r] ...) and fills `args` with them,
+// contiguous, and the sizes.
+void cam_args(const char* op, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
+              const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement,
+              const OptTensor& z_bias, CamArgs& args) {
   TORCH_CHECK_VALUE(h_in.defined() && h_in.dim() == 2, "hycam.", op, ": h_in must be a 2-D tensor [T, d], got ",
                     h_in.defined() ? shape_str(h_in) : std::string("undefined"));
   TORCH_CHECK_VALUE(B.defined() && B.dim() == 3, "hycam.", op, ": B must be a 3-D tensor [K, d, r], got ",
@@ -91,10 +96,24 @@ void check_cam_args(const char* op, const at::Tensor& h_in, const OptTensor& a, 
   TORCH_CHECK_VALUE(K >= 1 && r >= 1, "hycam.", op, ": B must have K >= 1 specialists and rank r >= 1, got ",
                     shape_str(B));
   check_device_supported(op, h_in);
+  args.placement = check_placement(op, placement, a);
+  args.h_in = h_in.contiguous();
+  args.a = contig(a);
+  args.z = z.contiguous();
+  args.z_bias = contig(z_bias);
+  args.w = w.contiguous();
+  args.B = B.contiguous();
+  args.b = contig(b);
+  args.g = g.contiguous();
+  args.scale = scale;
+  args.T = T;
+  args.d = d;
+  args.K = K;
+  args.r = r;
 }
 
-std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
-                                          const at::Tensor& N, const OptTensor& N_bias) {
+ShrinkOut shrink(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias, const at::Tensor& N,
+                 const OptTensor& N_bias) {
   const char* op = "shrink";
   TORCH_CHECK_VALUE(x.defined() && x.dim() == 2, "hycam.shrink: x must be a 2-D tensor [T, d], got ",
                     x.defined() ? shape_str(x) : std::string("undefined"));
@@ -108,16 +127,15 @@ std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x, const at::Tensor&
   check_opt(op, "N_bias", N_bias, {K, r}, &x, "x");
   TORCH_CHECK_VALUE(K >= 1 && r >= 1, "hycam.shrink: A must have K >= 1 and r >= 1, got ", shape_str(A));
   check_device_supported(op, x);
-  auto xc = x.contiguous(), Ac = A.contiguous(), Nc = N.contiguous();
-  auto ab = contig(A_bias), nb = contig(N_bias);
+  const ShrinkArgs args{x.contiguous(), A.contiguous(), contig(A_bias), N.contiguous(), contig(N_bias), T, d, K, r};
 #ifdef HYCAM_WITH_CUDA
-  if (x.is_cuda()) return shrink_cuda(xc, Ac, ab, Nc, nb);
+  if (x.is_cuda()) return shrink_cuda(args);
 #endif
-  return cpu_kernels(x.scalar_type()).shrink(xc, Ac, ab, Nc, nb);
+  return cpu_kernels(x.scalar_type()).shrink(args);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward(
-    const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N) {
+ShrinkBackwardOut shrink_backward(const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A,
+                                  const at::Tensor& N) {
   const char* op = "shrink_backward";
   TORCH_CHECK_VALUE(x.defined() && x.dim() == 2, "hycam.shrink_backward: x must be a 2-D tensor [T, d]");
   TORCH_CHECK_VALUE(A.defined() && A.dim() == 3, "hycam.shrink_backward: A must be a 3-D tensor [K, r, d]");
@@ -129,39 +147,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
   check_arg(op, "N", N, {K, r, r}, &x, "x");
   TORCH_CHECK_VALUE(K >= 1 && r >= 1, "hycam.shrink_backward: A must have K >= 1 and r >= 1, got ", shape_str(A));
   check_device_supported(op, x);
-  auto a0 = dw.contiguous(), a1 = x.contiguous(), a2 = p.contiguous(), a3 = A.contiguous(), a4 = N.contiguous();
+  const ShrinkBackwardArgs args{dw.contiguous(), x.contiguous(), p.contiguous(), A.contiguous(), N.contiguous(),
+                                T, d, K, r};
 #ifdef HYCAM_WITH_CUDA
-  if (x.is_cuda()) return shrink_backward_cuda(a0, a1, a2, a3, a4);
+  if (x.is_cuda()) return shrink_backward_cuda(args);
 #endif
-  return cpu_kernels(x.scalar_type()).shrink_backward(a0, a1, a2, a3, a4);
+  return cpu_kernels(x.scalar_type()).shrink_backward(args);
 }
 
 at::Tensor cam_forward(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
                        const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
                        int64_t placement, const OptTensor& z_bias) {
-  check_cam_args("cam_forward", h_in, a, z, w, B, b, g, z_bias);
-  check_placement("cam_forward", placement, a);
-  auto hc = h_in.contiguous(), zc = z.contiguous(), wc = w.contiguous(), Bc = B.contiguous(), gc = g.contiguous();
-  auto ac = contig(a), bc = contig(b), zbc = contig(z_bias);
+  CamArgs args;
+  cam_args("cam_forward", h_in, a, z, w, B, b, g, scale, placement, z_bias, args);
 #ifdef HYCAM_WITH_CUDA
-  if (h_in.is_cuda()) return cam_forward_cuda(hc, ac, zc, wc, Bc, bc, gc, scale, placement, zbc);
+  if (h_in.is_cuda()) return cam_forward_cuda(args);
 #endif
-  return cpu_kernels(h_in.scalar_type()).cam_forward(hc, ac, zc, wc, Bc, bc, gc, scale, placement, zbc);
+  return cpu_kernels(h_in.scalar_type()).cam_forward(args);
 }
 
 CamBackwardOut cam_backward(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z,
                             const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g,
                             double scale, int64_t placement, const OptTensor& z_bias) {
-  check_cam_args("cam_backward", h_in, a, z, w, B, b, g, z_bias);
-  check_arg("cam_backward", "go", go, {h_in.size(0), h_in.size(1)}, &h_in, "h_in");
-  check_placement("cam_backward", placement, a);
-  auto goc = go.contiguous(), hc = h_in.contiguous(), zc = z.contiguous(), wc = w.contiguous(),
-       Bc = B.contiguous(), gc = g.contiguous();
-  auto ac = contig(a), bc = contig(b), zbc = contig(z_bias);
+  CamBackwardArgs args;
+  cam_args("cam_backward", h_in, a, z, w, B, b, g, scale, placement, z_bias, args);
+  check_arg("cam_backward", "go", go, {args.T, args.d}, &h_in, "h_in");
+  args.go = go.contiguous();
 #ifdef HYCAM_WITH_CUDA
-  if (h_in.is_cuda()) return cam_backward_cuda(goc, hc, ac, zc, wc, Bc, bc, gc, scale, placement, zbc);
+  if (h_in.is_cuda()) return cam_backward_cuda(args);
 #endif
-  return cpu_kernels(h_in.scalar_type()).cam_backward(goc, hc, ac, zc, wc, Bc, bc, gc, scale, placement, zbc);
+  return cpu_kernels(h_in.scalar_type()).cam_backward(args);
 }
 
 bool built_with_cuda() {

@@ -1,5 +1,7 @@
-// Declarations of the device implementations behind the ops of csrc/api.cpp. Every argument
-// has been checked there (shapes, dtypes, devices, contiguity); implementations may assume it.
+// The arguments of each op, and the device implementations behind the ops of csrc/api.cpp. api.cpp
+// checks every argument (shapes, dtypes, devices), makes each tensor contiguous and fills the op's
+// argument struct once; the CPU and CUDA implementations take that struct and may assume all of it.
+// A new argument of an op is a field here, filled in api.cpp and read where it is used.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -7,29 +9,71 @@
 #include <tuple>
 #include <vector>
 
+#include "common/placement.h"
+
 namespace hycam {
 
 using OptTensor = c10::optional<at::Tensor>;
 
-// The CPU implementations, one set per instruction-set variant (csrc/cpu/isa.h), with these types:
+// An optional tensor argument: undefined when absent.
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+// hycam.shrink: p = A x + A_bias, w = N p + N_bias for all K specialists.
+struct ShrinkArgs {
+  at::Tensor x;       // [T, d]
+  at::Tensor A;       // [K, r, d]
+  at::Tensor A_bias;  // [K, r] or undefined
+  at::Tensor N;       // [K, r, r]
+  at::Tensor N_bias;  // [K, r] or undefined
+  int64_t T, d, K, r;
+};
 // p, w [T, K, r]
-using ShrinkFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
-                                                    const at::Tensor& N, const OptTensor& N_bias);
+using ShrinkOut = std::tuple<at::Tensor, at::Tensor>;
+
+// hycam.shrink_backward: the gradients of the shrink given dw.
+struct ShrinkBackwardArgs {
+  at::Tensor dw;  // [T, K, r]
+  at::Tensor x;   // [T, d]
+  at::Tensor p;   // [T, K, r], the forward's p
+  at::Tensor A;   // [K, r, d]
+  at::Tensor N;   // [K, r, r]
+  int64_t T, d, K, r;
+};
 // dx [T, d], dA [K, r, d], dA_bias [K, r], dN [K, r, r], dN_bias [K, r]
-using ShrinkBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N);
-// z_bias [d] (optional): c = 1 + silu(z + z_bias) + ...
-using CamForwardFn = at::Tensor(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-                                const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
-                                int64_t placement, const OptTensor& z_bias);
+using ShrinkBackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// hycam.cam_forward: out = modulate(placement, h_in, a, c) with c = 1 + silu(z + z_bias) +
+// sum_k g[t, k] silu(scale * u_k), u_k = B_k w[t, k] + b_k (docs/formulas.md).
+struct CamArgs {
+  at::Tensor h_in;    // [T, d]
+  at::Tensor a;       // [T, d] or undefined (zeros); required by Placement::ATTENTION
+  at::Tensor z;       // [T, d]
+  at::Tensor z_bias;  // [d] or undefined
+  at::Tensor w;       // [T, K, r]
+  at::Tensor B;       // [K, d, r]
+  at::Tensor b;       // [K, d] or undefined
+  at::Tensor g;       // [T, K]
+  double scale;
+  Placement placement;
+  int64_t T, d, K, r;
+};
+// hycam.cam_backward: the forward's arguments and the gradient of its output.
+struct CamBackwardArgs : CamArgs {
+  at::Tensor go;  // [T, d]
+};
 // d_main [T, d], dz [T, d], dg [T, K], dw [T, K, r], dB [K, d, r], db [K, d], dz_bias [d] = sum_t dz
 // (an empty tensor when z_bias is absent)
 using CamBackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using CamBackwardFn = CamBackwardOut(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a,
-                                     const at::Tensor& z, const at::Tensor& w, const at::Tensor& B,
-                                     const OptTensor& b, const at::Tensor& g, double scale, int64_t placement,
-                                     const OptTensor& z_bias);
 
+using ShrinkFn = ShrinkOut(const ShrinkArgs&);
+using ShrinkBackwardFn = ShrinkBackwardOut(const ShrinkBackwardArgs&);
+using CamForwardFn = at::Tensor(const CamArgs&);
+using CamBackwardFn = CamBackwardOut(const CamBackwardArgs&);
+
+// The CPU implementations, one set per instruction-set variant (csrc/cpu/isa.h).
 struct CpuKernels {
   const char* isa;  // the variant's name: "baseline", "avx2"
   ShrinkFn* shrink;
@@ -44,12 +88,16 @@ const CpuKernels& cpu_kernels(at::ScalarType dtype);
 std::vector<std::string> cpu_isa_variants();
 
 #ifdef HYCAM_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
-                                               const at::Tensor& N, const OptTensor& N_bias);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward_cuda(
-    const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N);
+ShrinkFn shrink_cuda;
+ShrinkBackwardFn shrink_backward_cuda;
 CamForwardFn cam_forward_cuda;
 CamBackwardFn cam_backward_cuda;
 #endif
+
+// Every output its own tensor of dtype st, contiguous: .to() of the same dtype, or .contiguous(),
+// may return a view of a buffer that another output shares.
+inline at::Tensor fresh(const at::Tensor& t, at::ScalarType st) {
+  return t.to(st, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+}
 
 }  // namespace hycam

@@ -27,11 +27,12 @@ std::vector<acc_t> transpose_B(const at::Tensor& B) {
   return Bt;
 }
 
+// An optional bias of n values in acc_t, zeros when it is absent.
 template <typename scalar_t, typename acc_t>
-std::vector<acc_t> widen_bias(const OptTensor& b, int64_t n) {
+std::vector<acc_t> widen_bias(const at::Tensor& b, int64_t n) {
   std::vector<acc_t> out(n, acc_t(0));
-  if (b.has_value() && b->defined()) {
-    const scalar_t* src = b->data_ptr<scalar_t>();
+  if (b.defined()) {
+    const scalar_t* src = b.data_ptr<scalar_t>();
     for (int64_t q = 0; q < n; ++q) out[q] = static_cast<acc_t>(src[q]);
   }
   return out;
@@ -83,23 +84,42 @@ inline void row_store(scalar_t* base, int64_t row, int64_t d, const acc_t* buf) 
   }
 }
 
+// What both CAM kernels start from: the sizes, B transposed and the biases widened to acc_t, and
+// the input rows.
 template <typename scalar_t>
-void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-                      const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale, int64_t placement,
-                      const OptTensor& z_bias, at::Tensor& out) {
+struct CamInputs {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
-  const acc_t s = static_cast<acc_t>(scale);
-  const auto Bt = transpose_B<scalar_t, acc_t>(B);
-  const auto bias = widen_bias<scalar_t, acc_t>(b, K * d);
-  const bool has_zb = z_bias.has_value() && z_bias->defined();
-  const auto zbias = widen_bias<scalar_t, acc_t>(z_bias, has_zb ? d : 0);
-  const acc_t* zbp = has_zb ? zbias.data() : nullptr;
-  const scalar_t* hp = h_in.data_ptr<scalar_t>();
-  const scalar_t* ap = (a.has_value() && a->defined()) ? a->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* zp = z.data_ptr<scalar_t>();
-  const scalar_t* wp = w.data_ptr<scalar_t>();
-  const scalar_t* gp = g.data_ptr<scalar_t>();
+  int64_t T, d, K, r;
+  acc_t s;
+  Placement placement;
+  std::vector<acc_t> Bt, bias, zbias;
+  const acc_t* zbp;  // z_bias in acc_t, nullptr when absent
+  const scalar_t *hp, *ap, *zp, *wp, *gp;  // ap: nullptr when a is absent
+
+  explicit CamInputs(const CamArgs& args)
+      : T(args.T), d(args.d), K(args.K), r(args.r), s(static_cast<acc_t>(args.scale)), placement(args.placement),
+        Bt(transpose_B<scalar_t, acc_t>(args.B)),
+        bias(widen_bias<scalar_t, acc_t>(args.b, K * d)),
+        zbias(widen_bias<scalar_t, acc_t>(args.z_bias, args.z_bias.defined() ? d : 0)),
+        zbp(args.z_bias.defined() ? zbias.data() : nullptr),
+        hp(args.h_in.data_ptr<scalar_t>()),
+        ap(data_or_null<scalar_t>(args.a)),
+        zp(args.z.data_ptr<scalar_t>()),
+        wp(args.w.data_ptr<scalar_t>()),
+        gp(args.g.data_ptr<scalar_t>()) {}
+};
+
+template <typename scalar_t>
+void cam_forward_impl(const CamArgs& args, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const CamInputs<scalar_t> in(args);
+  const int64_t T = in.T, d = in.d, K = in.K, r = in.r;
+  const acc_t s = in.s;
+  const auto& Bt = in.Bt;
+  const auto& bias = in.bias;
+  const scalar_t *hp = in.hp, *ap = in.ap, *zp = in.zp, *wp = in.wp, *gp = in.gp;
+  const acc_t* zbp = in.zbp;
+  const Placement placement = in.placement;
   scalar_t* op = out.data_ptr<scalar_t>();
   constexpr int64_t kWindow = 16;  // tokens whose specialist expansions are grouped by specialist
   constexpr int64_t kEB = rows::kExpandBlock;
@@ -143,25 +163,19 @@ void cam_forward_impl(const at::Tensor& h_in, const OptTensor& a, const at::Tens
 }
 
 template <typename scalar_t>
-void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z,
-                       const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g,
-                       double scale, int64_t placement, const OptTensor& z_bias, at::Tensor& d_main,
-                       at::Tensor& dz, at::Tensor& dg, at::Tensor& dw, at::Tensor& dB, at::Tensor& db,
-                       at::Tensor& dz_bias) {
+void cam_backward_impl(const CamBackwardArgs& args, at::Tensor& d_main, at::Tensor& dz, at::Tensor& dg,
+                       at::Tensor& dw, at::Tensor& dB, at::Tensor& db, at::Tensor& dz_bias) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = h_in.size(0), d = h_in.size(1), K = B.size(0), r = B.size(2);
-  const acc_t s = static_cast<acc_t>(scale);
-  const auto Bt = transpose_B<scalar_t, acc_t>(B);
-  const auto bias = widen_bias<scalar_t, acc_t>(b, K * d);
-  const bool has_zb = z_bias.has_value() && z_bias->defined();
-  const auto zbias = widen_bias<scalar_t, acc_t>(z_bias, has_zb ? d : 0);
-  const acc_t* zbp = has_zb ? zbias.data() : nullptr;
-  const scalar_t* gop = go.data_ptr<scalar_t>();
-  const scalar_t* hp = h_in.data_ptr<scalar_t>();
-  const scalar_t* ap = (a.has_value() && a->defined()) ? a->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* zp = z.data_ptr<scalar_t>();
-  const scalar_t* wp = w.data_ptr<scalar_t>();
-  const scalar_t* gp = g.data_ptr<scalar_t>();
+  const CamInputs<scalar_t> in(args);
+  const int64_t T = in.T, d = in.d, K = in.K, r = in.r;
+  const acc_t s = in.s;
+  const auto& Bt = in.Bt;
+  const auto& bias = in.bias;
+  const scalar_t *hp = in.hp, *ap = in.ap, *zp = in.zp, *wp = in.wp, *gp = in.gp;
+  const acc_t* zbp = in.zbp;
+  const bool has_zb = zbp != nullptr;
+  const Placement placement = in.placement;
+  const scalar_t* gop = args.go.data_ptr<scalar_t>();
   scalar_t* dmp = d_main.data_ptr<scalar_t>();
   scalar_t* dzp = dz.data_ptr<scalar_t>();
   scalar_t* dgp = dg.data_ptr<scalar_t>();
@@ -260,32 +274,25 @@ void cam_backward_impl(const at::Tensor& go, const at::Tensor& h_in, const OptTe
 
 }  // namespace
 
-at::Tensor cam_forward_cpu(const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z, const at::Tensor& w,
-                           const at::Tensor& B, const OptTensor& b, const at::Tensor& g, double scale,
-                           int64_t placement, const OptTensor& z_bias) {
-  auto out = at::empty_like(h_in);
-  if (h_in.numel() == 0) return out;
-  HYCAM_CPU_DISPATCH(h_in.scalar_type(), "hycam_cam_forward_cpu", [&] {
-    cam_forward_impl<scalar_t>(h_in, a, z, w, B, b, g, scale, placement, z_bias, out);
-  });
+at::Tensor cam_forward_cpu(const CamArgs& args) {
+  auto out = at::empty_like(args.h_in);
+  if (args.h_in.numel() == 0) return out;
+  HYCAM_CPU_DISPATCH(args.h_in.scalar_type(), "hycam_cam_forward_cpu", [&] { cam_forward_impl<scalar_t>(args, out); });
   return out;
 }
 
-CamBackwardOut cam_backward_cpu(const at::Tensor& go, const at::Tensor& h_in, const OptTensor& a, const at::Tensor& z,
-                                const at::Tensor& w, const at::Tensor& B, const OptTensor& b, const at::Tensor& g,
-                                double scale, int64_t placement, const OptTensor& z_bias) {
-  auto d_main = at::empty_like(h_in);
-  auto dz = at::empty_like(z);
-  auto dg = at::empty_like(g);
-  auto dw = at::empty_like(w);
-  auto dB = at::zeros_like(B);
-  auto db = at::zeros({B.size(0), B.size(1)}, B.options());
-  const bool has_zb = z_bias.has_value() && z_bias->defined();
-  auto dz_bias = at::zeros({has_zb ? h_in.size(1) : 0}, z.options());  // sum of dz over tokens (zeros: T = 0)
-  if (h_in.numel() == 0) return {d_main, dz, dg.zero_(), dw.zero_(), dB, db, dz_bias};
-  HYCAM_CPU_DISPATCH(h_in.scalar_type(), "hycam_cam_backward_cpu", [&] {
-    cam_backward_impl<scalar_t>(go, h_in, a, z, w, B, b, g, scale, placement, z_bias, d_main, dz, dg, dw, dB, db,
-                                dz_bias);
+CamBackwardOut cam_backward_cpu(const CamBackwardArgs& args) {
+  auto d_main = at::empty_like(args.h_in);
+  auto dz = at::empty_like(args.z);
+  auto dg = at::empty_like(args.g);
+  auto dw = at::empty_like(args.w);
+  auto dB = at::zeros_like(args.B);
+  auto db = at::zeros({args.K, args.d}, args.B.options());
+  // the sum of dz over tokens (zeros: T = 0)
+  auto dz_bias = at::zeros({args.z_bias.defined() ? args.d : 0}, args.z.options());
+  if (args.h_in.numel() == 0) return {d_main, dz, dg.zero_(), dw.zero_(), dB, db, dz_bias};
+  HYCAM_CPU_DISPATCH(args.h_in.scalar_type(), "hycam_cam_backward_cpu", [&] {
+    cam_backward_impl<scalar_t>(args, d_main, dz, dg, dw, dB, db, dz_bias);
   });
   return {d_main, dz, dg, dw, dB, db, dz_bias};
 }

@@ -277,7 +277,7 @@ HYCAM_ROW_INLINE void specialist_grad_row(const T* gc, const T* u, const T* sg, 
 // out = modulate(h, a, 1 + silu(z) + spec), from sgz = sigmoid(z); a may be null (a = 0)
 template <typename T>
 HYCAM_ROW_INLINE void cam_epilogue(const T* h, const T* a, const T* z, const T* sgz, const T* spec, T* out, int64_t n,
-                                   int64_t placement) {
+                                   Placement placement) {
   if (a == nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j)
@@ -292,7 +292,7 @@ HYCAM_ROW_INLINE void cam_epilogue(const T* h, const T* a, const T* z, const T* 
 // d_main = go * c, gc = gate_grad(go, h, a), dz = gc * silu'(z), from sgz = sigmoid(z)
 template <typename T>
 HYCAM_ROW_INLINE void cam_backward_epilogue(const T* go, const T* h, const T* a, const T* z, const T* sgz,
-                                            const T* spec, T* d_main, T* dz, T* gc, int64_t n, int64_t placement) {
+                                            const T* spec, T* d_main, T* dz, T* gc, int64_t n, Placement placement) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const T av = a ? a[j] : T(0);

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "placement.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HYCAM_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
@@ -16,8 +18,6 @@
 #endif
 
 namespace hycam {
-
-enum Placement : int64_t { kResidual = 0, kAttention = 1 };
 
 #if !defined(__CUDA_ARCH__)
 // Branch-free expf for the CPU kernels (Cephes-style range reduction and polynomial, relative
@@ -92,14 +92,14 @@ HYCAM_HD acc_t cam_value(acc_t z, acc_t spec) {
 }
 
 template <typename acc_t>
-HYCAM_HD acc_t modulate(int64_t placement, acc_t h_in, acc_t a, acc_t c) {
-  return placement == kResidual ? (h_in + a) * c : h_in + a * c;
+HYCAM_HD acc_t modulate(Placement placement, acc_t h_in, acc_t a, acc_t c) {
+  return placement == Placement::RESIDUAL ? (h_in + a) * c : h_in + a * c;
 }
 
 // gc = dL/dc for one element: go * h (residual, h = h_in + a) or go * a (attention).
 template <typename acc_t>
-HYCAM_HD acc_t gate_grad(int64_t placement, acc_t go, acc_t h_in, acc_t a) {
-  return placement == kResidual ? go * (h_in + a) : go * a;
+HYCAM_HD acc_t gate_grad(Placement placement, acc_t go, acc_t h_in, acc_t a) {
+  return placement == Placement::RESIDUAL ? go * (h_in + a) : go * a;
 }
 
 // Layout helpers (int64 throughout): row-major [T, d], [T, K, r], [K, d, r], [K, r, d], [K, r, r].

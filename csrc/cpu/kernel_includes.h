@@ -20,3 +20,6 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+// Not a system header, but its inline helpers (fresh, data_or_null) must stay baseline code too.
+#include "../kernels.h"

@@ -17,15 +17,14 @@ namespace {
 constexpr int64_t kTokenBlock = 4;  // tokens sharing one pass over each row of A (rows::dots4)
 
 template <typename scalar_t>
-void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias, const at::Tensor& N,
-                 const OptTensor& N_bias, at::Tensor& p, at::Tensor& w) {
+void shrink_impl(const ShrinkArgs& args, at::Tensor& p, at::Tensor& w) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = x.size(0), d = x.size(1), K = A.size(0), r = A.size(1), KR = K * r;
-  const cpu::Widened<scalar_t, acc_t> Aw(A);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* abp = (A_bias.has_value() && A_bias->defined()) ? A_bias->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* Np = N.data_ptr<scalar_t>();
-  const scalar_t* nbp = (N_bias.has_value() && N_bias->defined()) ? N_bias->data_ptr<scalar_t>() : nullptr;
+  const int64_t T = args.T, d = args.d, K = args.K, r = args.r, KR = K * r;
+  const cpu::Widened<scalar_t, acc_t> Aw(args.A);
+  const scalar_t* xp = args.x.data_ptr<scalar_t>();
+  const scalar_t* abp = data_or_null<scalar_t>(args.A_bias);
+  const scalar_t* Np = args.N.data_ptr<scalar_t>();
+  const scalar_t* nbp = data_or_null<scalar_t>(args.N_bias);
   scalar_t* pp = p.data_ptr<scalar_t>();
   scalar_t* wp = w.data_ptr<scalar_t>();
   // N_k transposed, so that w = n + N p is r axpys over contiguous rows (independent lanes)
@@ -63,16 +62,15 @@ void shrink_impl(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bi
 }
 
 template <typename scalar_t>
-void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A,
-                          const at::Tensor& N, at::Tensor& dx, at::Tensor& dA, at::Tensor& dAb, at::Tensor& dN,
-                          at::Tensor& dNb) {
+void shrink_backward_impl(const ShrinkBackwardArgs& args, at::Tensor& dx, at::Tensor& dA, at::Tensor& dAb,
+                          at::Tensor& dN, at::Tensor& dNb) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = x.size(0), d = x.size(1), K = A.size(0), r = A.size(1), KR = K * r;
-  const cpu::Widened<scalar_t, acc_t> Aw(A);
-  const scalar_t* dwp = dw.data_ptr<scalar_t>();
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* pp = p.data_ptr<scalar_t>();
-  const scalar_t* Np = N.data_ptr<scalar_t>();
+  const int64_t T = args.T, d = args.d, K = args.K, r = args.r, KR = K * r;
+  const cpu::Widened<scalar_t, acc_t> Aw(args.A);
+  const scalar_t* dwp = args.dw.data_ptr<scalar_t>();
+  const scalar_t* xp = args.x.data_ptr<scalar_t>();
+  const scalar_t* pp = args.p.data_ptr<scalar_t>();
+  const scalar_t* Np = args.N.data_ptr<scalar_t>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
 
   const cpu::Chunks chunks(T);
@@ -164,29 +162,23 @@ void shrink_backward_impl(const at::Tensor& dw, const at::Tensor& x, const at::T
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> shrink_cpu(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
-                                              const at::Tensor& N, const OptTensor& N_bias) {
-  const int64_t T = x.size(0), K = A.size(0), r = A.size(1);
-  auto p = at::empty({T, K, r}, x.options());
-  auto w = at::empty({T, K, r}, x.options());
-  if (T == 0) return {p, w};
-  HYCAM_CPU_DISPATCH(x.scalar_type(), "hycam_shrink_cpu", [&] {
-    shrink_impl<scalar_t>(x, A, A_bias, N, N_bias, p, w);
-  });
+ShrinkOut shrink_cpu(const ShrinkArgs& args) {
+  auto p = at::empty({args.T, args.K, args.r}, args.x.options());
+  auto w = at::empty({args.T, args.K, args.r}, args.x.options());
+  if (args.T == 0) return {p, w};
+  HYCAM_CPU_DISPATCH(args.x.scalar_type(), "hycam_shrink_cpu", [&] { shrink_impl<scalar_t>(args, p, w); });
   return {p, w};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward_cpu(
-    const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N) {
-  const int64_t K = A.size(0), r = A.size(1);
-  auto dx = at::zeros_like(x);
-  auto dA = at::zeros_like(A);
-  auto dAb = at::zeros({K, r}, A.options());
-  auto dN = at::zeros_like(N);
-  auto dNb = at::zeros({K, r}, N.options());
-  if (x.size(0) == 0) return {dx, dA, dAb, dN, dNb};
-  HYCAM_CPU_DISPATCH(x.scalar_type(), "hycam_shrink_backward_cpu", [&] {
-    shrink_backward_impl<scalar_t>(dw, x, p, A, N, dx, dA, dAb, dN, dNb);
+ShrinkBackwardOut shrink_backward_cpu(const ShrinkBackwardArgs& args) {
+  auto dx = at::zeros_like(args.x);
+  auto dA = at::zeros_like(args.A);
+  auto dAb = at::zeros({args.K, args.r}, args.A.options());
+  auto dN = at::zeros_like(args.N);
+  auto dNb = at::zeros({args.K, args.r}, args.N.options());
+  if (args.T == 0) return {dx, dA, dAb, dN, dNb};
+  HYCAM_CPU_DISPATCH(args.x.scalar_type(), "hycam_shrink_backward_cpu", [&] {
+    shrink_backward_impl<scalar_t>(args, dx, dA, dAb, dN, dNb);
   });
   return {dx, dA, dAb, dN, dNb};
 }

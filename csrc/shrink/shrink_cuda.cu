@@ -75,10 +75,10 @@ void launch_shrink_backward_tc(const S* dp_lo, const S* x, const S* A, S* dx, fl
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Tensor& A, const OptTensor& A_bias,
-                                               const at::Tensor& N, const OptTensor& N_bias) {
+ShrinkOut shrink_cuda(const ShrinkArgs& args) {
+  const at::Tensor &x = args.x, &A = args.A, &N = args.N;
   c10::cuda::CUDAGuard guard(x.device());
-  const int64_t T = x.size(0), d = x.size(1), K = A.size(0), r = A.size(1), KR = K * r;
+  const int64_t T = args.T, d = args.d, K = args.K, r = args.r, KR = K * r;
   auto p = at::empty({T, K, r}, x.options());
   auto w = at::empty({T, K, r}, x.options());
   if (T == 0) return {p, w};
@@ -88,8 +88,8 @@ std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Te
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hycam_shrink_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* ab = (A_bias.has_value() && A_bias->defined()) ? A_bias->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* nb = (N_bias.has_value() && N_bias->defined()) ? N_bias->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ab = data_or_null<scalar_t>(args.A_bias);
+    const scalar_t* nb = data_or_null<scalar_t>(args.N_bias);
     if (use_tensor_cores(x.scalar_type())) {
       const auto sk = shrink_split_k(d);
       auto part = at::empty({sk.SK, T, KR}, x.options().dtype(at::kFloat));
@@ -108,10 +108,10 @@ std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Te
   return {p, w};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward_cuda(
-    const at::Tensor& dw, const at::Tensor& x, const at::Tensor& p, const at::Tensor& A, const at::Tensor& N) {
+ShrinkBackwardOut shrink_backward_cuda(const ShrinkBackwardArgs& args) {
+  const at::Tensor &dw = args.dw, &x = args.x, &p = args.p, &A = args.A, &N = args.N;
   c10::cuda::CUDAGuard guard(x.device());
-  const int64_t T = x.size(0), d = x.size(1), K = A.size(0), r = A.size(1), KR = K * r;
+  const int64_t T = args.T, d = args.d, K = args.K, r = args.r, KR = K * r;
   if (T == 0) {
     return {at::zeros_like(x), at::zeros_like(A), at::zeros({K, r}, A.options()), at::zeros_like(N),
             at::zeros({K, r}, N.options())};
@@ -154,10 +154,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_ba
         cfg.per_small);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  // every output its own tensor: .to() of the same dtype would return views of one buffer
-  auto fresh = [](const at::Tensor& t, at::ScalarType st) {
-    return t.to(st, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
-  };
   auto dA = fresh(cuda::sum_partials(pA).view({K, r, d}), A.scalar_type());
   auto small = cuda::sum_partials(pSmall);
   auto dAb = fresh(small.narrow(0, 0, KR).view({K, r}), A.scalar_type());
