@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
   const bool hard = std::string(argv[6]) == "hard";
   const int64_t KR = K * r, R1 = r + 1;
   const float scale = 0.5f;
-  const int64_t placement = 0;  // HyCAM.forward(x, h): residual placement, no attention output
+  const Placement placement = Placement::RESIDUAL;  // HyCAM.forward(x, h): no attention output
   Buf<M> g(T * K);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < K; ++k) g.p[t * K + k] = M(hard ? (k == (t * 7 + 3) % K ? 1.f : 0.f) : 0.25f + 0.1f * k);
@@ -118,10 +118,25 @@ int main(int argc, char** argv) {
     using namespace cam_kernels;
     Buf<M> h(T * d), z(T * d), zb(d), w(T * KR), B(K * d * r), b(K * d), out(T * d);
     const auto cfg = cam_forward_config(T, d, K, r, sizeof(M), sizeof(float));
-    launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_forward_kernel<M, float>(h.p, nullptr, z.p, zb.p, w.p, B.p, b.p, g.p, out.p, T, d, K, r, scale, placement, cfg.lpr,
-                                   cfg.tile, d % 8 == 0, (d * r) % 8 == 0);
-    }, "cam_forward_kernel");
+    CamParams<M, float> prm;  // as cam_cuda.cu fills it
+    prm.h_in = h.p;
+    prm.z = z.p;
+    prm.z_bias = zb.p;
+    prm.w = w.p;
+    prm.B = B.p;
+    prm.b = b.p;
+    prm.g = g.p;
+    prm.out = out.p;
+    prm.T = T;
+    prm.d = d;
+    prm.K = K;
+    prm.r = r;
+    prm.scale = scale;
+    prm.placement = placement;
+    prm.lpr = cfg.lpr;
+    prm.tile = cfg.tile;
+    set_vector_access(prm);
+    launch(cfg.grid, cfg.block, cfg.smem, [&] { cam_forward_kernel<M, float>(prm); }, "cam_forward_kernel");
   } else if (group == "cam_bwd") {
     using namespace cam_kernels;
     Buf<M> go(T * d), h(T * d), z(T * d), zb(d), w(T * KR), B(K * d * r), b(K * d), dm(T * d), dz(T * d);
@@ -129,11 +144,30 @@ int main(int argc, char** argv) {
     const int64_t nB = K * R1 + 1;  // dB, db and the sum of dz (z_bias's gradient)
     Buf<float> pdw(cfg.nJ * T * KR), pdg(cfg.nJ * T * K), pB(cfg.S * nB * d), cs(nB * d);
     Buf<M> dw(T * KR), dg(T * K);
-    launch(cfg.grid, cfg.block, cfg.smem, [&] {
-      cam_backward_kernel<M, float, M>(go.p, h.p, nullptr, z.p, zb.p, w.p, B.p, b.p, g.p, dm.p, dz.p, pdw.p, pdg.p, pB.p, T,
-                                       d, K, r, scale, placement, cfg.lpr, cfg.per_split, d % 8 == 0,
-                                       (d * r) % 8 == 0);
-    }, "cam_backward_kernel");
+    CamParams<M, float> prm;  // as cam_cuda.cu fills it
+    prm.go = go.p;
+    prm.h_in = h.p;
+    prm.z = z.p;
+    prm.z_bias = zb.p;
+    prm.w = w.p;
+    prm.B = B.p;
+    prm.b = b.p;
+    prm.g = g.p;
+    prm.d_main = dm.p;
+    prm.dz = dz.p;
+    prm.pdw = pdw.p;
+    prm.pdg = pdg.p;
+    prm.pB = pB.p;
+    prm.T = T;
+    prm.d = d;
+    prm.K = K;
+    prm.r = r;
+    prm.scale = scale;
+    prm.placement = placement;
+    prm.lpr = cfg.lpr;
+    prm.per_split = cfg.per_split;
+    set_vector_access(prm);
+    launch(cfg.grid, cfg.block, cfg.smem, [&] { cam_backward_kernel<M, float, M>(prm); }, "cam_backward_kernel");
     launch(dim3(unsigned(cuda::grid_1d(T * K * R1))), dim3(256), 0,
            [&] { sum_dwdg_kernel<M, float>(pdw.p, pdg.p, g.p, cfg.nJ, T * K, r, dw.p, dg.p); }, "sum_dwdg_kernel");
     sum_partials(pB.p, cfg.S, nB * d, cs.p, "sum_partials_kernel(pB)");

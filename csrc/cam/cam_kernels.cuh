@@ -26,6 +26,9 @@
 // the row vectors): plain accesses under nvcc, counted under the emulation. Compiles with nvcc,
 // and with a C++ compiler under HYCAM_CUDA_EMULATION (csrc/emulation/cuda_emulation.h; the
 // emulation tests and benchmarks/gpu_model.py).
+//
+// Both kernels take one CamParams (below), filled once by the launcher; the backward's phases are
+// device functions over one BackwardView of the block.
 #pragma once
 
 #include <type_traits>
@@ -238,18 +241,72 @@ HYCAM_DEVICE void add_z_bias(const scalar_t* __restrict__ zb, int64_t j, bool ve
 }
 
 // ---------------------------------------------------------------------------------------
+// The kernels' parameters: one struct, filled once by the launcher (cam_cuda.cu, from the op's
+// CamArgs) or an emulation driver, and passed by value (__grid_constant__ under nvcc: read in place
+// from the parameter space, as separate arguments would be). Optional inputs are nullptr when
+// absent. The forward reads the inputs and writes out; the backward also reads go and writes
+// d_main, dz and the partials. The inputs are read with plain global loads (LDG.E, cached in L1 on
+// sm_80+): nvcc takes the read-only path (LDG.E.CONSTANT) by itself only for restrict-qualified
+// pointer arguments, not for a struct's pointers, and asking for it (__ldg) lets it hoist the row
+// loads of the next token, which costs the 16-bit forward 10 registers (a block fewer per SM).
+// ---------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+struct CamParams {
+  // inputs: h_in, a (optional), z, go (backward) [T, d]; z_bias [d] (optional); w [T, K, r];
+  // B [K, d, r]; b [K, d] (optional); g [T, K]
+  const scalar_t* h_in = nullptr;
+  const scalar_t* a = nullptr;
+  const scalar_t* z = nullptr;
+  const scalar_t* z_bias = nullptr;
+  const scalar_t* w = nullptr;
+  const scalar_t* B = nullptr;
+  const scalar_t* b = nullptr;
+  const scalar_t* g = nullptr;
+  const scalar_t* go = nullptr;
+  // forward output [T, d]
+  scalar_t* out = nullptr;
+  // backward outputs: d_main, dz [T, d]; the partials pdw [nJ, T, K, r] (routed pairs only),
+  // pdg [nJ, T, K] and pB [S, K * (r + 1) (+ 1 with z_bias), d]
+  scalar_t* d_main = nullptr;
+  scalar_t* dz = nullptr;
+  acc_t* pdw = nullptr;
+  acc_t* pdg = nullptr;
+  acc_t* pB = nullptr;
+  int64_t T = 0, d = 0, K = 0, r = 0;
+  acc_t scale = 0;
+  Placement placement = Placement::RESIDUAL;
+  // launch geometry (cam_forward_config / cam_backward_config): lanes per token row, tokens per
+  // block (forward), tokens per split (backward)
+  int64_t lpr = 0, tile = 0, per_split = 0;
+  // 16-byte accesses of the [T, d] rows and z_bias (vec_io) and of B (vec_B): set_vector_access
+  bool vec_io = false, vec_B = false;
+};
+
+// Host side: vec_io and vec_B as the launchers set them. 16-byte row accesses need rows of a
+// multiple of 16 bytes and every [T, d] base (and z_bias) 16-byte aligned; 16-byte loads of B
+// need d * r a multiple of 16 bytes and B 16-byte aligned.
+template <typename scalar_t, typename acc_t>
+inline void set_vector_access(CamParams<scalar_t, acc_t>& p) {
+  const auto aligned16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  const int64_t elem = sizeof(scalar_t);
+  p.vec_io = (p.d * elem) % 16 == 0;
+  for (const void* q : {static_cast<const void*>(p.h_in), static_cast<const void*>(p.a),
+                        static_cast<const void*>(p.z), static_cast<const void*>(p.z_bias),
+                        static_cast<const void*>(p.go), static_cast<const void*>(p.out),
+                        static_cast<const void*>(p.d_main), static_cast<const void*>(p.dz)})
+    if (q != nullptr && !aligned16(q)) p.vec_io = false;
+  p.vec_B = (p.d * p.r * elem) % 16 == 0 && aligned16(p.B);
+}
+
+// ---------------------------------------------------------------------------------------
 // forward: grid (token tiles, channel tiles)
 // ---------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
-HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const scalar_t* __restrict__ a,
-                                     const scalar_t* __restrict__ z, const scalar_t* __restrict__ zb,
-                                     const scalar_t* __restrict__ w,
-                                     const scalar_t* __restrict__ B, const scalar_t* __restrict__ b,
-                                     const scalar_t* __restrict__ g, scalar_t* __restrict__ out, int64_t T, int64_t d,
-                                     int64_t K, int64_t r, acc_t s, int64_t placement, int64_t lpr, int64_t tile,
-                                     bool vec_io, bool vec_B) {
+HYCAM_GLOBAL void cam_forward_kernel(const HYCAM_GRID_CONSTANT CamParams<scalar_t, acc_t> params) {
   constexpr int V = cuda::Pack16<scalar_t>::kN;
   HYCAM_DYNAMIC_SMEM(smem);
+  const CamParams<scalar_t, acc_t>& p = params;
+  const int64_t T = p.T, d = p.d, K = p.K, r = p.r, lpr = p.lpr, tile = p.tile;
   const int64_t jt = lpr * V, rows = blockDim.x / lpr, rp = w_stride(r, sizeof(acc_t));
   const Layout L = cam_layout(K, r, jt, lpr, tile, sizeof(scalar_t), sizeof(acc_t), false, false, false);
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem);
@@ -257,19 +314,19 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
   acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
   acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
   const int64_t t0 = blockIdx.x * tile, nt = min(tile, T - t0), j0 = blockIdx.y * jt;
-  stage_B(Bs, bs, B, b, j0, jt, jt, d, K, r, r, vec_B, lpr, V);
-  stage_w(ws, w, t0, nt, tile, K, r);
-  for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(g + t0 * K + q));
+  stage_B(Bs, bs, p.B, p.b, j0, jt, jt, d, K, r, r, p.vec_B, lpr, V);
+  stage_w(ws, p.w, t0, nt, tile, K, r);
+  for (int64_t q = threadIdx.x; q < nt * K; q += blockDim.x) gs[q] = static_cast<acc_t>(cuda::ld(p.g + t0 * K + q));
   __syncthreads();
   const int64_t li = threadIdx.x % lpr, j = j0 + li * V, valid = d - j;
   if (valid <= 0) return;
   for (int64_t tt = threadIdx.x / lpr; tt < nt; tt += rows) {
     const int64_t e = idx_td(t0 + tt, j, d);
     acc_t hv[V], zv[V], av[V], spec[V], u[V];
-    cuda::ld_row(h_in + e, vec_io, valid, hv);
-    cuda::ld_row(z + e, vec_io, valid, zv);
-    add_z_bias(zb, j, vec_io, valid, zv);
-    ld_row_or_zero(a, e, vec_io, valid, av);
+    cuda::ld_row(p.h_in + e, p.vec_io, valid, hv);
+    cuda::ld_row(p.z + e, p.vec_io, valid, zv);
+    add_z_bias(p.z_bias, j, p.vec_io, valid, zv);
+    ld_row_or_zero(p.a, e, p.vec_io, valid, av);
 #pragma unroll
     for (int c = 0; c < V; ++c) spec[c] = 0;
     for (int64_t k = 0; k < K; ++k) {
@@ -277,351 +334,469 @@ HYCAM_GLOBAL void cam_forward_kernel(const scalar_t* __restrict__ h_in, const sc
       if (gk == acc_t(0)) continue;  // hard routing: only the routed specialist is expanded
       expand_lane<V, V>(Bs, bs, ws + (tt * K + k) * rp, k, r, r, jt, jt, li, lpr, u);
 #pragma unroll
-      for (int c = 0; c < V; ++c) spec[c] += gk * silu(s * u[c]);
+      for (int c = 0; c < V; ++c) spec[c] += gk * silu(p.scale * u[c]);
     }
 #pragma unroll
-    for (int c = 0; c < V; ++c) hv[c] = modulate(placement, hv[c], av[c], cam_value(zv[c], spec[c]));
-    cuda::st_row(out + e, vec_io, valid, hv);
+    for (int c = 0; c < V; ++c) hv[c] = modulate(p.placement, hv[c], av[c], cam_value(zv[c], spec[c]));
+    cuda::st_row(p.out + e, p.vec_io, valid, hv);
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // backward: grid (channel tiles, token splits). Per tile of `rows` tokens: stage w, g and the
-// token lists; phase 1 (a token per lane group): elementwise grads, dg partials (pdg [nJ, T, K]),
-// du into shared memory; then, after one barrier, phase 1b (up to kDwTokens tokens routed to one
-// specialist per lane group): the dw partials of routed pairs (pdw [nJ, T, K, r]); phase 2 (two
-// (k, x) columns per thread): the dB / db accumulators += du * w over the tile's tokens routed to
-// k; with z_bias, each lane adds its dz values to its row of zs. At the end the accumulators go to
+// token lists (backward_stage_tile); with tensor cores, u of every token and specialist into du
+// (backward_expand_tc); phase 1 (a token per lane group, backward_elementwise): elementwise
+// grads, dg partials (pdg [nJ, T, K]), du into shared memory; then, after one barrier, phase 1b
+// (up to kDwTokens tokens routed to one specialist per lane group, backward_dw): the dw partials
+// of routed pairs (pdw [nJ, T, K, r]); phase 2 (two (k, x) columns per thread, backward_dB): the
+// dB / db accumulators += du * w over the tile's tokens routed to k; with z_bias, each lane adds
+// its dz values to its row of zs. At the end (backward_write_partials) the accumulators go to
 // pB [S, K * (r + 1) (+ 1 with z_bias), d] (row k * (r + 1) + r = db_k) and the rows of zs, summed,
 // to its last row (the sum of dz over the split's tokens: the gradient of z_bias).
 // ---------------------------------------------------------------------------------------
 constexpr int kDwTokens = 4;  // tokens of one specialist that share each B load of phase 1b
 
-// M: the mma element type of scalar_t (__half, __nv_bfloat16) or void. With M and channel tiles of
-// a multiple of 16 (tc), u = B_k w_k for the tile's tokens and every k comes from tensor-core mma
-// (bf16/fp16 products are exact in float, sums in float) instead of shared-memory loads of B per
-// token. At most 128 registers per thread, so that two 256-thread blocks fit on an SM.
-template <typename scalar_t, typename acc_t, typename M = void>
-HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
-    cam_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ h_in,
-                                      const scalar_t* __restrict__ a, const scalar_t* __restrict__ z,
-                                      const scalar_t* __restrict__ zb, const scalar_t* __restrict__ w,
-                                      const scalar_t* __restrict__ B,
-                                      const scalar_t* __restrict__ b, const scalar_t* __restrict__ g,
-                                      scalar_t* __restrict__ d_main, scalar_t* __restrict__ dz,
-                                      acc_t* __restrict__ pdw, acc_t* __restrict__ pdg, acc_t* __restrict__ pB,
-                                      int64_t T, int64_t d, int64_t K, int64_t r, acc_t s, int64_t placement,
-                                      int64_t lpr, int64_t per_split, bool vec_io, bool vec_B) {
-  constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
-  HYCAM_DYNAMIC_SMEM(smem);
-  const int64_t jt = lpr * V, rows = blockDim.x / lpr, R1 = r + 1, rp = w_stride(r, sizeof(acc_t));
-  const bool tc = !std::is_void_v<M> && jt % 16 == 0;
-  const int64_t rb = b_rows(r, tc), rows16 = (rows + 15) / 16 * 16, bst = b_stride(jt, tc);
-  const bool dz_sums = zb != nullptr;  // as cam_backward_config was told
-  const Layout L = cam_layout(K, r, jt, lpr, rows, sizeof(scalar_t), sizeof(acc_t), true, tc, dz_sums);
-  const int64_t dst = du_stride(K, jt, lpr, sizeof(acc_t));
-  scalar_t* Bs = reinterpret_cast<scalar_t*>(smem);
-  scalar_t* bs = reinterpret_cast<scalar_t*>(smem + L.b);
-  acc_t* ws = reinterpret_cast<acc_t*>(smem + L.w);
-  acc_t* gs = reinterpret_cast<acc_t*>(smem + L.g);
-  int* tl = reinterpret_cast<int*>(smem + L.tl);
-  int* tn = reinterpret_cast<int*>(smem + L.tn);
-  int* istart = tn + K;
-  scalar_t* wh = reinterpret_cast<scalar_t*>(smem + L.wh);
-  acc_t* dus = reinterpret_cast<acc_t*>(smem + L.du);
-  acc_t* accs = reinterpret_cast<acc_t*>(smem + L.acc);
-  acc_t* zss = reinterpret_cast<acc_t*>(smem + L.zs);
-  const int64_t j0 = blockIdx.x * jt, split = blockIdx.y, KR1 = K * R1, nB = KR1 + (dz_sums ? 1 : 0);
-  const int64_t ts0 = split * per_split, ts1 = min(T, ts0 + per_split);
-  acc_t* pdw_j = pdw + static_cast<int64_t>(blockIdx.x) * T * K * r;  // this channel tile's partials
-  acc_t* pdg_j = pdg + static_cast<int64_t>(blockIdx.x) * T * K;
-  stage_B(Bs, bs, B, b, j0, jt, bst, d, K, r, rb, vec_B, lpr, P);
-  for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) cuda::sst(accs + q, acc_t(0));
-  if (dz_sums)
-    for (int64_t q = threadIdx.x; q < rows * jt; q += blockDim.x) cuda::sst(zss + q, acc_t(0));
+// One block's view of the backward: the parameters, the tile geometry, this thread's lane and
+// channels, and the shared-memory arrays of the Layout. Built once per block (backward_view);
+// every phase reads it.
+template <typename scalar_t, typename acc_t>
+struct BackwardView {
+  CamParams<scalar_t, acc_t> p;
+  int64_t jt, rows, R1, rp;  // channels per tile, tokens per tile, r + 1, w's row stride in ws
+  bool tc;                   // the tensor-core expand
+  int64_t rb, rows16, bst;   // B's rows and row stride in Bs, rows rounded up to 16
+  bool dz_sums;              // z_bias given: sum dz over the tokens
+  int64_t dst;               // du's token stride
+  scalar_t* Bs;
+  scalar_t* bs;
+  acc_t* ws;
+  acc_t* gs;
+  int* tl;
+  int* tn;
+  int* istart;
+  scalar_t* wh;
+  acc_t* dus;
+  acc_t* accs;
+  acc_t* zss;
+  int64_t j0, split, KR1, nB;  // first channel, token split, pB's rows (KR1 = K * R1, nB: + dz sums)
+  int64_t ts0, ts1;            // the split's tokens
+  acc_t* pdw_j;                // this channel tile's partials
+  acc_t* pdg_j;
+  int64_t li, row, j, valid;   // lane in the row group, row group, first channel; valid <= 0: past d
+};
 
-  const int64_t li = threadIdx.x % lpr, row = threadIdx.x / lpr, j = j0 + li * V;
-  const int64_t valid = d - j;  // <= 0: a lane past d (computes zeros, stores nothing)
-  for (int64_t t0 = ts0; t0 < ts1; t0 += rows) {
-    const int64_t nt = min(rows, ts1 - t0);
-    __syncthreads();  // the previous tile's phases 1b and 2 are done with ws / wh, gs, tl, du
-    if (tc) {  // w in scalar_t for the mma and phase 2: [rows16][K * rb (+ pad)], zero padded
-      const int64_t whs = wh_stride(K, rb);
-      for (int64_t q = threadIdx.x; q < rows16 * K * rb; q += blockDim.x) {
-        const int64_t tk = q / rb, i = q % rb;
-        cuda::sst(wh + tk / K * whs + tk % K * rb + i,
-                  i < r && tk < nt * K ? cuda::ld(w + (t0 * K + tk) * r + i) : static_cast<scalar_t>(0.0f));
-      }
-    } else {
-      stage_w(ws, w, t0, nt, rows, K, r);
+template <typename scalar_t, typename acc_t, typename M>
+HYCAM_DEVICE BackwardView<scalar_t, acc_t> backward_view(const CamParams<scalar_t, acc_t>& params,
+                                                        unsigned char* smem) {
+  constexpr int V = cuda::Pack16<scalar_t>::kN;
+  BackwardView<scalar_t, acc_t> v;
+  v.p = params;
+  const int64_t T = v.p.T, d = v.p.d, K = v.p.K, r = v.p.r, lpr = v.p.lpr;
+  v.jt = lpr * V;
+  v.rows = blockDim.x / lpr;
+  v.R1 = r + 1;
+  v.rp = w_stride(r, sizeof(acc_t));
+  v.tc = !std::is_void_v<M> && v.jt % 16 == 0;
+  v.rb = b_rows(r, v.tc);
+  v.rows16 = (v.rows + 15) / 16 * 16;
+  v.bst = b_stride(v.jt, v.tc);
+  v.dz_sums = v.p.z_bias != nullptr;  // as cam_backward_config was told
+  const Layout L = cam_layout(K, r, v.jt, lpr, v.rows, sizeof(scalar_t), sizeof(acc_t), true, v.tc, v.dz_sums);
+  v.dst = du_stride(K, v.jt, lpr, sizeof(acc_t));
+  v.Bs = reinterpret_cast<scalar_t*>(smem);
+  v.bs = reinterpret_cast<scalar_t*>(smem + L.b);
+  v.ws = reinterpret_cast<acc_t*>(smem + L.w);
+  v.gs = reinterpret_cast<acc_t*>(smem + L.g);
+  v.tl = reinterpret_cast<int*>(smem + L.tl);
+  v.tn = reinterpret_cast<int*>(smem + L.tn);
+  v.istart = v.tn + K;
+  v.wh = reinterpret_cast<scalar_t*>(smem + L.wh);
+  v.dus = reinterpret_cast<acc_t*>(smem + L.du);
+  v.accs = reinterpret_cast<acc_t*>(smem + L.acc);
+  v.zss = reinterpret_cast<acc_t*>(smem + L.zs);
+  v.j0 = blockIdx.x * v.jt;
+  v.split = blockIdx.y;
+  v.KR1 = K * v.R1;
+  v.nB = v.KR1 + (v.dz_sums ? 1 : 0);
+  v.ts0 = v.split * v.p.per_split;
+  v.ts1 = min(T, v.ts0 + v.p.per_split);
+  v.pdw_j = v.p.pdw + static_cast<int64_t>(blockIdx.x) * T * K * r;
+  v.pdg_j = v.p.pdg + static_cast<int64_t>(blockIdx.x) * T * K;
+  v.li = threadIdx.x % lpr;
+  v.row = threadIdx.x / lpr;
+  v.j = v.j0 + v.li * V;
+  v.valid = d - v.j;
+  return v;
+}
+
+// Stage the block's tile of B and b; zero the dB / db accumulators and the dz sums.
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void backward_init(const BackwardView<scalar_t, acc_t>& view) {
+  constexpr int P = cuda::Pack16<acc_t>::kN;
+  const auto& p = view.p;
+  stage_B(view.Bs, view.bs, p.B, p.b, view.j0, view.jt, view.bst, p.d, p.K, p.r, view.rb, p.vec_B, p.lpr, P);
+  for (int64_t q = threadIdx.x; q < p.K * view.R1 * view.jt; q += blockDim.x) cuda::sst(view.accs + q, acc_t(0));
+  if (view.dz_sums)
+    for (int64_t q = threadIdx.x; q < view.rows * view.jt; q += blockDim.x) cuda::sst(view.zss + q, acc_t(0));
+}
+
+// The tile of nt tokens from t0: w (in scalar_t as wh for the tensor cores, else in acc_t as ws),
+// g as gs, and the tokens routed to each specialist (tl, tn).
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void backward_stage_tile(const BackwardView<scalar_t, acc_t>& view, int64_t t0, int64_t nt) {
+  const auto& p = view.p;
+  const int64_t K = p.K, r = p.r, rows = view.rows;
+  __syncthreads();  // the previous tile's phases 1b and 2 are done with ws / wh, gs, tl, du
+  if (view.tc) {  // w in scalar_t for the mma and phase 2: [rows16][K * rb (+ pad)], zero padded
+    const int64_t whs = wh_stride(K, view.rb);
+    for (int64_t q = threadIdx.x; q < view.rows16 * K * view.rb; q += blockDim.x) {
+      const int64_t tk = q / view.rb, i = q % view.rb;
+      cuda::sst(view.wh + tk / K * whs + tk % K * view.rb + i,
+                i < r && tk < nt * K ? cuda::ld(p.w + (t0 * K + tk) * r + i) : static_cast<scalar_t>(0.0f));
     }
-    for (int64_t q = threadIdx.x; q < rows * K; q += blockDim.x)
-      gs[q] = q < nt * K ? static_cast<acc_t>(cuda::ld(g + t0 * K + q)) : acc_t(0);
-    __syncthreads();
-    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {  // tokens routed to each specialist
-      int n = 0;
-      for (int64_t tt = 0; tt < rows; ++tt)
-        if (gs[tt * K + k] != acc_t(0)) tl[k * rows + n++] = static_cast<int>(tt);
-      tn[k] = n;
-    }
-    __syncthreads();
-    if constexpr (!std::is_void_v<M>) {
-      if (tc) {  // u[tt][k][x] = sum_i w[tt, k, i] B[k, x, i] into du, 16 x 16 tiles
+  } else {
+    stage_w(view.ws, p.w, t0, nt, rows, K, r);
+  }
+  for (int64_t q = threadIdx.x; q < rows * K; q += blockDim.x)
+    view.gs[q] = q < nt * K ? static_cast<acc_t>(cuda::ld(p.g + t0 * K + q)) : acc_t(0);
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {  // tokens routed to each specialist
+    int n = 0;
+    for (int64_t tt = 0; tt < rows; ++tt)
+      if (view.gs[tt * K + k] != acc_t(0)) view.tl[k * rows + n++] = static_cast<int>(tt);
+    view.tn[k] = n;
+  }
+  __syncthreads();
+}
+
+// With tensor cores (tc): u[tt][k][x] = sum_i w[tt, k, i] B[k, x, i] into du, 16 x 16 tiles.
+// Each warp takes a contiguous run of the (mi, k, n) tiles and loads the w tile of an (mi, k)
+// once for all its n when r <= 16.
+template <typename scalar_t, typename acc_t, typename M>
+HYCAM_DEVICE void backward_expand_tc(const BackwardView<scalar_t, acc_t>& view) {
+  if constexpr (!std::is_void_v<M>) {
+    if (view.tc) {
 #if HYCAM_MMA_AVAILABLE
-        // each warp takes a contiguous run of the (mi, k, n) tiles and loads the w tile of an
-        // (mi, k) once for all its n when r <= 16
-        const int64_t nwarps = blockDim.x / 32, nf = jt / 16, nfrag = rows16 / 16 * K * nf;
-        const int64_t per = (nfrag + nwarps - 1) / nwarps, wid = threadIdx.x / 32;
-        const int64_t f1 = min(nfrag, (wid + 1) * per);
-        const M* whm = reinterpret_cast<const M*>(wh);
-        const M* Bm = reinterpret_cast<const M*>(Bs);
-        for (int64_t f = wid * per; f < f1;) {
-          const int64_t mk = f / nf, mi = mk / K, k = mk % K, fe = min(f1, (mk + 1) * nf);
-          mma::FragA<M, true> fa;
-          bool have_a = false;
-          for (; f < fe; ++f) {
-            const int64_t n = f % nf;
-            mma::FragC uacc;
-            mma::zero(uacc);
-            for (int64_t i0 = 0; i0 < rb; i0 += 16) {
-              if (rb > 16 || !have_a) {
-                mma::load_a<true>(fa, whm + mi * 16 * wh_stride(K, rb) + k * rb + i0,
-                                  static_cast<unsigned>(wh_stride(K, rb)));
-                have_a = true;
-              }
-              mma::FragB<M, true> fb;
-              mma::load_b<true>(fb, Bm + (k * rb + i0) * bst + n * 16, static_cast<unsigned>(bst));
-              mma::mma(uacc, fa, fb);
+      const int64_t K = view.p.K, rb = view.rb, bst = view.bst, dst = view.dst, jt = view.jt;
+      const int64_t nwarps = blockDim.x / 32, nf = jt / 16, nfrag = view.rows16 / 16 * K * nf;
+      const int64_t per = (nfrag + nwarps - 1) / nwarps, wid = threadIdx.x / 32;
+      const int64_t f1 = min(nfrag, (wid + 1) * per);
+      const M* whm = reinterpret_cast<const M*>(view.wh);
+      const M* Bm = reinterpret_cast<const M*>(view.Bs);
+      for (int64_t f = wid * per; f < f1;) {
+        const int64_t mk = f / nf, mi = mk / K, k = mk % K, fe = min(f1, (mk + 1) * nf);
+        mma::FragA<M, true> fa;
+        bool have_a = false;
+        for (; f < fe; ++f) {
+          const int64_t n = f % nf;
+          mma::FragC uacc;
+          mma::zero(uacc);
+          for (int64_t i0 = 0; i0 < rb; i0 += 16) {
+            if (rb > 16 || !have_a) {
+              mma::load_a<true>(fa, whm + mi * 16 * wh_stride(K, rb) + k * rb + i0,
+                                static_cast<unsigned>(wh_stride(K, rb)));
+              have_a = true;
             }
-            mma::store(dus + mi * 16 * dst + k * jt + n * 16, uacc, static_cast<unsigned>(dst));
+            mma::FragB<M, true> fb;
+            mma::load_b<true>(fb, Bm + (k * rb + i0) * bst + n * 16, static_cast<unsigned>(bst));
+            mma::mma(uacc, fa, fb);
           }
+          mma::store(view.dus + mi * 16 * dst + k * jt + n * 16, uacc, static_cast<unsigned>(dst));
         }
+      }
 #endif
-        __syncthreads();
-      }
+      __syncthreads();
     }
+  }
+}
 
-    // ---- phase 1: token t0 + row for the lane group (rows past nt compute zeros, store nothing)
-    {
-      const int64_t tt = row, t = t0 + tt;
-      const bool active = tt < nt;
-      const int64_t lv = active ? valid : 0;
-      const int64_t e = idx_td(active ? t : 0, j, d);
-      acc_t gov[V], hv[V], av[V], zv[V], gc[V], spec[V], u[V];
-      cuda::ld_row(go + e, vec_io, lv, gov);
-      cuda::ld_row(h_in + e, vec_io, lv, hv);
-      cuda::ld_row(z + e, vec_io, lv, zv);
-      add_z_bias(zb, j, vec_io, lv, zv);
-      ld_row_or_zero(a, e, vec_io, lv, av);
+// Phase 1, token t0 + row for the lane group (rows past nt compute zeros, store nothing): the
+// elementwise gradients (d_main, dz, the dz sums), the dg partials, and du of every specialist
+// the token is routed to in shared memory (replacing the tensor-core expand's u).
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void backward_elementwise(const BackwardView<scalar_t, acc_t>& view, int64_t t0, int64_t nt) {
+  constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
+  const int64_t d = view.p.d, K = view.p.K, r = view.p.r, lpr = view.p.lpr, jt = view.jt, rp = view.rp, rb = view.rb,
+                bst = view.bst, dst = view.dst, li = view.li, row = view.row, j = view.j, valid = view.valid;
+  const auto go = view.p.go;
+  const auto h_in = view.p.h_in;
+  const auto a = view.p.a;
+  const auto z = view.p.z;
+  const auto zb = view.p.z_bias;
+  const auto d_main = view.p.d_main;
+  const auto dz = view.p.dz;
+  const auto s = view.p.scale;
+  const auto placement = view.p.placement;
+  const auto vec_io = view.p.vec_io;
+  const auto tc = view.tc;
+  const auto dz_sums = view.dz_sums;
+  const auto Bs = view.Bs;
+  const auto bs = view.bs;
+  const auto ws = view.ws;
+  const auto gs = view.gs;
+  const auto dus = view.dus;
+  const auto zss = view.zss;
+  const auto pdg_j = view.pdg_j;
+  const int64_t tt = row, t = t0 + tt;
+  const bool active = tt < nt;
+  const int64_t lv = active ? valid : 0;
+  const int64_t e = idx_td(active ? t : 0, j, d);
+  acc_t gov[V], hv[V], av[V], zv[V], gc[V], spec[V], u[V];
+  cuda::ld_row(go + e, vec_io, lv, gov);
+  cuda::ld_row(h_in + e, vec_io, lv, hv);
+  cuda::ld_row(z + e, vec_io, lv, zv);
+  add_z_bias(zb, j, vec_io, lv, zv);
+  ld_row_or_zero(a, e, vec_io, lv, av);
 #pragma unroll
-      for (int c = 0; c < V; ++c) {
-        gc[c] = gate_grad(placement, gov[c], hv[c], av[c]);
-        spec[c] = 0;
-      }
-      acc_t dgk = 0;  // lane li keeps dg of the k with k % lpr == li
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t gk = gs[tt * K + k];
-        acc_t* du_row = dus + tt * dst + k * jt;
-        if (tc) {  // the mma's u plus the bias
-          acc_t bias[V];
-          lds_lane<V, P>(du_row, li, lpr, u);
-          lds_lane<V, P>(bs + k * jt, li, lpr, bias);
+  for (int c = 0; c < V; ++c) {
+    gc[c] = gate_grad(placement, gov[c], hv[c], av[c]);
+    spec[c] = 0;
+  }
+  acc_t dgk = 0;  // lane li keeps dg of the k with k % lpr == li
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t gk = gs[tt * K + k];
+    acc_t* du_row = dus + tt * dst + k * jt;
+    if (tc) {  // the mma's u plus the bias
+      acc_t bias[V];
+      lds_lane<V, P>(du_row, li, lpr, u);
+      lds_lane<V, P>(bs + k * jt, li, lpr, bias);
 #pragma unroll
-          for (int c = 0; c < V; ++c) u[c] += bias[c];
-        } else {
-          expand_lane<V, P>(Bs, bs, ws + (tt * K + k) * rp, k, r, rb, jt, bst, li, lpr, u);
-        }
-        acc_t sdg = 0, du[V];
-#pragma unroll
-        for (int c = 0; c < V; ++c) {
-          const acc_t v = s * u[c], sg = sigmoid(v), ek = silu_from_sigmoid(v, sg);
-          sdg += gc[c] * ek;
-          du[c] = gc[c] * gk * s * silu_grad_from_sigmoid(v, sg);
-          if (gk != acc_t(0)) spec[c] += gk * ek;
-        }
-        if (gk != acc_t(0)) sts_lane<V, P>(du_row, li, lpr, du);  // du replaces u
-        sdg = cuda::group_sum(sdg, static_cast<int>(lpr));
-        const int64_t kb = k % lpr;
-        if (li == kb) dgk = sdg;
-        if (active && (kb == lpr - 1 || k == K - 1) && li <= kb) cuda::st(pdg_j + t * K + k - kb + li, dgk);
-      }
-      if (active && valid > 0) {
-        acc_t dm[V], dzv[V];
-#pragma unroll
-        for (int c = 0; c < V; ++c) {
-          const acc_t sz = sigmoid(zv[c]);
-          dm[c] = gov[c] * (acc_t(1) + silu_from_sigmoid(zv[c], sz) + spec[c]);
-          dzv[c] = gc[c] * silu_grad_from_sigmoid(zv[c], sz);
-        }
-        cuda::st_row(d_main + e, vec_io, valid, dm);
-        cuda::st_row(dz + e, vec_io, valid, dzv);
-        if (dz_sums) {
-          acc_t zsum[V];  // this lane's running sums of dz (unrounded) over its tokens
-          lds_lane<V, P>(zss + row * jt, li, lpr, zsum);
-#pragma unroll
-          for (int c = 0; c < V; ++c) zsum[c] += dzv[c];
-          sts_lane<V, P>(zss + row * jt, li, lpr, zsum);
-        }
-      }
+      for (int c = 0; c < V; ++c) u[c] += bias[c];
+    } else {
+      expand_lane<V, P>(Bs, bs, ws + (tt * K + k) * rp, k, r, rb, jt, bst, li, lpr, u);
     }
-    if (threadIdx.x == 0) {  // phase 1b's items: the first one of each specialist
-      int n = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        istart[k] = n;
-        n += (tn[k] + kDwTokens - 1) / kDwTokens;
-      }
-      istart[K] = n;
+    acc_t sdg = 0, du[V];
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+      const acc_t v = s * u[c], sg = sigmoid(v), ek = silu_from_sigmoid(v, sg);
+      sdg += gc[c] * ek;
+      du[c] = gc[c] * gk * s * silu_grad_from_sigmoid(v, sg);
+      if (gk != acc_t(0)) spec[c] += gk * ek;
     }
-    __syncthreads();  // du and istart of the tile complete
+    if (gk != acc_t(0)) sts_lane<V, P>(du_row, li, lpr, du);  // du replaces u
+    sdg = cuda::group_sum(sdg, static_cast<int>(lpr));
+    const int64_t kb = k % lpr;
+    if (li == kb) dgk = sdg;
+    if (active && (kb == lpr - 1 || k == K - 1) && li <= kb) cuda::st(pdg_j + t * K + k - kb + li, dgk);
+  }
+  if (active && valid > 0) {
+    acc_t dm[V], dzv[V];
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+      const acc_t sz = sigmoid(zv[c]);
+      dm[c] = gov[c] * (acc_t(1) + silu_from_sigmoid(zv[c], sz) + spec[c]);
+      dzv[c] = gc[c] * silu_grad_from_sigmoid(zv[c], sz);
+    }
+    cuda::st_row(d_main + e, vec_io, valid, dm);
+    cuda::st_row(dz + e, vec_io, valid, dzv);
+    if (dz_sums) {
+      acc_t zsum[V];  // this lane's running sums of dz (unrounded) over its tokens
+      lds_lane<V, P>(zss + row * jt, li, lpr, zsum);
+#pragma unroll
+      for (int c = 0; c < V; ++c) zsum[c] += dzv[c];
+      sts_lane<V, P>(zss + row * jt, li, lpr, zsum);
+    }
+  }
+}
 
-    // ---- phase 1b: dw_k[t, i] = sum_x du_k[t, x] B_k[x, i] over the tile's channels. Items of up
-    // to kDwTokens tokens routed to one k, one item per lane group at a time, so each B load
-    // serves them all. A warp skips a round in which none of its lane groups has an item and
-    // reduces only as many tokens as its fullest item (warp-uniform: full-warp shuffles). A lane
-    // keeps the sum of rank i when i % lpr is its lane, and the group stores up to lpr ranks of a
-    // token at once (consecutive addresses).
-    {
-      const int64_t nitems = istart[K];
-      // item `it`: specialist k (-1: none), its first token n0 in tl[k] and the count nm. k is the
-      // last specialist whose first item is <= it (binary search: istart[0] = 0 <= it < nitems)
-      auto item = [&](int64_t it, int64_t& k, int64_t& n0, int64_t& nm) {
-        k = -1;
-        n0 = nm = 0;
-        if (it >= nitems) return;
-        int64_t lo = 0, hi = K;
-        while (hi - lo > 1) {
-          const int64_t mid = (lo + hi) / 2;
-          if (istart[mid] <= it) {
-            lo = mid;
-          } else {
-            hi = mid;
-          }
-        }
-        k = lo;
-        n0 = (it - istart[lo]) * kDwTokens;
-        nm = min(static_cast<int64_t>(kDwTokens), tn[lo] - n0);
-      };
-      const int64_t gpw = 32 / lpr, row0 = threadIdx.x / 32 * gpw;  // lane groups of this warp
-      for (int64_t base = 0; base < nitems; base += rows) {  // the same rounds for the whole block
-        int64_t k, n0, nm, nmw = 0;
-        for (int64_t gi = 0; gi < gpw; ++gi) {
-          item(base + row0 + gi, k, n0, nm);
-          nmw = nm > nmw ? nm : nmw;
-        }
-        if (nmw == 0) continue;  // no item in this warp
-        item(base + row, k, n0, nm);
-        acc_t dv[kDwTokens][V], keep[kDwTokens];
-        int tq[kDwTokens];
-#pragma unroll
-        for (int m = 0; m < kDwTokens; ++m) {
-          tq[m] = m < nm ? tl[k * rows + n0 + m] : 0;
-          keep[m] = 0;
-          if (m < nm) {
-            lds_lane<V, P>(dus + tq[m] * dst + k * jt, li, lpr, dv[m]);
-          } else {
-#pragma unroll
-            for (int c = 0; c < V; ++c) dv[m][c] = 0;
-          }
-        }
-        for (int64_t i = 0; i < r; ++i) {
-          acc_t Bv[V];
-          if (k >= 0) {
-            lds_lane<V, P>(Bs + (k * rb + i) * bst, li, lpr, Bv);
-          } else {
-#pragma unroll
-            for (int c = 0; c < V; ++c) Bv[c] = 0;
-          }
-          const int64_t ib = i % lpr;
-#pragma unroll
-          for (int m = 0; m < kDwTokens; ++m) {
-            if (m < nmw) {
-              acc_t p = 0;
-#pragma unroll
-              for (int c = 0; c < V; ++c) p += dv[m][c] * Bv[c];
-              p = cuda::group_sum(p, static_cast<int>(lpr));
-              if (li == ib) keep[m] = p;
-            }
-          }
-          if ((ib == lpr - 1 || i == r - 1) && li <= ib) {
-#pragma unroll
-            for (int m = 0; m < kDwTokens; ++m)
-              if (m < nm) cuda::st(pdw_j + ((t0 + tq[m]) * K + k) * r + i - ib + li, keep[m]);
-          }
-        }
+// Phase 1b's items, once du of the tile is complete: the first item of each specialist.
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void backward_plan_dw(const BackwardView<scalar_t, acc_t>& view) {
+  const int64_t K = view.p.K;
+  const auto tn = view.tn;
+  const auto istart = view.istart;
+  if (threadIdx.x == 0) {  // phase 1b's items: the first one of each specialist
+    int n = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      istart[k] = n;
+      n += (tn[k] + kDwTokens - 1) / kDwTokens;
+    }
+    istart[K] = n;
+  }
+  __syncthreads();  // du and istart of the tile complete
+}
+
+// Phase 1b: dw_k[t, i] = sum_x du_k[t, x] B_k[x, i] over the tile's channels. Items of up
+// to kDwTokens tokens routed to one k, one item per lane group at a time, so each B load
+// serves them all. A warp skips a round in which none of its lane groups has an item and
+// reduces only as many tokens as its fullest item (warp-uniform: full-warp shuffles). A lane
+// keeps the sum of rank i when i % lpr is its lane, and the group stores up to lpr ranks of a
+// token at once (consecutive addresses).
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void backward_dw(const BackwardView<scalar_t, acc_t>& view, int64_t t0) {
+  constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
+  const int64_t K = view.p.K, r = view.p.r, lpr = view.p.lpr, jt = view.jt, rows = view.rows, rb = view.rb,
+                bst = view.bst, dst = view.dst, li = view.li, row = view.row;
+  const auto Bs = view.Bs;
+  const auto tl = view.tl;
+  const auto tn = view.tn;
+  const auto istart = view.istart;
+  const auto dus = view.dus;
+  const auto pdw_j = view.pdw_j;
+  const int64_t nitems = istart[K];
+  // item `it`: specialist k (-1: none), its first token n0 in tl[k] and the count nm. k is the
+  // last specialist whose first item is <= it (binary search: istart[0] = 0 <= it < nitems)
+  auto item = [&](int64_t it, int64_t& k, int64_t& n0, int64_t& nm) {
+    k = -1;
+    n0 = nm = 0;
+    if (it >= nitems) return;
+    int64_t lo = 0, hi = K;
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (istart[mid] <= it) {
+        lo = mid;
+      } else {
+        hi = mid;
       }
     }
-
-    // ---- phase 2: the columns (k, x) and (k, x + jt / 2) of the dB / db accumulators per thread,
-    // sharing the w broadcasts, kC rank indices at a time (the first chunk also carries db).
-    // Columns past d accumulate du = 0.
-    const int64_t half = jt / 2;  // jt = lpr * V is even
-    constexpr int kC = 8;  // rank indices per chunk: no spills at 128 registers (float and double)
-    for (int64_t pc = threadIdx.x; pc < K * half; pc += blockDim.x) {
-      const int64_t k = pc / half, x = pc % half;
-      if (tn[k] == 0) continue;  // no token of the tile routed to k: its accumulators stay as they are
-      acc_t* acc_k = accs + k * R1 * jt + x;
-      const acc_t* du_k = dus + k * jt + x;
-      for (int64_t i0 = 0; i0 < r || i0 == 0; i0 += kC) {
-        const bool first = i0 == 0;
-        acc_t a0[kC], a1[kC], db0 = first ? cuda::sld(acc_k + r * jt) : acc_t(0),
-                              db1 = first ? cuda::sld(acc_k + r * jt + half) : acc_t(0);
+    k = lo;
+    n0 = (it - istart[lo]) * kDwTokens;
+    nm = min(static_cast<int64_t>(kDwTokens), tn[lo] - n0);
+  };
+  const int64_t gpw = 32 / lpr, row0 = threadIdx.x / 32 * gpw;  // lane groups of this warp
+  for (int64_t base = 0; base < nitems; base += rows) {  // the same rounds for the whole block
+    int64_t k, n0, nm, nmw = 0;
+    for (int64_t gi = 0; gi < gpw; ++gi) {
+      item(base + row0 + gi, k, n0, nm);
+      nmw = nm > nmw ? nm : nmw;
+    }
+    if (nmw == 0) continue;  // no item in this warp
+    item(base + row, k, n0, nm);
+    acc_t dv[kDwTokens][V], keep[kDwTokens];
+    int tq[kDwTokens];
 #pragma unroll
-        for (int c = 0; c < kC; ++c) {
-          a0[c] = i0 + c < r ? cuda::sld(acc_k + (i0 + c) * jt) : acc_t(0);
-          a1[c] = i0 + c < r ? cuda::sld(acc_k + (i0 + c) * jt + half) : acc_t(0);
+    for (int m = 0; m < kDwTokens; ++m) {
+      tq[m] = m < nm ? tl[k * rows + n0 + m] : 0;
+      keep[m] = 0;
+      if (m < nm) {
+        lds_lane<V, P>(dus + tq[m] * dst + k * jt, li, lpr, dv[m]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < V; ++c) dv[m][c] = 0;
+      }
+    }
+    for (int64_t i = 0; i < r; ++i) {
+      acc_t Bv[V];
+      if (k >= 0) {
+        lds_lane<V, P>(Bs + (k * rb + i) * bst, li, lpr, Bv);
+      } else {
+#pragma unroll
+        for (int c = 0; c < V; ++c) Bv[c] = 0;
+      }
+      const int64_t ib = i % lpr;
+#pragma unroll
+      for (int m = 0; m < kDwTokens; ++m) {
+        if (m < nmw) {
+          acc_t p = 0;
+#pragma unroll
+          for (int c = 0; c < V; ++c) p += dv[m][c] * Bv[c];
+          p = cuda::group_sum(p, static_cast<int>(lpr));
+          if (li == ib) keep[m] = p;
         }
-        for (int n = 0; n < tn[k]; ++n) {  // the tokens routed to k (hard routing: about rows / K)
-          const int64_t q = tl[k * rows + n];
-          const acc_t du0 = cuda::sld(du_k + q * dst), du1 = cuda::sld(du_k + q * dst + half);
-          if (tc) {  // w_k[i0 .. i0 + kC) from wh: 16-byte broadcasts of V scalar_t (zero padded to rb)
-            const scalar_t* whq = wh + q * wh_stride(K, rb) + k * rb + i0;
+      }
+      if ((ib == lpr - 1 || i == r - 1) && li <= ib) {
 #pragma unroll
-            for (int c0 = 0; c0 < kC; c0 += V) {
-              if (i0 + c0 < rb) {
-                cuda::check_smem16(whq + c0);
-                const auto wv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(whq + c0);
+        for (int m = 0; m < kDwTokens; ++m)
+          if (m < nm) cuda::st(pdw_j + ((t0 + tq[m]) * K + k) * r + i - ib + li, keep[m]);
+      }
+    }
+  }
+}
+
+// Phase 2: the columns (k, x) and (k, x + jt / 2) of the dB / db accumulators per thread,
+// sharing the w broadcasts, kC rank indices at a time (the first chunk also carries db).
+// Columns past d accumulate du = 0.
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void backward_dB(const BackwardView<scalar_t, acc_t>& view) {
+  constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
+  const int64_t K = view.p.K, r = view.p.r, jt = view.jt, rows = view.rows, R1 = view.R1, rp = view.rp, rb = view.rb,
+                dst = view.dst;
+  const auto tc = view.tc;
+  const auto ws = view.ws;
+  const auto tl = view.tl;
+  const auto tn = view.tn;
+  const auto wh = view.wh;
+  const auto dus = view.dus;
+  const auto accs = view.accs;
+  const int64_t half = jt / 2;  // jt = lpr * V is even
+  constexpr int kC = 8;  // rank indices per chunk: no spills at 128 registers (float and double)
+  for (int64_t pc = threadIdx.x; pc < K * half; pc += blockDim.x) {
+    const int64_t k = pc / half, x = pc % half;
+    if (tn[k] == 0) continue;  // no token of the tile routed to k: its accumulators stay as they are
+    acc_t* acc_k = accs + k * R1 * jt + x;
+    const acc_t* du_k = dus + k * jt + x;
+    for (int64_t i0 = 0; i0 < r || i0 == 0; i0 += kC) {
+      const bool first = i0 == 0;
+      acc_t a0[kC], a1[kC], db0 = first ? cuda::sld(acc_k + r * jt) : acc_t(0),
+                            db1 = first ? cuda::sld(acc_k + r * jt + half) : acc_t(0);
 #pragma unroll
-                for (int c = 0; c < V && c0 + c < kC; ++c) {
-                  a0[c0 + c] += du0 * static_cast<acc_t>(wv.v[c]);
-                  a1[c0 + c] += du1 * static_cast<acc_t>(wv.v[c]);
-                }
-              }
-            }
-            db0 += du0;
-            db1 += du1;
-            continue;
-          }
-          const acc_t* wq = ws + (q * K + k) * rp + i0;
-          // w_k[i0 + c0 .. + P) as 16-byte broadcasts up to rp (zero padded past r); none past rp
+      for (int c = 0; c < kC; ++c) {
+        a0[c] = i0 + c < r ? cuda::sld(acc_k + (i0 + c) * jt) : acc_t(0);
+        a1[c] = i0 + c < r ? cuda::sld(acc_k + (i0 + c) * jt + half) : acc_t(0);
+      }
+      for (int n = 0; n < tn[k]; ++n) {  // the tokens routed to k (hard routing: about rows / K)
+        const int64_t q = tl[k * rows + n];
+        const acc_t du0 = cuda::sld(du_k + q * dst), du1 = cuda::sld(du_k + q * dst + half);
+        if (tc) {  // w_k[i0 .. i0 + kC) from wh: 16-byte broadcasts of V scalar_t (zero padded to rb)
+          const scalar_t* whq = wh + q * wh_stride(K, rb) + k * rb + i0;
 #pragma unroll
-          for (int c0 = 0; c0 < kC; c0 += P) {
-            if (i0 + c0 < rp) {
-              cuda::check_smem16(wq + c0);
-              const auto wv = *reinterpret_cast<const cuda::Pack16<acc_t>*>(wq + c0);
+          for (int c0 = 0; c0 < kC; c0 += V) {
+            if (i0 + c0 < rb) {
+              cuda::check_smem16(whq + c0);
+              const auto wv = *reinterpret_cast<const cuda::Pack16<scalar_t>*>(whq + c0);
 #pragma unroll
-              for (int c = 0; c < P; ++c) {
-                a0[c0 + c] += du0 * wv.v[c];
-                a1[c0 + c] += du1 * wv.v[c];
+              for (int c = 0; c < V && c0 + c < kC; ++c) {
+                a0[c0 + c] += du0 * static_cast<acc_t>(wv.v[c]);
+                a1[c0 + c] += du1 * static_cast<acc_t>(wv.v[c]);
               }
             }
           }
           db0 += du0;
           db1 += du1;
+          continue;
         }
+        const acc_t* wq = ws + (q * K + k) * rp + i0;
+        // w_k[i0 + c0 .. + P) as 16-byte broadcasts up to rp (zero padded past r); none past rp
 #pragma unroll
-        for (int c = 0; c < kC; ++c) {
-          if (i0 + c < r) {
-            cuda::sst(acc_k + (i0 + c) * jt, a0[c]);
-            cuda::sst(acc_k + (i0 + c) * jt + half, a1[c]);
+        for (int c0 = 0; c0 < kC; c0 += P) {
+          if (i0 + c0 < rp) {
+            cuda::check_smem16(wq + c0);
+            const auto wv = *reinterpret_cast<const cuda::Pack16<acc_t>*>(wq + c0);
+#pragma unroll
+            for (int c = 0; c < P; ++c) {
+              a0[c0 + c] += du0 * wv.v[c];
+              a1[c0 + c] += du1 * wv.v[c];
+            }
           }
         }
-        if (first) {
-          cuda::sst(acc_k + r * jt, db0);
-          cuda::sst(acc_k + r * jt + half, db1);
+        db0 += du0;
+        db1 += du1;
+      }
+#pragma unroll
+      for (int c = 0; c < kC; ++c) {
+        if (i0 + c < r) {
+          cuda::sst(acc_k + (i0 + c) * jt, a0[c]);
+          cuda::sst(acc_k + (i0 + c) * jt + half, a1[c]);
         }
+      }
+      if (first) {
+        cuda::sst(acc_k + r * jt, db0);
+        cuda::sst(acc_k + r * jt + half, db1);
       }
     }
   }
+}
+
+// After the split's last tile: the dB / db accumulators and the dz sums to the block's rows of pB.
+template <typename scalar_t, typename acc_t>
+HYCAM_DEVICE void backward_write_partials(const BackwardView<scalar_t, acc_t>& view) {
+  constexpr int V = cuda::Pack16<scalar_t>::kN, P = cuda::Pack16<acc_t>::kN;
+  const int64_t d = view.p.d, K = view.p.K, lpr = view.p.lpr, jt = view.jt, rows = view.rows, R1 = view.R1,
+                j0 = view.j0, split = view.split, KR1 = view.KR1, nB = view.nB;
+  const auto pB = view.p.pB;
+  const auto dz_sums = view.dz_sums;
+  const auto accs = view.accs;
+  const auto zss = view.zss;
   __syncthreads();
   for (int64_t q = threadIdx.x; q < K * R1 * jt; q += blockDim.x) {
     const int64_t jl = q % jt, ki = q / jt;  // ki = k * R1 + i; consecutive threads: consecutive j
@@ -635,6 +810,28 @@ HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
       if (j0 + jl < d) cuda::st(pB + (split * nB + KR1) * d + j0 + jl, sum);
     }
   }
+}
+
+// M: the mma element type of scalar_t (__half, __nv_bfloat16) or void. With M and channel tiles of
+// a multiple of 16 (tc), u = B_k w_k for the tile's tokens and every k comes from tensor-core mma
+// (bf16/fp16 products are exact in float, sums in float) instead of shared-memory loads of B per
+// token. At most 128 registers per thread, so that two 256-thread blocks fit on an SM.
+template <typename scalar_t, typename acc_t, typename M = void>
+HYCAM_GLOBAL void HYCAM_LAUNCH_BOUNDS(kThreads, 2)
+    cam_backward_kernel(const HYCAM_GRID_CONSTANT CamParams<scalar_t, acc_t> params) {
+  HYCAM_DYNAMIC_SMEM(smem);
+  const BackwardView<scalar_t, acc_t> view = backward_view<scalar_t, acc_t, M>(params, smem);
+  backward_init(view);
+  for (int64_t t0 = view.ts0; t0 < view.ts1; t0 += view.rows) {
+    const int64_t nt = min(view.rows, view.ts1 - t0);
+    backward_stage_tile(view, t0, nt);
+    backward_expand_tc<scalar_t, acc_t, M>(view);
+    backward_elementwise(view, t0, nt);
+    backward_plan_dw(view);
+    backward_dw(view, t0);
+    backward_dB(view);
+  }
+  backward_write_partials(view);
 }
 
 // The per-token reductions over the channel tiles c, in order: dg[t, k] = sum_c pdg[c, t, k] and

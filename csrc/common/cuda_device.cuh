@@ -11,6 +11,7 @@
 #if defined(HYCAM_CUDA_EMULATION)
 #include "../emulation/cuda_emulation.h"
 #define HYCAM_GLOBAL
+#define HYCAM_GRID_CONSTANT
 #define HYCAM_LAUNCH_BOUNDS(threads, blocks)
 #define HYCAM_DEVICE inline
 #define HYCAM_SHARED static  // one block runs at a time: its threads share it
@@ -21,6 +22,9 @@
 #define HYCAM_SITE_ARG , site
 #else
 #define HYCAM_GLOBAL __global__
+// A kernel's struct parameter read in place from the parameter space (sm_70+), never copied to
+// local memory, however the kernel takes its address (a reference passed to a device function).
+#define HYCAM_GRID_CONSTANT __grid_constant__
 #define HYCAM_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
 #define HYCAM_DEVICE __device__ __forceinline__
 #define HYCAM_SHARED __shared__

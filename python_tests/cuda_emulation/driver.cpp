@@ -168,25 +168,38 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
   const double tol = sizeof(Acc) == 4 ? 2e-5 : 1e-11;
   const double out_tol = std::is_same_v<S, __nv_bfloat16> ? 8e-3 : (std::is_same_v<S, __half> ? 1e-3 : tol);
   const double red_tol = sizeof(S) == 2 ? 1e-4 : tol;
-  // 16-byte row accesses exactly when cam_cuda.cu allows them (rows of a multiple of 16 bytes,
-  // 16-byte aligned bases: std::vector's storage is)
   // misalign: h_in is a view one element off a 16-byte boundary (the scalar path for every stream)
   std::vector<S> hbuf(T * d + 1);
   std::copy(h.begin(), h.end(), hbuf.begin() + (misalign ? 1 : 0));
   const S* hp = hbuf.data() + (misalign ? 1 : 0);
-  const bool vec_io = (d * int64_t(sizeof(S))) % 16 == 0 && reinterpret_cast<uintptr_t>(hp) % 16 == 0 &&
-                      (!ap || reinterpret_cast<uintptr_t>(ap) % 16 == 0) &&
-                      (!zbp || reinterpret_cast<uintptr_t>(zbp) % 16 == 0);
-  const bool vec_B = (d * r * int64_t(sizeof(S))) % 16 == 0 && reinterpret_cast<uintptr_t>(B.data()) % 16 == 0;
+  // the kernels' parameters, as cam_cuda.cu fills them (16-byte accesses by set_vector_access:
+  // std::vector's storage is 16-byte aligned)
+  CamParams<S, Acc> prm;
+  prm.h_in = hp;
+  prm.a = ap;
+  prm.z = z.data();
+  prm.z_bias = zbp;
+  prm.w = w.data();
+  prm.B = B.data();
+  prm.b = bp;
+  prm.g = g.data();
+  prm.T = T;
+  prm.d = d;
+  prm.K = K;
+  prm.r = r;
+  prm.scale = Acc(scale);
+  prm.placement = placement == 0 ? Placement::RESIDUAL : Placement::ATTENTION;
   {  // forward, as cam_forward_cuda launches it
     const auto cfg = cam_forward_config(T, d, K, r, sizeof(S), sizeof(Acc));
     if (cfg.lpr == 0) hycam_emu::fail("cam_forward_config: no tiling fits");
     auto o = poisoned<S>(T * d);
+    CamParams<S, Acc> fp = prm;
+    fp.out = o.data();
+    fp.lpr = cfg.lpr;
+    fp.tile = cfg.tile;
+    set_vector_access(fp);
     if (T > 0 && d > 0)
-      launch(cfg.grid, cfg.block, cfg.smem, [&] {
-        cam_forward_kernel<S, Acc>(hp, ap, z.data(), zbp, w.data(), B.data(), bp, g.data(), o.data(), T, d, K, r,
-                                   Acc(scale), placement, cfg.lpr, cfg.tile, vec_io, vec_B);
-      }, "cam_forward_kernel");
+      launch(cfg.grid, cfg.block, cfg.smem, [&] { cam_forward_kernel<S, Acc>(fp); }, "cam_forward_kernel");
     cmp("out", o.data(), out, out_tol);
   }
   {  // backward, as cam_backward_cuda launches it
@@ -207,11 +220,18 @@ void test_cam(int64_t T, int64_t d, int64_t K, int64_t r, int placement, bool ha
       std::fill(sdw.begin(), sdw.end(), S(0.0f));
       std::fill(sdg.begin(), sdg.end(), S(0.0f));
     } else {
-      launch(cfg.grid, cfg.block, cfg.smem, [&] {
-        cam_backward_kernel<S, Acc, MmaOf<S>>(go.data(), hp, ap, z.data(), zbp, w.data(), B.data(), bp, g.data(),
-                                    d_main.data(), dzg.data(), pdw.data(), pdg.data(), pB.data(), T, d, K, r,
-                                    Acc(scale), placement, cfg.lpr, cfg.per_split, vec_io, vec_B);
-      }, "cam_backward_kernel");
+      CamParams<S, Acc> bw = prm;
+      bw.go = go.data();
+      bw.d_main = d_main.data();
+      bw.dz = dzg.data();
+      bw.pdw = pdw.data();
+      bw.pdg = pdg.data();
+      bw.pB = pB.data();
+      bw.lpr = cfg.lpr;
+      bw.per_split = cfg.per_split;
+      set_vector_access(bw);
+      launch(cfg.grid, cfg.block, cfg.smem, [&] { cam_backward_kernel<S, Acc, MmaOf<S>>(bw); },
+             "cam_backward_kernel");
       // unrouted pairs' pdw stays poisoned: sum_dwdg_kernel must not read it
       const dim3 grid(unsigned(cuda::grid_1d(T * K * R1)));
       launch(grid, dim3(256), 0, [&] {
