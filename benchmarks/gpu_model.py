@@ -95,15 +95,6 @@ def machine(name: str, end: str = "optimistic") -> dict:
 
 MACHINES = {name: machine(name) for name in _BASE}  # the optimistic end
 
-# Hand estimates of an independent read of the kernels (code review of 2026-11-23, by reading the
-# sm_90 SASS; no GPU), H100 SXM, same shape, microseconds: (low, high), for comparison.
-# Only for the kernels whose launch has not changed since (the CAM kernels were rebuilt, the shrink
-# split and the backward's split counts changed on 2026-12-01; the review's estimates for those
-# and for the layer are in benchmarks/results/model-2026-12-01/).
-REVIEW_US = {
-    "dx_tc_kernel": (35, 80),
-}
-
 # Emulated token counts per op group: (T1, T2) full and quick. Counts are exactly linear in T only
 # when the launch configuration does not change between T1, T2 and the full T and every tile
 # boundary falls on the same place: T multiples of each group's token tile (cam_fwd 64, shrink 64),
@@ -412,9 +403,9 @@ def serial_latency(kernel, T, K, r, m):
     return math.ceil(T / S) / 4 * m["serial_latency_s"]
 
 
-# PyTorch glue launches of one layer, forward + backward (benchmarks/glue_launches.py, counted on
-# 2026-12-06: routing incl. Gumbel sampling, the router / shrink weight concatenations, gradient
-# buffers, casts); used when the count cannot run (no loadable hycam_ext).
+# PyTorch glue launches of one layer, forward + backward (the last count of
+# benchmarks/glue_launches.py: routing incl. Gumbel sampling, the router / shrink weight
+# concatenations, gradient buffers, casts); used when the count cannot run (no loadable hycam_ext).
 GLUE_LAUNCHES = 39
 
 
@@ -535,7 +526,6 @@ def width_mismatches(recs, code, archs):
 
 def format_table(out) -> str:
     s = out["shape"]
-    hard = s["routing"] == "hard"  # the review's estimates are for hard routing
     lines = [f"MODELLED (not measured) GPU times, bf16 T={s['T']} d={s['d']} K={s['K']} r={s['r']} "
              f"{s['routing']} routing; counts from the CPU emulation at T={out['emulated_T']} scaled to T; "
              f"machine code: {out['machine_code']}; PyTorch glue: {out.get('glue_launches')} launches "
@@ -561,7 +551,6 @@ def format_table(out) -> str:
                      f"{'opt us':>7s} {'pess us':>7s} {'floor us':>8s}  limiter")
         for k, kp in zip(opt["kernels"], pes["kernels"]):
             floor_us = k["min_bytes"] / opt["constants"]["dram_bw"] * 1e6
-            review = REVIEW_US.get(k["kernel"])
             ideal = k.get("smem_ideal", 0)
             conf = k["smem_wavefronts"] / ideal if ideal else 1.0
             lines.append(
@@ -571,8 +560,7 @@ def format_table(out) -> str:
                 f"{k['l1_lines'] / 1e6:9.2f} {k['smem_wavefronts'] / 1e6:8.2f} {conf:5.2f} "
                 f"{k.get('smem_frag', 0) / 1e6:8.2f} {k.get('smem_hand', 0) / 1e6:8.2f} {k['shfl'] / 1e6:7.2f} "
                 f"{k['tensor_flops'] / 1e9:6.1f} {k['time'] * 1e6:7.1f} {kp['time'] * 1e6:7.1f} {floor_us:8.1f}  "
-                f"{k['limiter']}"
-                + (f"  [review: {review[0]}-{review[1]} us]" if review and name == "H100 SXM" and hard else ""))
+                f"{k['limiter']}")
         Lo, Lp = opt["layer"], pes["layer"]
         w = 136
         lines.append(f"{'our kernels (modelled)':28s} {Lo['ours_s'] * 1e6:>{w}.1f} {Lp['ours_s'] * 1e6:7.1f}")

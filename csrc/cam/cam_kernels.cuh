@@ -7,8 +7,8 @@
 // stream moves in 16-byte accesses (a scalar tail where d is not a multiple of V, the view is
 // misaligned, or the channel tile is the last one). The block stages its tile of B once, transposed
 // to [K][r][jt] in shared memory, so a lane reads the B values of its channels for one rank index
-// as one 16-byte shared-memory load (the old kernels read B with 2-byte global loads at a stride
-// of r elements: ~7% sector efficiency).
+// as one 16-byte shared-memory load (rather than r-strided 2-byte global loads, a few useful bytes
+// per 32-byte sector).
 //
 // The backward is one pass over [T, d]: d_main and dz (elementwise), dg and dw (reductions over
 // channels: lane groups, then one partial per channel tile in pdg and, for routed (token,
