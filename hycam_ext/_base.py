@@ -1,5 +1,13 @@
-"""What ReferenceHyCAM and HyCAM share: parameters, initialisation, input checks, routing
-statistics. The forward maths lives in reference.py (the oracle) and modules.py (the kernels)."""
+"""What every HyCAM layer shares: parameters, initialisation, input checks, routing and its
+statistics. The layer itself is modules.HyCAM (on the kernels, or on the torch path of
+torch_path.py; reference.ReferenceHyCAM is it on the torch path, the oracle).
+
+Names. A decoder layer's residual stream is ``h_in`` wherever it flows through hycam_ext (the
+ops' argument of that name, ``HyCAM.placement_forward``, ``HyCAM._modulated_stream``, the
+integrations' ``_apply_placement``): the layer's input, to which the attention branch adds
+``a`` and which the placement modulates, giving the layer's stream after attention. ``x`` is
+what the attention read (the CAM's input). Public arguments keep their documented names:
+``HyCAM.forward(x, h)`` (h * CAM(x)) and ``HyCAMAttention(..., residual=h_in)``."""
 from __future__ import annotations
 
 import math
