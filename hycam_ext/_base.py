@@ -15,7 +15,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import HyCAMConfig
 from .routing_stats import RoutingStats
@@ -39,7 +38,8 @@ def route(logits: torch.Tensor, tau: float, hard: bool, training: bool,
         y = torch.softmax(logits / tau, dim=-1)
     if not hard:
         return y
-    one_hot = F.one_hot(y.argmax(dim=-1), y.shape[-1]).to(y.dtype)
+    # F.one_hot(argmax).to(dtype), in two launches rather than three or more (no int64 one-hot)
+    one_hot = torch.zeros_like(y).scatter_(-1, y.argmax(dim=-1, keepdim=True), 1.0)
     return one_hot - y.detach() + y
 
 
