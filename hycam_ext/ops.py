@@ -23,6 +23,7 @@ the kernels unless asked for the torch path (torch_path.py: the same maths in pl
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -92,14 +93,15 @@ def projections(x: torch.Tensor, W_s: torch.Tensor, b_s: Optional[torch.Tensor],
 _CONSTANTS: Dict[tuple, torch.Tensor] = {}
 
 
-def _constant(kind: str, n: int, like: torch.Tensor) -> torch.Tensor:
-    """The identity I_n (kind "eye") or a zero scalar (kind "zero", n ignored) in like's dtype
-    and device, made once and kept: every call of the layer needs them, and a fresh one is a
-    kernel launch each time. Under torch.compile, or for fake / meta tensors, made in place
-    (the compiler folds them; nothing traced is kept)."""
+def _constant(kind: str, n, like: torch.Tensor) -> torch.Tensor:
+    """S identities I_r flattened (kind "eyes", n = (S, r): [S * r * r]) or a zero scalar (kind
+    "zero", n ignored) in like's dtype and device, made once and kept: every call of the layer
+    needs them, and a fresh one is a kernel launch each time. Under torch.compile, or for fake /
+    meta tensors, made in place (the compiler folds them; nothing traced is kept)."""
     def make():
-        if kind == "eye":
-            return torch.eye(n, dtype=like.dtype, device=like.device)
+        if kind == "eyes":
+            S, r = n
+            return torch.eye(r, dtype=like.dtype, device=like.device).expand(S, r, r).reshape(-1)
         return torch.zeros((), dtype=like.dtype, device=like.device)
 
     if (torch.compiler.is_compiling() or like.device.type == "meta"
@@ -120,10 +122,16 @@ class RouterSlots(NamedTuple):
     N = identity and its mix bias absent (zero), so the slots' w is exactly the router logits:
     w_ext[:, K:] flattened to [T, S * r] holds them in its first K_r columns. The padded rows
     compute zeros, and their gradient is never read. K_r = 0 (task routing): no slot, the
-    weights pass through unchanged."""
+    weights pass through unchanged.
+
+    The four extended weights are views of one packed buffer, written by one concatenation
+    (``pack``; ``unpack`` gives the views): each starts ALIGN elements apart from the buffer's
+    base, so the kernels' vector paths see the alignment a fresh tensor has."""
     K: int
     r: int
     Kr: int
+
+    ALIGN = 32   # elements between packed tensors' starts: 64 bytes or more for every dtype
 
     @classmethod
     def of(cls, A: torch.Tensor, W_r: torch.Tensor) -> "RouterSlots":
@@ -139,24 +147,49 @@ class RouterSlots(NamedTuple):
         """Zero rows after W_r's in the last slot."""
         return self.S * self.r - self.Kr
 
-    def weights(self, W_r, b_r, A, A_bias, N, N_bias):
-        """(A_ext, A_bias_ext, N_ext, N_bias_ext), one concatenation each; a bias that is zero
-        in every slot (absent everywhere) stays None."""
-        if self.S == 0:
-            return A, A_bias, N, N_bias
+    def layout(self, d: int, has_ab: bool, has_nb: bool):
+        """([(offset, shape) of A_ext, A_bias_ext, N_ext, N_bias_ext, None where absent], the
+        packed buffer's length)."""
+        K1, r = self.K + self.S, self.r
+        out, n = [], 0
+        for present, shape in ((True, (K1, r, d)), (has_ab, (K1, r)), (True, (K1, r, r)),
+                               (has_nb, (K1, r))):
+            if not present:
+                out.append(None)
+                continue
+            n = -(-n // self.ALIGN) * self.ALIGN
+            out.append((n, shape))
+            n += math.prod(shape)
+        return out, n
+
+    def pack(self, W_r, b_r, A, A_bias, N, N_bias) -> torch.Tensor:
+        """The packed buffer of (A_ext, A_bias_ext, N_ext, N_bias_ext), in one concatenation; a
+        bias that is zero in every slot (absent everywhere) is left out (None when unpacked)."""
         K, r, S, pad = self.K, self.r, self.S, self.pad
         d = A.shape[2]
+        has_ab, has_nb = A_bias is not None or b_r is not None, N_bias is not None
         zero = _constant("zero", 0, A)
-        A_ext = torch.cat([A.reshape(K * r, d), W_r, zero.expand(pad, d)]).view(K + S, r, d)
-        if A_bias is None and b_r is None:
-            ab_ext = None
-        else:
-            ab_ext = torch.cat([zero.expand(K * r) if A_bias is None else A_bias.reshape(K * r),
-                                zero.expand(S * r) if b_r is None else b_r,
-                                zero.expand(pad if b_r is not None else 0)]).view(K + S, r)
-        N_ext = torch.cat([N, _constant("eye", r, N).expand(S, r, r)])
-        nb_ext = None if N_bias is None else torch.cat([N_bias, zero.expand(S, r)])
-        return A_ext, ab_ext, N_ext, nb_ext
+        pieces = (
+            [A, W_r, zero.expand(pad * d)],
+            [zero.expand(K * r) if A_bias is None else A_bias,
+             zero.expand(S * r) if b_r is None else b_r, zero.expand(pad if b_r is not None else 0)],
+            [N, _constant("eyes", (S, r), N)],
+            [N_bias, zero.expand(S * r)])
+        slots, total = self.layout(d, has_ab, has_nb)
+        parts, at = [], 0
+        for where, ts in zip(slots, pieces):
+            if where is None:
+                continue
+            if where[0] > at:
+                parts.append(zero.expand(where[0] - at))
+            parts += [t.reshape(-1) for t in ts]
+            at = where[0] + math.prod(where[1])
+        return torch.cat(parts)
+
+    def unpack(self, buf: torch.Tensor, d: int, has_ab: bool, has_nb: bool):
+        """(A_ext, A_bias_ext, N_ext, N_bias_ext): views of the packed buffer (None: absent)."""
+        return tuple(None if where is None else buf[where[0]:where[0] + math.prod(where[1])].view(where[1])
+                     for where in self.layout(d, has_ab, has_nb)[0])
 
     def split(self, w_ext: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(w [T, K, r] contiguous, the kernels read it; logits [T, K_r], a view of w_ext)."""
@@ -188,38 +221,45 @@ class RouterSlots(NamedTuple):
 
 class _Projections(torch.autograd.Function):
     """projections() on the kernels. Outputs (z, logits, w) and, for the backward only
-    (non-differentiable), p_ext and the extended weights A_ext, N_ext: saved from the forward
-    rather than built again."""
+    (non-differentiable), p_ext and the packed extended weights (RouterSlots): saved from the
+    forward rather than built again."""
 
     @staticmethod
     def forward(x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias):
         slots = RouterSlots.of(A, W_r)
-        A_ext, ab_ext, N_ext, nb_ext = slots.weights(W_r, b_r, A, A_bias, N, N_bias)
-        p_ext, w_ext = torch.ops.hycam.shrink(x, A_ext, ab_ext, N_ext, nb_ext)
+        if slots.S == 0:   # no slot: the weights are the inputs, saved as such
+            packed, ext = None, (A, A_bias, N, N_bias)
+        else:
+            packed = slots.pack(W_r, b_r, A, A_bias, N, N_bias)
+            ext = slots.unpack(packed, A.shape[2], A_bias is not None or b_r is not None,
+                               N_bias is not None)
+        p_ext, w_ext = torch.ops.hycam.shrink(x, *ext)
         w, logits = slots.split(w_ext)
-        z = torch.nn.functional.linear(x, W_s, b_s)
-        if slots.S == 0:  # no slot: the weights are the inputs, saved as such
-            return z, logits, w, p_ext, None, None
-        return z, logits, w, p_ext, A_ext, N_ext
+        return torch.nn.functional.linear(x, W_s, b_s), logits, w, p_ext, packed
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, W_s, b_s, W_r, b_r, A, A_bias, N, N_bias = inputs
-        _, _, _, p_ext, A_ext, N_ext = output
+        _, _, _, p_ext, packed = output
         ctx.slots = RouterSlots.of(A, W_r)
         ctx.has_bias = (b_s is not None, b_r is not None, A_bias is not None, N_bias is not None)
-        if A_ext is None:
-            A_ext, N_ext = A, N
+        if packed is None:
+            ctx.save_for_backward(x, W_s, p_ext, A, N)
         else:
-            ctx.mark_non_differentiable(A_ext, N_ext)
-        ctx.save_for_backward(x, W_s, A_ext, N_ext, p_ext)
+            ctx.save_for_backward(x, W_s, p_ext, packed)
+            ctx.mark_non_differentiable(packed)
         ctx.mark_non_differentiable(p_ext)
         ctx.set_materialize_grads(False)  # an unused output: None, not a [T, d] tensor of zeros
 
     @staticmethod
     def backward(ctx, dz, dl, dw, *unused):
-        x, W_s, A_ext, N_ext, p_ext = ctx.saved_tensors
+        x, W_s, p_ext, *weights = ctx.saved_tensors
         slots, need = ctx.slots, ctx.needs_input_grad
+        if slots.S == 0:
+            A_ext, N_ext = weights
+        else:   # the biases' layout only places the others: has_ab, has_nb as in the forward
+            A_ext, _, N_ext, _ = slots.unpack(weights[0], x.shape[1],
+                                              ctx.has_bias[1] or ctx.has_bias[2], ctx.has_bias[3])
         K = slots.K
         dx = dA = dAb = dN = dNb = dW_r = db_r = None
         if slots.S == 0:
