@@ -38,9 +38,11 @@ def route(logits: torch.Tensor, tau: float, hard: bool, training: bool,
         y = torch.softmax(logits / tau, dim=-1)
     if not hard:
         return y
-    # F.one_hot(argmax).to(dtype), in two launches rather than three or more (no int64 one-hot)
-    one_hot = torch.zeros_like(y).scatter_(-1, y.argmax(dim=-1, keepdim=True), 1.0)
-    return one_hot - y.detach() + y
+    # straight through: one_hot - y.detach() + y, with the same values bit for bit in three
+    # launches after the argmax: -y with 1 added at the argmax is (one_hot - y) exactly
+    # (1 + (-y) == 1 - y in IEEE arithmetic), and no int64 one-hot is made and cast
+    st = y.detach().neg().scatter_(-1, y.argmax(dim=-1, keepdim=True), 1.0, reduce="add")
+    return st + y
 
 
 class HyCAMParameters(nn.Module):
