@@ -175,7 +175,7 @@ class RouterSlots(NamedTuple):
              zero.expand(S * r) if b_r is None else b_r, zero.expand(pad if b_r is not None else 0)],
             [N, _constant("eyes", (S, r), N)],
             [N_bias, zero.expand(S * r)])
-        slots, total = self.layout(d, has_ab, has_nb)
+        slots = self.layout(d, has_ab, has_nb)[0]
         parts, at = [], 0
         for where, ts in zip(slots, pieces):
             if where is None:
