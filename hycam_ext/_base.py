@@ -1,5 +1,13 @@
-"""What ReferenceHyCAM and HyCAM share: parameters, initialisation, input checks, routing
-statistics. The forward maths lives in reference.py (the oracle) and modules.py (the kernels)."""
+"""What every HyCAM layer shares: parameters, initialisation, input checks, routing and its
+statistics. The layer itself is modules.HyCAM (on the kernels, or on the torch path of
+torch_path.py; reference.ReferenceHyCAM is it on the torch path, the oracle).
+
+Names. A decoder layer's residual stream is ``h_in`` wherever it flows through hycam_ext (the
+ops' argument of that name, ``HyCAM.placement_forward``, ``HyCAM._modulated_stream``, the
+integrations' ``_apply_placement``): the layer's input, to which the attention branch adds
+``a`` and which the placement modulates, giving the layer's stream after attention. ``x`` is
+what the attention read (the CAM's input). Public arguments keep their documented names:
+``HyCAM.forward(x, h)`` (h * CAM(x)) and ``HyCAMAttention(..., residual=h_in)``."""
 from __future__ import annotations
 
 import math
@@ -7,7 +15,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import HyCAMConfig
 from .routing_stats import RoutingStats
@@ -31,8 +38,11 @@ def route(logits: torch.Tensor, tau: float, hard: bool, training: bool,
         y = torch.softmax(logits / tau, dim=-1)
     if not hard:
         return y
-    one_hot = F.one_hot(y.argmax(dim=-1), y.shape[-1]).to(y.dtype)
-    return one_hot - y.detach() + y
+    # straight through: one_hot - y.detach() + y, with the same values bit for bit in three
+    # launches after the argmax: -y with 1 added at the argmax is (one_hot - y) exactly
+    # (1 + (-y) == 1 - y in IEEE arithmetic), and no int64 one-hot is made and cast
+    st = y.detach().neg().scatter_(-1, y.argmax(dim=-1, keepdim=True), 1.0, reduce="add")
+    return st + y
 
 
 class HyCAMParameters(nn.Module):

@@ -2,11 +2,40 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
-PLACEMENTS = ("residual", "attention")
+
+class Placement(enum.IntEnum):
+    """Where the CAM multiplies, between the attention output a and the residual stream h_in:
+    RESIDUAL ``(h_in + a) * CAM(x)``, ATTENTION ``h_in + a * CAM(x)``. The values are the ops'
+    ``placement`` argument (torch.ops.hycam.cam_forward / cam_backward) and match the C++ enum
+    of the same name under csrc/common/."""
+    RESIDUAL = 0
+    ATTENTION = 1
+
+    @property
+    def label(self) -> str:
+        """The config's spelling: "residual" or "attention"."""
+        return self.name.lower()
+
+    @classmethod
+    def of(cls, value: Union["Placement", str, int]) -> "Placement":
+        """A Placement from itself, its label ("residual", "attention") or its value (0, 1)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str) and value in _PLACEMENT_LABELS:
+            return _PLACEMENT_LABELS[value]
+        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+            return cls(value)
+        raise ValueError(f"placement must be one of {PLACEMENTS} (or a hycam_ext.Placement), "
+                         f"got {value!r}")
+
+
+_PLACEMENT_LABELS = {p.label: p for p in Placement}
+PLACEMENTS = tuple(_PLACEMENT_LABELS)
 PARAM_DTYPES = ("float32", "base")
 ROUTINGS = ("token", "task")
 
@@ -16,7 +45,8 @@ class HyCAMConfig:
     """hidden_size d (None: the integrations take it from the model; a standalone HyCAM needs
     it), num_specialists K, rank r, alpha (s = alpha / r), Gumbel temperature tau,
     hard (straight-through one-hot) or soft routing, bias of the CAM projections, placement
-    "residual" ((h_in + a) * CAM) or "attention" (h_in + a * CAM), aux_loss_coef of the
+    "residual" ((h_in + a) * CAM) or "attention" (h_in + a * CAM) (a :class:`Placement` is
+    accepted too and stored by its label; ``placement_enum`` gives it back), aux_loss_coef of the
     load-balancing loss, train_layernorms (integrations also train the two layer norms),
     use_kernels (False: compute through the reference formulation), aux_loss_scope "rank" or
     "global" (see load_balancing_loss), param_dtype (integrations: "float32" master weights, the
@@ -34,7 +64,7 @@ class HyCAMConfig:
     tau: float = 0.5
     hard: bool = True
     bias: bool = True
-    placement: str = "residual"
+    placement: Union[str, Placement] = "residual"
     aux_loss_coef: float = 0.01
     train_layernorms: bool = False
     use_kernels: bool = True
@@ -62,9 +92,11 @@ class HyCAMConfig:
             raise ValueError(f"HyCAMConfig.tau must be > 0, got {self.tau!r}")
         if self.aux_loss_coef < 0:
             raise ValueError(f"HyCAMConfig.aux_loss_coef must be >= 0, got {self.aux_loss_coef!r}")
-        if self.placement not in PLACEMENTS:
+        if not isinstance(self.placement, (str, Placement)) or (
+                not isinstance(self.placement, Placement) and self.placement not in PLACEMENTS):
             raise ValueError(
                 f"HyCAMConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        self.placement = Placement.of(self.placement).label   # the label: JSON, comparisons
         if self.aux_loss_scope not in ("rank", "global"):
             raise ValueError(
                 f"HyCAMConfig.aux_loss_scope must be 'rank' or 'global', got {self.aux_loss_scope!r}")
@@ -80,6 +112,11 @@ class HyCAMConfig:
         for name in ("hard", "bias", "train_layernorms", "use_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HyCAMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def placement_enum(self) -> Placement:
+        """``placement`` as the :class:`Placement` the ops take."""
+        return Placement.of(self.placement)
 
     @property
     def scaling(self) -> float:

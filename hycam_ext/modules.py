@@ -8,10 +8,8 @@ import torch.nn as nn
 
 from . import ops
 from ._base import HyCAMParameters, route  # noqa: F401  (route is public: hycam_ext.route)
-from .config import HyCAMConfig
+from .config import HyCAMConfig, Placement
 from .routing_stats import aux_loss, check_scope, is_distributed, total
-
-_PLACEMENT_CODE = {"residual": 0, "attention": 1}
 
 
 class HyCAM(HyCAMParameters):
@@ -19,15 +17,26 @@ class HyCAM(HyCAMParameters):
 
     The kernels are required: without a loadable hycam_ext._C every forward raises
     ``KernelsUnavailableError`` saying why. ``cfg.use_kernels=False`` (or ``HYCAM_USE_REFERENCE=1``)
-    asks for the pure-PyTorch formulation instead (same maths, dense over the specialists)."""
+    asks for the torch path instead (torch_path.py: the same maths in plain PyTorch, dense over
+    the specialists).
+
+    The residual stream is ``h_in`` throughout (hycam_ext._base explains the names)."""
 
     def __init__(self, cfg: HyCAMConfig, device=None, dtype=None):
         super().__init__(cfg, device=device, dtype=dtype)
 
-    def _modulate(self, x: torch.Tensor, h_in: torch.Tensor, a: Optional[torch.Tensor],
-                  placement: str, gumbel_noise: Optional[torch.Tensor],
-                  task_ids=None) -> torch.Tensor:
+    def _use_kernels(self) -> bool:
+        """Whether this layer computes on the kernels (subject to HYCAM_USE_REFERENCE); the
+        torch path otherwise."""
+        return self.cfg.use_kernels
+
+    def _modulated_stream(self, x: torch.Tensor, h_in: torch.Tensor, a: Optional[torch.Tensor],
+                          placement: Placement, gumbel_noise: Optional[torch.Tensor],
+                          task_ids=None) -> torch.Tensor:
+        """The layer: the residual stream h_in (with the attention output a, or None) modulated
+        by CAM(x) per ``placement``; shaped like h_in."""
         cfg = self.cfg
+        use_kernels = self._use_kernels()
         # GEMMs and the shrink run in the compute dtype (autocast's when active); the modulation
         # runs in the dtype of the residual stream h_in, so an fp32 stream under bf16 autocast
         # is not rounded to bf16 at every layer.
@@ -36,8 +45,6 @@ class HyCAM(HyCAMParameters):
         lead = tuple(x.shape[:-1])
         d, K = cfg.hidden_size, cfg.num_specialists
         x2 = x.reshape(-1, d).to(compute_dtype)
-        h2 = h_in.reshape(-1, d)
-        a2 = None if a is None else a.reshape(-1, d).to(stream_dtype)
 
         def cast(t, dtype=compute_dtype):
             return None if t is None else t.to(dtype)
@@ -45,36 +52,45 @@ class HyCAM(HyCAMParameters):
         # the shared projection's bias b_s is added inside the CAM op (z_bias), whose backward
         # sums its gradient in the same pass over [T, d] (no separate dz.sum(0))
         task = cfg.routing == "task"
-        # routing="task": the router rides on the shrink as zero slots (the kernels are the same)
-        W_r = x2.new_zeros(0, d) if task else cast(self.router_weight)
+        # routing="task": no router rows (no router slot on the shrink)
+        W_r = x2.new_empty(0, d) if task else cast(self.router_weight)
         z, logits, w = ops.projections(x2, cast(self.shared_weight), None, W_r,
                                        None if task else cast(self.router_bias), cast(self.A),
                                        cast(self.A_bias), cast(self.N), cast(self.N_bias),
-                                       use_kernels=cfg.use_kernels)
+                                       use_kernels=use_kernels)
         if task:
             logits = self.task_routing_logits(lead, task_ids).to(compute_dtype)
         noise = None if gumbel_noise is None else gumbel_noise.reshape(-1, K)
         g = route(logits, cfg.tau, cfg.hard, self.training, noise)
         self._record(logits, g, lead)
-        out = ops.cam(h2, a2, z.to(stream_dtype), w.to(stream_dtype), cast(self.B, stream_dtype),
-                      cast(self.B_bias, stream_dtype), g.to(stream_dtype), cfg.scaling,
-                      _PLACEMENT_CODE[placement], use_kernels=cfg.use_kernels,
-                      z_bias=cast(self.shared_bias, stream_dtype))
+        out = ops.cam(h_in.reshape(-1, d), None if a is None else a.reshape(-1, d).to(stream_dtype),
+                      z.to(stream_dtype), w.to(stream_dtype), cast(self.B, stream_dtype),
+                      cast(self.B_bias, stream_dtype), g.to(stream_dtype), cfg.scaling, placement,
+                      use_kernels=use_kernels, z_bias=cast(self.shared_bias, stream_dtype))
         return out.reshape(h_in.shape)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor,
                 gumbel_noise: Optional[torch.Tensor] = None, task_ids=None) -> torch.Tensor:
-        """h * CAM(x). ``task_ids`` (routing="task"): [batch] or x's leading shape, or an int."""
+        """h * CAM(x) (h: the stream h_in). ``task_ids`` (routing="task"): [batch] or x's
+        leading shape, or an int."""
         self._check_inputs(x, h, gumbel_noise)
-        return self._modulate(x, h, None, "residual", gumbel_noise, task_ids)
+        return self._modulated_stream(x, h, None, Placement.RESIDUAL, gumbel_noise, task_ids)
 
-    def placement_forward(self, x: torch.Tensor, residual: torch.Tensor, attn_out: torch.Tensor,
+    def cam(self, x: torch.Tensor, gumbel_noise: Optional[torch.Tensor] = None,
+            task_ids=None) -> torch.Tensor:
+        """CAM(x) = 1 + silu(z) + sum_k g_k e_k itself, shaped like x (the stream h_in = 1)."""
+        self._check_inputs(x, x, gumbel_noise)
+        return self._modulated_stream(x, torch.ones_like(x), None, Placement.RESIDUAL,
+                                      gumbel_noise, task_ids)
+
+    def placement_forward(self, x: torch.Tensor, h_in: torch.Tensor, a: torch.Tensor,
                           gumbel_noise: Optional[torch.Tensor] = None,
                           task_ids=None) -> torch.Tensor:
-        """(residual + attn_out) * CAM(x) or residual + attn_out * CAM(x), per cfg.placement."""
-        self._check_inputs(x, attn_out, gumbel_noise, h_name="attention output")
-        self._check_inputs(x, residual, None, h_name="residual")
-        return self._modulate(x, residual, attn_out, self.cfg.placement, gumbel_noise, task_ids)
+        """(h_in + a) * CAM(x) or h_in + a * CAM(x), per cfg.placement (a: the attention
+        output)."""
+        self._check_inputs(x, a, gumbel_noise, h_name="attention output")
+        self._check_inputs(x, h_in, None, h_name="residual")
+        return self._modulated_stream(x, h_in, a, self.cfg.placement_enum, gumbel_noise, task_ids)
 
 
 def _first_output(result) -> torch.Tensor:
@@ -127,18 +143,20 @@ class HyCAMAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, residual: Optional[torch.Tensor] = None,
                 gumbel_noise: Optional[torch.Tensor] = None, **kwargs):
+        """``residual``: the residual stream h_in (the layer input before the input layer norm)."""
         result = self.attention(x, *args, **kwargs)
         a = _first_output(result)
-        if residual is None:
-            if self.cfg.placement == "residual":
+        h_in = residual
+        if h_in is None:
+            if self.cfg.placement_enum == Placement.RESIDUAL:
                 raise ValueError("HyCAMAttention: residual (h_in, the layer input before the "
                                  "input layer norm) is required for placement='residual'")
-            residual = torch.zeros_like(a)
+            h_in = torch.zeros_like(a)
         if not self.adapter_enabled:  # CAM = 1: both placements give h_in + a
-            new = residual + a
+            h_out = h_in + a
         else:
-            new = self.hycam.placement_forward(x, residual, a, gumbel_noise)
-        return _replace_first(result, new)
+            h_out = self.hycam.placement_forward(x, h_in, a, gumbel_noise)
+        return _replace_first(result, h_out)
 
 
 def _hycam_modules(modules_or_model) -> list:

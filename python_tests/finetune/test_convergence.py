@@ -102,8 +102,10 @@ def test_bf16_autocast_loss_curve_within_reference_spread(device):
     kern, _ = _train(device, True, autocast=torch.bfloat16)
     ref_dev = [abs(r[0] - e[0]) for r, e in zip(ref, exact)]
     kern_dev = [abs(k[0] - e[0]) for k, e in zip(kern, exact)]
-    # the reference's own bf16 error is not zero (else this test could not tell anything)
-    assert max(ref_dev) > 1e-4
+    # the reference's own bf16 error is not zero (else this test could not tell anything); the
+    # torch path as the authors wrote it (biases fused in each linear map) is about 1e-4 off
+    # float64 here, an fp32 rounding would be ~1e-7
+    assert max(ref_dev) > 2e-5
     # per step, the kernels' distance from float64 is within 2x the reference's worst distance
     # (bf16 rounding of a sum of terms differs between the two formulations step by step)
     spread = max(ref_dev)

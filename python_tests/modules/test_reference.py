@@ -161,3 +161,35 @@ def test_config_round_trip():
     cfg = hycam_ext.HyCAMConfig(hidden_size=8, rank=2, placement="attention")
     assert hycam_ext.HyCAMConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.scaling == 16.0
+
+
+def test_placement_enum_and_config():
+    """One placement enum for config, ops and C++: RESIDUAL = 0, ATTENTION = 1; the config takes
+    the enum or its label and stores the label (JSON round trips as before)."""
+    P = hycam_ext.Placement
+    assert (int(P.RESIDUAL), int(P.ATTENTION)) == (0, 1)
+    assert hycam_ext.config.PLACEMENTS == ("residual", "attention")
+    for value, want in (("residual", P.RESIDUAL), ("attention", P.ATTENTION), (P.ATTENTION, P.ATTENTION)):
+        cfg = hycam_ext.HyCAMConfig(hidden_size=8, placement=value)
+        assert cfg.placement == want.label and cfg.placement_enum is want
+        assert hycam_ext.HyCAMConfig.from_dict(cfg.to_dict()) == cfg
+    assert P.of(1) is P.ATTENTION and P.of("residual") is P.RESIDUAL
+    for bad in ("mlp", 2, True, None):
+        with pytest.raises(ValueError, match="placement"):
+            hycam_ext.HyCAMConfig(hidden_size=8, placement=bad)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_reference_is_the_torch_path(hard):
+    """ReferenceHyCAM is HyCAM on the torch path: the same numbers, bit for bit, as
+    HyCAMConfig(use_kernels=False), and its ops are the torch path's."""
+    cfg, _, ref = make_pair(hard=hard)
+    torch_cfg = hycam_ext.HyCAMConfig(**{**cfg.to_dict(), "use_kernels": False})
+    m = hycam_ext.HyCAM(torch_cfg).double()
+    m.load_state_dict(ref.state_dict())
+    x, h = torch.randn(2, 5, 17, dtype=torch.float64), torch.randn(2, 5, 17, dtype=torch.float64)
+    noise = gumbel((2, 5, 3))
+    assert torch.equal(ref(x, h, noise), m(x, h, noise))
+    assert torch.equal(ref.cam(x, noise), m.cam(x, noise))
+    assert hycam_ext.reference.reference_shrink is hycam_ext.torch_path.torch_shrink
+    assert hycam_ext.reference.reference_cam is hycam_ext.torch_path.torch_cam

@@ -458,3 +458,42 @@ def test_projections_partial_grads(device):
     (w2.sum() + l2.sum()).backward()
     for a, b in zip(args[3:], ref[3:]):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("K,r,Kr", [(3, 4, 3), (5, 2, 5), (2, 2, 2), (4, 16, 4), (3, 4, 9)])
+@pytest.mark.parametrize("ab,br,nb", [(True, True, True), (False, True, False), (True, False, True),
+                                      (False, False, False)])
+def test_router_slots_pack_the_extended_weights(K, r, Kr, ab, br, nb):
+    """RouterSlots.pack / unpack: the router as S = ceil(K_r / r) slots after the K specialists
+    (rows W_r zero padded, bias b_r zero padded, mix identity, mix bias zero), each packed tensor
+    ALIGN elements aligned, an absent bias left out only when it is zero in every slot."""
+    d = 17
+    A, N = torch.randn(K, r, d), torch.randn(K, r, r)
+    A_bias, N_bias = (torch.randn(K, r) if ab else None), (torch.randn(K, r) if nb else None)
+    W_r, b_r = torch.randn(Kr, d), (torch.randn(Kr) if br else None)
+    slots = ops.RouterSlots.of(A, W_r)
+    S = -(-Kr // r)
+    assert slots.S == S and slots.pad == S * r - Kr
+    packed = slots.pack(W_r, b_r, A, A_bias, N, N_bias)
+    A_ext, ab_ext, N_ext, nb_ext = slots.unpack(packed, d, ab or br, nb)
+    rows = torch.cat([W_r, torch.zeros(S * r - Kr, d)]).view(S, r, d)
+    assert torch.equal(A_ext, torch.cat([A, rows]))
+    assert torch.equal(N_ext, torch.cat([N, torch.eye(r).expand(S, r, r)]))
+    if ab or br:
+        bias = torch.cat([b_r if br else torch.zeros(Kr), torch.zeros(S * r - Kr)]).view(S, r)
+        assert torch.equal(ab_ext, torch.cat([A_bias if ab else torch.zeros(K, r), bias]))
+    else:
+        assert ab_ext is None
+    assert (nb_ext is None) == (not nb)
+    if nb:
+        assert torch.equal(nb_ext, torch.cat([N_bias, torch.zeros(S, r)]))
+    for t in (A_ext, ab_ext, N_ext, nb_ext):
+        if t is not None:
+            assert t.is_contiguous() and t.storage_offset() % slots.ALIGN == 0
+    # the logits are the slots' w, and join puts the gradients back where split took them
+    w_ext = torch.randn(7, K + S, r)
+    w, logits = slots.split(w_ext)
+    assert torch.equal(w, w_ext[:, :K]) and torch.equal(logits, w_ext[:, K:].reshape(7, -1)[:, :Kr])
+    dw_ext = slots.join(w, logits, w_ext)
+    assert torch.equal(dw_ext[:, :K], w) and torch.equal(dw_ext.reshape(7, -1)[:, K * r:K * r + Kr], logits)
+    assert not dw_ext.reshape(7, -1)[:, K * r + Kr:].any()

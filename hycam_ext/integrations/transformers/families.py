@@ -3,7 +3,7 @@
 Each entry says how the family's decoder layer body runs, written as a function of
 
 * ``layer``    the decoder layer (its submodules are the original ones),
-* ``h``        the layer input (the residual stream),
+* ``h``        the layer input (the residual stream, ``h_in`` in HyCAM.placement_forward),
 * ``attend``   ``attend(x)`` runs the layer's attention on ``x`` with the layer's keyword
                arguments and returns its output,
 * ``modulate`` ``modulate(x, h, a)`` applies the HyCAM placement to the residual stream ``h``,

@@ -64,8 +64,9 @@ def _accepted(attn: torch.nn.Module, kwargs: dict) -> dict:
     return kwargs if names is None else {k: v for k, v in kwargs.items() if k in names}
 
 
-def _apply_placement(layer, x, residual, a, step: Optional[RoutingStep]):
-    """HyCAM's placement formula; hands this call's routing to the step and the route tally."""
+def _apply_placement(layer, x, h_in, a, step: Optional[RoutingStep]):
+    """HyCAM's placement formula on the residual stream h_in (hycam_ext._base: names); hands
+    this call's routing to the step and the route tally."""
     cam: HyCAM = layer.hycam
     shared: SharedState = layer._hycam_shared
     idx = layer._hycam_layer_index
@@ -73,20 +74,20 @@ def _apply_placement(layer, x, residual, a, step: Optional[RoutingStep]):
     cam.task_ids = shared.probe_task_ids if step is None else step.task_ids
     # under autocast the attention output may come back in the autocast dtype while the residual
     # stream stays in the model dtype; the base layer adds them with type promotion, so do we.
-    dt = residual.dtype
+    dt = h_in.dtype
     x = x if x.dtype == dt else x.to(dt)
     a = a if a.dtype == dt else a.to(dt)
-    h = cam.placement_forward(x, residual, a)
+    h_out = cam.placement_forward(x, h_in, a)
     if cam.training:   # cam.last_stats is this call's
         sums = cam.last_stats.sums()
         first = True
         if step is not None:
-            h, first = step.record(idx, sums, h)
+            h_out, first = step.record(idx, sums, h_out)
         if shared.tally is not None and first:
             shared.tally.add(idx, sums)
     elif shared.tally is not None:
         shared.tally.add(idx, _eval_routing(cam, x).sums())
-    return h
+    return h_out
 
 
 @torch.no_grad()
