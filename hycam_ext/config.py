@@ -12,7 +12,7 @@ class Placement(enum.IntEnum):
     """Where the CAM multiplies, between the attention output a and the residual stream h_in:
     RESIDUAL ``(h_in + a) * CAM(x)``, ATTENTION ``h_in + a * CAM(x)``. The values are the ops'
     ``placement`` argument (torch.ops.hycam.cam_forward / cam_backward) and match the C++ enum
-    of the same name under csrc/common/."""
+    hycam::Placement (csrc/common/placement.h; python_tests/repository/test_placement_enum.py)."""
     RESIDUAL = 0
     ATTENTION = 1
 
