@@ -125,7 +125,8 @@ using namespace hycam;
 template <typename S, typename A, typename M>
 void* const* plain() {
   static void* const k[] = {
-      (void*)&cam_kernels::cam_forward_kernel<S, A>, (void*)&cam_kernels::cam_backward_kernel<S, A, M>, (void*)&shrink_kernels::shrink_kernel<S, A>,
+      (void*)&cam_kernels::cam_forward_kernel<S, A>, (void*)&cam_kernels::cam_backward_kernel<S, A, M>,
+      (void*)&cam_kernels::sum_dwdg_kernel<S, A>, (void*)&shrink_kernels::shrink_kernel<S, A>,
       (void*)&shrink_kernels::mix_kernel<S, A>, (void*)&shrink_kernels::dp_kernel<S, A>,
       (void*)&shrink_kernels::dx_kernel<S, A>, (void*)&shrink_kernels::dA_kernel<S, A>,
       (void*)&shrink_kernels::small_reductions_kernel<S, A>};
