@@ -406,7 +406,7 @@ def serial_latency(kernel, T, K, r, m):
 # PyTorch glue launches of one layer, forward + backward (the last count of
 # benchmarks/glue_launches.py: routing incl. Gumbel sampling, the router / shrink weight
 # concatenations, gradient buffers, casts); used when the count cannot run (no loadable hycam_ext).
-GLUE_LAUNCHES = 39
+GLUE_LAUNCHES = 15
 
 
 def glue_launches():

@@ -23,7 +23,7 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODEL = ROOT / "benchmarks" / "results" / "model-sass-2026-12-06" / "model.json"
+MODEL = ROOT / "benchmarks" / "results" / "model-glue-2026-12-07" / "model.json"
 SHAPE = dict(T=8192, d=4096, K=4, r=16)
 # ncu metrics (Nsight Compute names) -> the cost model's field they are compared with
 NCU_METRICS = {

@@ -81,7 +81,7 @@ def test_bench_writes_with_out(tmp_path):
 
 
 def test_gpu_suite_report_puts_the_model_beside_each_measurement(tmp_path):
-    model = ROOT / "benchmarks" / "results" / "model-sass-2026-12-06" / "model.json"
+    model = ROOT / "benchmarks" / "results" / "model-glue-2026-12-07" / "model.json"
     if not model.exists():
         pytest.skip("no committed model run")
 
