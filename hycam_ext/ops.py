@@ -286,6 +286,19 @@ class _Projections(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------
+# the CAM op's arguments, once: the schema's order (csrc/api.cpp, TORCH_LIBRARY; the fields of
+# CamArgs in csrc/kernels.h). The autograd setup and backward below and the fake of the
+# backward go by these names; python_tests/ops/test_op_args.py checks them against the
+# registered schemas and the fakes' signatures.
+# ---------------------------------------------------------------------------------------
+CAM_ARGS = ("h_in", "a", "z", "w", "B", "b", "g", "scale", "placement", "z_bias")
+CAM_TENSOR_ARGS = tuple(n for n in CAM_ARGS if n not in ("scale", "placement"))
+# hycam.cam_backward's outputs, each named by what it is the gradient of ("main": of h_in under
+# residual placement, of a under attention placement; the autograd backward hands it out)
+CAM_BACKWARD_OUTS = ("main", "z", "g", "w", "B", "b", "z_bias")
+
+
+# ---------------------------------------------------------------------------------------
 # fake kernels (shapes only): torch.compile, meta tensors
 # ---------------------------------------------------------------------------------------
 if kernels_available():
@@ -307,9 +320,9 @@ if kernels_available():
     @torch.library.register_fake("hycam::cam_backward")
     def _cam_backward_fake(go, h_in, a, z, w, B, b, g, scale, placement, z_bias=None):
         K, d = B.shape[0], B.shape[1]
-        return (torch.empty_like(h_in), torch.empty_like(z), torch.empty_like(g),
-                torch.empty_like(w), torch.empty_like(B), B.new_empty(K, d),
-                z.new_empty(d if z_bias is not None else 0))
+        like = {"main": h_in, "z": z, "g": g, "w": w, "B": B}
+        extra = {"b": B.new_empty(K, d), "z_bias": z.new_empty(d if z_bias is not None else 0)}
+        return tuple(torch.empty_like(like[n]) if n in like else extra[n] for n in CAM_BACKWARD_OUTS)
 
     # -----------------------------------------------------------------------------------
     # autograd
@@ -331,22 +344,21 @@ if kernels_available():
     torch.library.register_autograd("hycam::shrink", _shrink_backward, setup_context=_shrink_setup)
 
     def _cam_setup(ctx, inputs, output):
-        h_in, a, z, w, B, b, g, scale, placement, z_bias = inputs
-        ctx.scale, ctx.placement = scale, placement
-        ctx.has_a, ctx.has_b, ctx.has_zb = a is not None, b is not None, z_bias is not None
-        ctx.save_for_backward(h_in, a, z, w, B, b, g, z_bias)
+        args = dict(zip(CAM_ARGS, inputs))
+        ctx.scale, ctx.placement = args["scale"], args["placement"]
+        ctx.present = {n: args[n] is not None for n in CAM_TENSOR_ARGS}
+        ctx.save_for_backward(*(args[n] for n in CAM_TENSOR_ARGS))
 
     def _cam_backward(ctx, go):
-        h_in, a, z, w, B, b, g, z_bias = ctx.saved_tensors
-        d_main, dz, dg, dw, dB, db, dzb = torch.ops.hycam.cam_backward(
-            go, h_in, a, z, w, B, b, g, ctx.scale, ctx.placement, z_bias)
+        args = dict(zip(CAM_TENSOR_ARGS, ctx.saved_tensors), scale=ctx.scale, placement=ctx.placement)
+        grad = dict(zip(CAM_BACKWARD_OUTS, torch.ops.hycam.cam_backward(go, *(args[n] for n in CAM_ARGS))))
+        main = grad.pop("main")
         if ctx.placement == Placement.RESIDUAL:
-            d_h, d_a = d_main, (d_main if ctx.has_a else None)
+            grad["h_in"], grad["a"] = main, main
         else:
-            d_h, d_a = go, d_main
-        # one gradient per op argument: h_in, a, z, w, B, b, g, scale, placement, z_bias
-        return (d_h, d_a, dz, dw, dB, (db if ctx.has_b else None), dg, None, None,
-                (dzb if ctx.has_zb else None))
+            grad["h_in"], grad["a"] = go, main
+        # one gradient per op argument, None for an absent tensor and for scale / placement
+        return tuple(grad[n] if ctx.present.get(n) else None for n in CAM_ARGS)
 
     torch.library.register_autograd("hycam::cam_forward", _cam_backward,
                                     setup_context=_cam_setup)
