@@ -39,7 +39,8 @@ VARIANTS = {
     "hycam-forced": ("hycam-forced", {}),
 }
 DEFAULT_VARIANTS = ("base", "lora-budget", "lora-r16", "shared-cam", "hycam")
-METRICS = (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("loss", "held-out loss"))
+METRICS = (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("exact_match", "exact match (%)"),
+           ("loss", "held-out loss"))
 
 
 def parse_variants(spec: str) -> List[str]:
