@@ -97,7 +97,8 @@ def _constant(kind: str, n, like: torch.Tensor) -> torch.Tensor:
     """S identities I_r flattened (kind "eyes", n = (S, r): [S * r * r]) or a zero scalar (kind
     "zero", n ignored) in like's dtype and device, made once and kept: every call of the layer
     needs them, and a fresh one is a kernel launch each time. Under torch.compile, or for fake /
-    meta tensors, made in place (the compiler folds them; nothing traced is kept)."""
+    meta tensors, made in place (the compiler folds them; nothing traced is kept); during CUDA graph
+    capture too (memory of the graph's private pool is not kept beyond it)."""
     def make():
         if kind == "eyes":
             S, r = n
@@ -105,7 +106,8 @@ def _constant(kind: str, n, like: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=like.dtype, device=like.device)
 
     if (torch.compiler.is_compiling() or like.device.type == "meta"
-            or type(like) not in (torch.Tensor, torch.nn.Parameter)):   # fake, other subclasses
+            or type(like) not in (torch.Tensor, torch.nn.Parameter)    # fake, other subclasses
+            or (like.is_cuda and torch.cuda.is_current_stream_capturing())):  # a graph's pool
         return make()
     key = (kind, n, like.dtype, like.device)
     t = _CONSTANTS.get(key)
