@@ -72,6 +72,32 @@ static void sum_partials(const S* part, int64_t S_, int64_t n, S* out, const cha
          [&] { cuda::sum_partials_kernel<S>(part, S_, n, out); }, name);
 }
 
+// The inputs both CAM groups hand the kernels, filled as cam_cuda.cu's kernel_inputs fills them
+// (no attention output a: HyCAM.forward(x, h)); each group adds its outputs and geometry.
+template <class S>
+struct CamInputs {
+  Buf<S> h, z, zb, w, B, b;
+  CamInputs(int64_t T, int64_t d, int64_t K, int64_t r) : h(T * d), z(T * d), zb(d), w(T * K * r), B(K * d * r), b(K * d) {}
+  cam_kernels::CamParams<S, float> params(const S* g, int64_t T, int64_t d, int64_t K, int64_t r, float scale,
+                                          Placement placement) const {
+    cam_kernels::CamParams<S, float> prm;
+    prm.h_in = h.p;
+    prm.z = z.p;
+    prm.z_bias = zb.p;
+    prm.w = w.p;
+    prm.B = B.p;
+    prm.b = b.p;
+    prm.g = g;
+    prm.T = T;
+    prm.d = d;
+    prm.K = K;
+    prm.r = r;
+    prm.scale = scale;
+    prm.placement = placement;
+    return prm;
+  }
+};
+
 int main(int argc, char** argv) {
   if (argc != 7) {
     std::fprintf(stderr, "usage: %s GROUP T d K r hard|soft\n", argv[0]);
@@ -116,54 +142,30 @@ int main(int argc, char** argv) {
            [&] { mix_kernel<M, float>(p.p, N.p, nb.p, w.p, T, K, r); }, "mix_kernel");
   } else if (group == "cam_fwd") {
     using namespace cam_kernels;
-    Buf<M> h(T * d), z(T * d), zb(d), w(T * KR), B(K * d * r), b(K * d), out(T * d);
+    const CamInputs<M> in(T, d, K, r);
+    Buf<M> out(T * d);
     const auto cfg = cam_forward_config(T, d, K, r, sizeof(M), sizeof(float));
-    CamParams<M, float> prm;  // as cam_cuda.cu fills it
-    prm.h_in = h.p;
-    prm.z = z.p;
-    prm.z_bias = zb.p;
-    prm.w = w.p;
-    prm.B = B.p;
-    prm.b = b.p;
-    prm.g = g.p;
+    auto prm = in.params(g.p, T, d, K, r, scale, placement);
     prm.out = out.p;
-    prm.T = T;
-    prm.d = d;
-    prm.K = K;
-    prm.r = r;
-    prm.scale = scale;
-    prm.placement = placement;
     prm.lpr = cfg.lpr;
     prm.tile = cfg.tile;
     set_vector_access(prm);
     launch(cfg.grid, cfg.block, cfg.smem, [&] { cam_forward_kernel<M, float>(prm); }, "cam_forward_kernel");
   } else if (group == "cam_bwd") {
     using namespace cam_kernels;
-    Buf<M> go(T * d), h(T * d), z(T * d), zb(d), w(T * KR), B(K * d * r), b(K * d), dm(T * d), dz(T * d);
+    const CamInputs<M> in(T, d, K, r);
+    Buf<M> go(T * d), dm(T * d), dz(T * d);
     const auto cfg = cam_backward_config(T, d, K, r, sizeof(M), sizeof(float), /*dz_sums=*/true);  // z_bias given
     const int64_t nB = K * R1 + 1;  // dB, db and the sum of dz (z_bias's gradient)
     Buf<float> pdw(cfg.nJ * T * KR), pdg(cfg.nJ * T * K), pB(cfg.S * nB * d), cs(nB * d);
     Buf<M> dw(T * KR), dg(T * K);
-    CamParams<M, float> prm;  // as cam_cuda.cu fills it
+    auto prm = in.params(g.p, T, d, K, r, scale, placement);
     prm.go = go.p;
-    prm.h_in = h.p;
-    prm.z = z.p;
-    prm.z_bias = zb.p;
-    prm.w = w.p;
-    prm.B = B.p;
-    prm.b = b.p;
-    prm.g = g.p;
     prm.d_main = dm.p;
     prm.dz = dz.p;
     prm.pdw = pdw.p;
     prm.pdg = pdg.p;
     prm.pB = pB.p;
-    prm.T = T;
-    prm.d = d;
-    prm.K = K;
-    prm.r = r;
-    prm.scale = scale;
-    prm.placement = placement;
     prm.lpr = cfg.lpr;
     prm.per_split = cfg.per_split;
     set_vector_access(prm);
